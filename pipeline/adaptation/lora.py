@@ -1,0 +1,34 @@
+"""LoRA adapters (PEFT) on a backend's transformer, reset to one fixed initial state per clip."""
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from ..config import AdaptationConfig
+from ..models.base import VideoBackend
+
+
+class LoraAdapter:
+    """Adds one adapter once; `reset()` restores its initial weights (lora_B = 0, so the model equals
+    the base model) without reloading anything or touching the frozen base weights."""
+
+    def __init__(self, backend: VideoBackend, config: AdaptationConfig):
+        self.transformer = backend.transformer
+        self.transformer.requires_grad_(False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # the same lora_A initialisation for every clip and arm
+            self.transformer.add_adapter(
+                LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=backend.lora_targets(config.targets),
+                           init_lora_weights=True)
+            )
+        self.initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.transformer).items()}
+        for p in self.parameters():
+            p.data = p.data.float()  # adapter weights train in fp32 even on a bf16 base
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.transformer.named_parameters() if "lora_" in n]
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        set_peft_model_state_dict(self.transformer, self.initial)

@@ -1,0 +1,85 @@
+"""The training loop shared by pretraining and test-time adaptation, and the TTA objectives."""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..config import AdaptationConfig
+from ..models.base import VideoBackend
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train(params: list[torch.nn.Parameter], loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
+          warmup: int, on_step: Callable[[int, float], None] | None = None, log_every: int = 10) -> list[float]:
+    """AdamW with linear warmup; `loss_fn(step)` returns the loss of one step. Returns per-step losses.
+
+    Losses are read back from the device only at logging intervals and at the end (no per-step sync);
+    a NaN or infinite loss stops training with NonFiniteLoss naming the step range."""
+    if steps == 0:
+        return []
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+    pending: list[torch.Tensor] = []
+    losses: list[float] = []
+    for step in range(steps):
+        loss = loss_fn(step)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        pending.append(loss.detach())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            values = torch.stack(pending).tolist()
+            pending.clear()
+            if not all(math.isfinite(v) for v in values):
+                raise NonFiniteLoss(f"loss became {values[-1]} within steps {step + 2 - len(values)}-{step + 1}")
+            losses.extend(values)
+            if on_step is not None:
+                on_step(step + 1, values[-1])
+    return losses
+
+
+def adapt_to_clip(backend: VideoBackend, params: list[torch.nn.Parameter], latents: torch.Tensor,
+                  config: AdaptationConfig, seed: int) -> dict[str, float]:
+    """Fit `params` on one clip's latents (the context window or the whole clip, as given).
+
+    Objective `continuation`: a random number of leading latent frames stays clean, the rest is
+    noised, as at sampling time. Objective `denoising`: every frame is noised."""
+    frames = latents.shape[2]
+    if config.objective == "continuation" and frames < 2:
+        raise ValueError("the continuation objective needs at least 2 latent frames to train on; "
+                         "use adaptation.objective=denoising or more context frames")
+    generator = torch.Generator(backend.device).manual_seed(seed)
+    rng = random.Random(seed)  # host-side draws: no device sync per step
+    batch = latents.expand(config.batch_size, -1, -1, -1, -1)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        clean = 0
+        if config.objective == "continuation":
+            clean = rng.randint(1, frames - 1)
+        return backend.training_loss(batch, clean, generator)
+
+    backend.transformer.train()
+    start = time.perf_counter()
+    losses = train(params, loss_fn, config.steps, config.lr, config.warmup)
+    _sync(backend.device)
+    seconds = time.perf_counter() - start
+    backend.transformer.eval()
+    return {
+        "adapt_seconds": seconds,
+        "adapt_steps_per_second": config.steps / seconds if config.steps else 0.0,
+        "adapt_loss_first": losses[0] if losses else math.nan,
+        "adapt_loss_last": losses[-1] if losses else math.nan,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

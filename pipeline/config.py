@@ -1,0 +1,205 @@
+"""Experiment configuration: YAML presets in conf/, validated against these dataclasses.
+
+Any value can be overridden as `section.key=value` (CLI `--set`, MLproject `-P`). Errors name the
+bad key. The resolved config is what gets logged as MLflow params and hashed for resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | folder
+    input_dir: str = ""  # folder source: one sub-folder per class
+    output_dir: str = "data/synthetic"  # where preprocess writes clips and manifest.csv
+    frames: int = 16  # T
+    context: int = 8  # K
+    height: int = 32
+    width: int = 32
+    fps: float = 8.0
+    train_clips: int = 512  # synthetic source only
+    test_clips: int = 16  # synthetic source; folder source: share of videos held out below
+    test_fraction: float = 0.2
+    split: str = "test"  # the split that baseline/adapt run on
+    num_clips: int = 8  # 0 = every clip of the split
+
+    @property
+    def manifest(self) -> Path:
+        return Path(self.output_dir) / "manifest.csv"
+
+
+@dataclass
+class ModelConfig:
+    backend: str = "ltx-video"
+    pretrained: str = ""  # hub id or local diffusers directory; empty = the small default
+    weights: str = "checkpoints/ltx-small.safetensors"  # small default, written by pretrain
+    patch_size: int = 8
+    layers: int = 4
+    heads: int = 4
+    head_dim: int = 32
+    prompt: str = ""
+    dtype: str = "float32"  # float32 | bfloat16
+    decode_timestep: float = 0.05
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 1500
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup: int = 50
+    unconditional_prob: float = 0.1  # share of steps trained with no clean prefix
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = 20
+    seed: int = 0
+    shift: float = 1.0
+
+
+@dataclass
+class AdaptationConfig:
+    method: str = "lora"
+    data: str = "context"  # context: frames [0, K) only | oracle: whole clip (upper bound)
+    objective: str = "continuation"  # continuation (clean prefix, noised rest) | denoising
+    rank: int = 16
+    alpha: float = 16.0
+    targets: str = "attention"  # attention | attention+mlp
+    lr: float = 1e-3
+    steps: int = 40
+    warmup: int = 4
+    batch_size: int = 4  # noise draws of the same clip per step
+    seed: int = 0
+
+
+@dataclass
+class EvaluationConfig:
+    lpips: bool = True
+    lpips_net: str = "alex"
+
+
+@dataclass
+class Config:
+    experiment: str = "demo"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def flat(self) -> dict[str, object]:
+        """Every value as `section.key` -> value, for MLflow params."""
+        return dict(_flatten(dataclasses.asdict(self)))
+
+    def digest(self, *sections: str) -> str:
+        """A short hash of the named sections: results with the same digest are interchangeable."""
+        values = {k: v for k, v in self.flat().items() if k.split(".")[0] in sections}
+        values.pop("data.num_clips", None)  # which clips are selected does not change a clip's result
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+CHOICES = {
+    "data.source": {"synthetic", "folder"},
+    "model.dtype": {"float32", "bfloat16"},
+    "adaptation.method": {"lora"},
+    "adaptation.data": {"context", "oracle"},
+    "adaptation.objective": {"continuation", "denoising"},
+    "adaptation.targets": {"attention", "attention+mlp"},
+}
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> Config:
+    """Defaults, then the YAML file, then `section.key=value` overrides (empty values are ignored)."""
+    raw: dict = {}
+    source = "defaults"
+    if path:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        source = str(path)
+    for key, value in (overrides or {}).items():
+        if value == "" or value is None:
+            continue
+        *parents, leaf = key.split(".")
+        node = raw
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {p} is not a section")
+        node[leaf] = yaml.safe_load(value) if isinstance(value, str) else value
+    config = _build(Config, raw, prefix="", source=source)
+    _check(config, source)
+    return config
+
+
+def _build(cls, raw: dict, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.')}' must be a section (a mapping)")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' (known keys: {', '.join(sorted(known))})")
+    values = {}
+    for name, value in raw.items():
+        kind = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value, key + ".", source)
+        else:
+            values[name] = _coerce(kind, value, key, source)
+    return cls(**values)
+
+
+def _coerce(kind, value, key: str, source: str):
+    if isinstance(kind, types.UnionType):
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, (str, int, float)) and not isinstance(value, bool),
+    }[kind]
+    if not ok:
+        raise ConfigError(f"{source}: '{key}' must be {kind.__name__}, got {value!r}")
+    return kind(value)
+
+
+def _check(config: Config, source: str) -> None:
+    flat = config.flat()
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{source}: '{key}' is {flat[key]!r}; choose one of {sorted(allowed)}")
+    d = config.data
+    if not 0 < d.context < d.frames:
+        raise ConfigError(f"{source}: 'data.context' ({d.context}) must be between 1 and data.frames-1 ({d.frames - 1})")
+    for key, value in flat.items():
+        if key.endswith(("steps", "rank", "batch_size", "height", "width", "frames")) and value < 0:
+            raise ConfigError(f"{source}: '{key}' must not be negative")
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value

@@ -1,0 +1,66 @@
+"""Per-frame PSNR, SSIM (scikit-image) and LPIPS (lpips package) of a continuation against the truth."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+PSNR_CAP = 100.0  # identical frames have infinite PSNR; capped so that means stay finite
+FETCH_COMMAND = "python -m pipeline fetch-weights"
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's ImageNet AlexNet, the LPIPS backbone
+
+
+def backbone_weights_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+
+
+class LpipsUnavailable(RuntimeError):
+    pass
+
+
+def load_lpips(net: str = "alex", device: str | torch.device = "cpu"):
+    """LPIPS with its pretrained backbone, or LpipsUnavailable saying how to fetch the weights.
+    A random backbone is never used for reported values."""
+    import lpips
+
+    if net != "alex":
+        raise LpipsUnavailable(f"evaluation.lpips_net={net!r}: only 'alex' is supported")
+    if not backbone_weights_path().exists():
+        raise LpipsUnavailable(
+            f"LPIPS unavailable: AlexNet weights not found at {backbone_weights_path()}. "
+            f"Fetch them once on a machine with internet: `{FETCH_COMMAND}` (set TORCH_HOME to share them)."
+        )
+    return lpips.LPIPS(net=net, pretrained=True, verbose=False).to(device).eval()
+
+
+def fetch_lpips_weights() -> Path:
+    """Download the AlexNet backbone into the torch hub cache (run once, on a node with internet)."""
+    from torchvision.models import AlexNet_Weights, alexnet
+
+    alexnet(weights=AlexNet_Weights.IMAGENET1K_V1)
+    return backbone_weights_path()
+
+
+def frame_metrics(prediction: np.ndarray, truth: np.ndarray, lpips_model=None) -> dict[str, list[float]]:
+    """Per-frame metrics of (N, H, W, 3) uint8 frames: {'psnr': [...], 'ssim': [...], 'lpips': [...]}."""
+    if prediction.shape != truth.shape:
+        raise ValueError(f"prediction {prediction.shape} and ground truth {truth.shape} differ in shape")
+    result = {
+        "psnr": [min(PSNR_CAP, peak_signal_noise_ratio(t, p, data_range=255)) for p, t in zip(prediction, truth)],
+        "ssim": [structural_similarity(t, p, channel_axis=-1, data_range=255) for p, t in zip(prediction, truth)],
+    }
+    if lpips_model is not None:
+        result["lpips"] = lpips_distances(prediction, truth, lpips_model)
+    return {k: [float(x) for x in v] for k, v in result.items()}
+
+
+@torch.no_grad()
+def lpips_distances(prediction: np.ndarray, truth: np.ndarray, model) -> list[float]:
+    device = next(model.parameters()).device
+
+    def to_tensor(frames: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(frames, device=device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    return model(to_tensor(prediction), to_tensor(truth)).flatten().tolist()

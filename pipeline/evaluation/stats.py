@@ -1,0 +1,46 @@
+"""Paired statistics over clips: per-arm mean +- SE, mean paired difference with a 95% CI, tests."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+
+def mean_se(values) -> tuple[float, float]:
+    x = np.asarray(values, dtype=float)
+    if len(x) == 0:
+        return math.nan, math.nan
+    se = x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else math.nan
+    return float(x.mean()), float(se)
+
+
+def paired_comparison(baseline, adapted, confidence: float = 0.95) -> dict[str, float]:
+    """Statistics of adapted - baseline over clips paired by position."""
+    b, a = np.asarray(baseline, dtype=float), np.asarray(adapted, dtype=float)
+    if b.shape != a.shape:
+        raise ValueError(f"paired arms differ in length: {len(b)} baseline vs {len(a)} adapted clips")
+    diff = a - b
+    n = len(diff)
+    mean, se = mean_se(diff)
+    out = {"n": n, "baseline_mean": mean_se(b)[0], "baseline_se": mean_se(b)[1], "adapted_mean": mean_se(a)[0],
+           "adapted_se": mean_se(a)[1], "diff_mean": mean, "diff_se": se, "ci_low": math.nan, "ci_high": math.nan,
+           "t_p_value": math.nan, "wilcoxon_p_value": math.nan}
+    if n < 2:
+        return out
+    if se > 0:
+        half = stats.t.ppf(0.5 + confidence / 2, df=n - 1) * se
+        out.update(ci_low=mean - half, ci_high=mean + half, t_p_value=float(stats.ttest_rel(a, b).pvalue))
+    else:
+        out.update(ci_low=mean, ci_high=mean, t_p_value=1.0 if mean == 0 else 0.0)
+    if np.any(diff != 0):
+        out["wilcoxon_p_value"] = float(stats.wilcoxon(diff).pvalue)
+    return out
+
+
+def per_frame_curve(rows: list[list[float]]) -> tuple[list[float], list[float]]:
+    """Mean and SE at each frame index over clips (rows of equal length)."""
+    x = np.asarray(rows, dtype=float)
+    means = x.mean(0)
+    se = x.std(0, ddof=1) / math.sqrt(len(x)) if len(x) > 1 else np.full_like(means, math.nan)
+    return means.tolist(), se.tolist()

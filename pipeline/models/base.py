@@ -1,0 +1,51 @@
+"""The interface every model family implements. Stages and the trainer only talk to this."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """How a clip of pixel frames maps onto latent frames for one backend and clip shape."""
+
+    frames: int  # pixel frames T
+    context: int  # pixel frames K given to the model
+    latent_frames: int
+    latent_context: int  # clean latent frames that condition sampling
+    conditioned_pixel_frames: int  # pixel frames [0, this) the clean latent prefix covers exactly
+
+
+class VideoBackend(ABC):
+    """A video diffusion model that continues a clip from a clean prefix of latent frames.
+
+    Videos are float tensors (B, 3, T, H, W) in [-1, 1]; latents are (B, C, F, h, w).
+    `transformer` is the module that adaptation methods train.
+    """
+
+    transformer: torch.nn.Module
+    device: torch.device
+
+    @abstractmethod
+    def frame_layout(self, frames: int, context: int, height: int, width: int) -> FrameLayout:
+        """Check the clip shape against the model's rules (ValueError naming the rule) and map it."""
+
+    @abstractmethod
+    def encode(self, video: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
+
+    @abstractmethod
+    def training_loss(self, latents: torch.Tensor, clean_frames: int, generator: torch.Generator) -> torch.Tensor:
+        """Rectified-flow loss with the first `clean_frames` latent frames kept clean (timestep 0)."""
+
+    @abstractmethod
+    def sample(self, context_latents: torch.Tensor, latent_frames: int, seed: int) -> torch.Tensor:
+        """Continue `context_latents` to `latent_frames` latent frames; the prefix stays as given."""
+
+    @abstractmethod
+    def lora_targets(self, preset: str) -> list[str]:
+        """Module names (PEFT target_modules) for a target preset such as 'attention'."""

@@ -1,0 +1,167 @@
+"""The baseline and adapt stages: continue every clip from its first K frames and score frames [K, T).
+
+Both arms share this code path and the sampling seed, so a difference between them is the
+adaptation's doing; with 0 adaptation steps the adapted arm reproduces the baseline exactly.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric
+
+from ..adaptation.lora import LoraAdapter
+from ..adaptation.trainer import adapt_to_clip
+from ..config import Config
+from ..data.manifest import ClipRecord, read_manifest, resolve_clip_path, select_clips
+from ..data.video_io import VideoError, read_video, write_video
+from ..evaluation.metrics import LpipsUnavailable, frame_metrics, load_lpips
+from ..models import VideoBackend, load_backend
+from ..models.ltx_video import frames_to_tensor, tensor_to_frames
+from ..progress import Progress
+from ..tracking.runs import clip_run, finished_clips, stage_run
+
+STAGE_SECTIONS = {
+    "baseline": ("data", "model", "sampling", "evaluation"),
+    "adapt": ("data", "model", "sampling", "evaluation", "adaptation"),
+}
+
+
+def stage_digest(config: Config, stage: str) -> str:
+    return config.digest(*STAGE_SECTIONS[stage])
+
+
+@dataclass
+class ClipResult:
+    clip_id: str
+    continuation: np.ndarray  # frames [K, T) as (T-K, H, W, 3) uint8
+    metrics: dict[str, float]
+    frame_metrics: dict[str, list[float]]
+
+
+class Continuer:
+    """Holds the model (and adapter) for a whole stage; `run(clip)` handles one clip."""
+
+    def __init__(self, config: Config, stage: str, backend: VideoBackend | None = None):
+        self.config, self.stage = config, stage
+        self.backend = backend or load_backend(config)
+        d = config.data
+        self.layout = self.backend.frame_layout(d.frames, d.context, d.height, d.width)
+        self.adapter = LoraAdapter(self.backend, config.adaptation) if stage == "adapt" else None
+        self.lpips, self.lpips_note = None, ""
+        if config.evaluation.lpips:
+            try:
+                self.lpips = load_lpips(config.evaluation.lpips_net, self.backend.device)
+            except LpipsUnavailable as exc:
+                self.lpips_note = str(exc)
+
+    def load_clip(self, manifest: Path, record: ClipRecord) -> np.ndarray:
+        d = self.config.data
+        path = resolve_clip_path(manifest, record)
+        frames, _ = read_video(path, max_frames=d.frames)
+        if len(frames) < d.frames:
+            raise VideoError(path, f"too short: {len(frames)} frames, the clip needs T={d.frames}")
+        if frames.shape[1:3] != (d.height, d.width):
+            raise VideoError(path, f"frame size {frames.shape[2]}x{frames.shape[1]} differs from the configured "
+                                   f"{d.width}x{d.height}; run preprocess with this config")
+        return frames
+
+    def run(self, frames: np.ndarray) -> tuple[np.ndarray, dict[str, float], dict[str, list[float]]]:
+        cfg, layout, backend = self.config, self.layout, self.backend
+        K = cfg.data.context
+        video = frames_to_tensor(frames)
+        context_latents = backend.encode(video[:, :, : layout.conditioned_pixel_frames])
+        metrics: dict[str, float] = {}
+        _reset_peak_memory(backend.device)
+        if self.adapter is not None:
+            self.adapter.reset()
+            window = context_latents if cfg.adaptation.data == "context" else backend.encode(video)
+            metrics.update(adapt_to_clip(backend, self.adapter.parameters(), window, cfg.adaptation, cfg.seed))
+        start = time.perf_counter()
+        latents = backend.sample(context_latents, layout.latent_frames, cfg.sampling.seed)
+        generator = torch.Generator(backend.device).manual_seed(cfg.sampling.seed)
+        output = tensor_to_frames(backend.decode(latents, generator))
+        metrics["sample_seconds"] = time.perf_counter() - start
+        metrics.update(_peak_memory(backend.device))
+        per_frame = frame_metrics(output[K:], frames[K:], self.lpips)
+        metrics.update({name: float(np.mean(values)) for name, values in per_frame.items()})
+        return output, metrics, per_frame
+
+
+def run_stage(config: Config, stage: str, backend: VideoBackend | None = None) -> str:
+    """Run baseline or adapt over the configured clips; returns the stage's parent run id."""
+    d = config.data
+    clips = select_clips(read_manifest(d.manifest), d.split, d.num_clips)
+    if not clips:
+        raise ValueError(f"{d.manifest} has no clips in split '{d.split}'")
+    digest = stage_digest(config, stage)
+    continuer = Continuer(config, stage, backend)
+    with stage_run(config, stage, digest) as parent:
+        mlflow.set_tags({"tta.arm": _arm_label(config, stage), "tta.conditioned_pixel_frames":
+                         continuer.layout.conditioned_pixel_frames})
+        if continuer.lpips_note:
+            mlflow.set_tag("tta.lpips", continuer.lpips_note)
+            print(f"[{stage}] {continuer.lpips_note}", file=sys.stderr, flush=True)
+        done = finished_clips(parent.info.experiment_id, stage, digest)
+        todo = [c for c in clips if c.clip_id not in done]
+        if done:
+            print(f"[{stage}] resuming: {len(clips) - len(todo)} of {len(clips)} clips already finished", flush=True)
+        progress = Progress(stage, len(clips), done=len(clips) - len(todo), every_seconds=0)
+        failures = 0
+        for record in todo:
+            try:
+                with clip_run(stage, digest, record.clip_id, record.label, record.source):
+                    _run_clip(continuer, d.manifest, record)
+                progress.advance(record.clip_id)
+            except Exception as exc:  # recorded on the clip's run; the stage goes on
+                failures += 1
+                print(f"[{stage}] clip {record.clip_id} failed: {exc}", file=sys.stderr, flush=True)
+                progress.advance(record.clip_id, "FAILED")
+        mlflow.log_metrics({"clips_total": len(clips), "clips_failed": failures})
+        return parent.info.run_id
+
+
+def _run_clip(continuer: Continuer, manifest: Path, record: ClipRecord) -> None:
+    d = continuer.config.data
+    frames = continuer.load_clip(manifest, record)
+    output, metrics, per_frame = continuer.run(frames)
+    timestamp = int(time.time() * 1000)
+    mlflow.log_metrics(metrics)
+    history = [Metric(f"{name}_frame", value, timestamp, d.context + i)
+               for name, values in per_frame.items() for i, value in enumerate(values)]
+    mlflow.tracking.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=history)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_video(tmp / "context.mp4", frames[: d.context], d.fps)
+        write_video(tmp / "target.mp4", frames[d.context:], d.fps)
+        write_video(tmp / "output.mp4", output[d.context:], d.fps)
+        (tmp / "frame_metrics.json").write_text(json.dumps({"first_frame": d.context, **per_frame}))
+        mlflow.log_artifacts(str(tmp), artifact_path="clip")
+
+
+def _arm_label(config: Config, stage: str) -> str:
+    if stage == "baseline":
+        return "baseline"
+    a = config.adaptation
+    label = f"{a.method} r{a.rank} {a.steps} steps on {a.data}"
+    return label + " (ORACLE: sees the target frames, upper bound)" if a.data == "oracle" else label
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    # on a CPU the process-wide peak resident set is the closest figure there is
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

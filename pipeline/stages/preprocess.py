@@ -1,0 +1,20 @@
+"""The preprocess stage as an MLflow run: clips, manifest and the list of skipped videos."""
+from __future__ import annotations
+
+import mlflow
+
+from ..config import Config
+from ..data.preprocess import preprocess
+from ..tracking.runs import stage_run
+
+
+def run_preprocess(config: Config):
+    with stage_run(config, "preprocess", config.digest("data", "seed")):
+        manifest, records, skipped = preprocess(config.data, config.seed)
+        splits = {s: sum(r.split == s for r in records) for s in ("train", "test")}
+        mlflow.log_metrics({"clips_kept": len(records), "videos_skipped": len(skipped),
+                            **{f"clips_{s}": n for s, n in splits.items()}})
+        mlflow.log_artifact(str(manifest))
+        mlflow.log_artifact(str(manifest.with_name("skipped.csv")))
+    print(f"[preprocess] {manifest}: {len(records)} clips ({splits}), {len(skipped)} videos skipped", flush=True)
+    return manifest

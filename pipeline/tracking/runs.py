@@ -1,0 +1,105 @@
+"""MLflow runs: one parent run per stage invocation, one child run per clip, and resume.
+
+A clip's result is identified by (stage, config digest, clip id). Rerunning a stage skips clips that
+already have a FINISHED child run with the same digest; child runs left RUNNING by a killed process
+are marked KILLED when their clip is redone, so each clip ends with exactly one finished result.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from ..config import Config
+
+TAG_STAGE, TAG_DIGEST, TAG_CLIP = "tta.stage", "tta.digest", "tta.clip_id"
+TAG_CLASS, TAG_SOURCE, TAG_ERROR, TAG_KIND = "tta.class", "tta.source", "tta.error", "tta.kind"
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _experiment_id(name: str) -> str:
+    """The experiment of an `mlflow run` invocation if there is one, else `name` (created if new)."""
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    experiment = mlflow.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else mlflow.create_experiment(name)
+
+
+@contextmanager
+def stage_run(config: Config, stage: str, digest: str):
+    """The parent run of one stage invocation: every resolved config value as a param, git commit tag.
+
+    Inside `mlflow run` the run it created is used; inside another active run (the `experiment`
+    stage) the stage run is nested under it.
+    """
+    experiment_id = _experiment_id(config.experiment)
+    tags = {TAG_STAGE: stage, TAG_DIGEST: digest, TAG_KIND: "stage", "git_commit": git_commit()}
+    if mlflow.active_run() is None and os.environ.get("MLFLOW_RUN_ID"):
+        run = mlflow.start_run(run_id=os.environ.pop("MLFLOW_RUN_ID"))
+        mlflow.set_tags(tags)
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=mlflow.active_run() is not None,
+                               tags=tags)
+    with run:
+        mlflow.log_params(config.flat())
+        yield run
+
+
+def finished_clips(experiment_id: str, stage: str, digest: str) -> dict:
+    """clip id -> the FINISHED child run (mlflow Run) of this stage and digest."""
+    runs = _search(experiment_id, f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_DIGEST}` = '{digest}' "
+                                  f"and tags.`{TAG_KIND}` = 'clip' and attributes.status = 'FINISHED'")
+    return {r.data.tags[TAG_CLIP]: r for r in runs}
+
+
+def _search(experiment_id: str, filter_string: str):
+    client, token, runs = MlflowClient(), None, []
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _close_stale_runs(experiment_id: str, stage: str, digest: str, clip_id: str) -> None:
+    """Child runs of this clip left RUNNING by a process that died (kill -9, preemption)."""
+    stale = _search(experiment_id, f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_DIGEST}` = '{digest}' "
+                                   f"and tags.`{TAG_CLIP}` = '{clip_id}' and attributes.status = 'RUNNING'")
+    for run in stale:
+        MlflowClient().set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+
+
+@contextmanager
+def clip_run(stage: str, digest: str, clip_id: str, label: str, source: str):
+    """A child run for one clip. An exception inside marks it FAILED with the reason as a tag and is
+    re-raised for the caller to record; the stage goes on with the next clip."""
+    parent = mlflow.active_run()
+    experiment_id = parent.info.experiment_id
+    _close_stale_runs(experiment_id, stage, digest, clip_id)
+    tags = {TAG_STAGE: stage, TAG_DIGEST: digest, TAG_CLIP: clip_id, TAG_CLASS: label, TAG_SOURCE: source,
+            TAG_KIND: "clip"}
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=clip_id, nested=True, tags=tags)
+    try:
+        yield run
+    except BaseException as exc:
+        mlflow.set_tag(TAG_ERROR, str(exc)[:4000])
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED))
+        raise
+    else:
+        mlflow.end_run()
