@@ -1,0 +1,25 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create the venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test viewer clean-runs
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pipeline experiment --config conf/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+viewer: $(STAMP)
+	$(VENV)/bin/streamlit run viewer/app.py --server.address 127.0.0.1
+
+clean-runs:
+	rm -rf mlflow.db mlruns

@@ -1,0 +1,73 @@
+"""A tiny experiment shared by the tests: real mp4 clips, a real (tiny) LTX-Video transformer,
+a real SQLite MLflow store per test."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = ROOT.parent / "shared" / "data" / "real"
+
+
+def tiny_config(base: Path) -> dict:
+    return {
+        "experiment": "tiny",
+        "data": {"output_dir": str(base / "data"), "frames": 6, "context": 3, "height": 16, "width": 16, "fps": 8,
+                 "train_clips": 8, "test_clips": 3, "num_clips": 3},
+        "model": {"weights": str(base / "tiny.safetensors"), "patch_size": 4, "layers": 1, "heads": 2,
+                  "head_dim": 8},
+        "pretrain": {"steps": 4, "batch_size": 4, "warmup": 1},
+        "sampling": {"steps": 3},
+        "adaptation": {"steps": 3, "rank": 4, "alpha": 4, "batch_size": 2, "warmup": 1},
+    }
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def use_store(path: Path) -> str:
+    uri = f"sqlite:///{path}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """Clips and pretrained tiny weights, made once per session through the real stages."""
+    from pipeline.config import load_config
+    from pipeline.stages.preprocess import run_preprocess
+    from pipeline.stages.pretrain import pretrain
+
+    base = tmp_path_factory.mktemp("prepared")
+    use_store(base / "mlflow.db")
+    config_path = write_config(base / "tiny.yaml", tiny_config(base))
+    config = load_config(config_path)
+    run_preprocess(config)
+    pretrain(config)
+    return config_path
+
+
+@pytest.fixture
+def store(tmp_path) -> str:
+    """A fresh SQLite tracking store for one test (env var set, so subprocesses use it too)."""
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = use_store(tmp_path / "mlflow.db")
+    yield uri
+    if mlflow.active_run():
+        mlflow.end_run()
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", *args]

@@ -1,0 +1,82 @@
+"""The protocol's guarantees: 0 steps = baseline bitwise; reset restores base and adapter exactly;
+both arms sample with the same seeds."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline.adaptation.lora import LoraAdapter
+from pipeline.adaptation.trainer import NonFiniteLoss, adapt_to_clip, train
+from pipeline.config import load_config
+from pipeline.data.manifest import read_manifest, select_clips
+from pipeline.models import load_backend
+from pipeline.stages.continuation import Continuer
+
+
+def _clip(config, continuer, index=0):
+    records = select_clips(read_manifest(config.data.manifest), "test", 0)
+    return continuer.load_clip(config.data.manifest, records[index])
+
+
+def test_zero_steps_reproduces_the_baseline_bitwise(prepared):
+    config = load_config(prepared, {"adaptation.steps": "0"})
+    baseline = Continuer(config, "baseline")
+    adapted = Continuer(config, "adapt")  # a separate model with a LoRA adapter attached
+    frames = _clip(config, baseline)
+    out_b, metrics_b, _ = baseline.run(frames)
+    out_a, metrics_a, _ = adapted.run(frames)
+    assert np.array_equal(out_a, out_b)
+    assert metrics_a["psnr"] == metrics_b["psnr"]
+    assert len(adapted.adapter.parameters()) > 0
+
+
+def test_adaptation_changes_the_output(prepared):
+    config = load_config(prepared, {"adaptation.steps": "3", "adaptation.lr": "0.01"})
+    frames = _clip(config, Continuer(config, "baseline"))
+    assert not np.array_equal(Continuer(config, "baseline").run(frames)[0], Continuer(config, "adapt").run(frames)[0])
+
+
+def test_reset_restores_base_and_adapter_exactly(prepared):
+    config = load_config(prepared, {"adaptation.steps": "3", "adaptation.lr": "0.01"})
+    continuer = Continuer(config, "adapt")
+    transformer = continuer.backend.transformer
+    snapshot = {k: v.clone() for k, v in transformer.state_dict().items()}
+    frames = _clip(config, continuer, 0)
+    first, _, _ = continuer.run(frames)
+    changed = [k for k, v in transformer.state_dict().items() if not torch.equal(v, snapshot[k])]
+    assert changed and all("lora_" in k for k in changed)  # only the adapter trained
+    continuer.run(_clip(config, continuer, 1))  # adapt to another clip in between
+    continuer.adapter.reset()
+    assert all(torch.equal(v, snapshot[k]) for k, v in transformer.state_dict().items())
+    again, _, _ = continuer.run(frames)  # the same clip again gives the same result
+    assert np.array_equal(first, again)
+
+
+def test_both_arms_use_the_configured_sampling_seed(prepared):
+    config = load_config(prepared, {"adaptation.steps": "0"})
+    other = load_config(prepared, {"adaptation.steps": "0", "sampling.seed": "7"})
+    frames = _clip(config, Continuer(config, "baseline"))
+    assert not np.array_equal(Continuer(config, "baseline").run(frames)[0], Continuer(other, "adapt").run(frames)[0])
+
+
+def test_oracle_mode_trains_on_the_whole_clip(prepared):
+    config = load_config(prepared, {"adaptation.data": "oracle", "adaptation.steps": "2"})
+    continuer = Continuer(config, "adapt")
+    out, metrics, _ = continuer.run(_clip(config, continuer))
+    assert metrics["adapt_steps_per_second"] > 0 and out.shape[0] == config.data.frames
+
+
+def test_nan_loss_is_reported_with_its_steps():
+    param = torch.nn.Parameter(torch.ones(1))
+    with pytest.raises(NonFiniteLoss, match="loss became nan within steps 1-2"):
+        train([param], lambda step: param.sum() * float("nan"), steps=2, lr=0.1, warmup=1, log_every=2)
+
+
+def test_denoising_objective_runs_on_a_single_frame(prepared):
+    config = load_config(prepared, {"adaptation.objective": "denoising"})
+    backend = load_backend(config)
+    adapter = LoraAdapter(backend, config.adaptation)
+    stats = adapt_to_clip(backend, adapter.parameters(), torch.rand(1, 3, 1, 16, 16), config.adaptation, seed=0)
+    assert np.isfinite(stats["adapt_loss_last"])
+    with pytest.raises(ValueError, match="at least 2 latent frames"):
+        adapt_to_clip(backend, adapter.parameters(), torch.rand(1, 3, 1, 16, 16),
+                      load_config(prepared).adaptation, seed=0)

@@ -1,0 +1,107 @@
+import pytest
+import torch
+from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel
+
+from pipeline.models.ltx_video import LTXVideoBackend
+
+
+def tiny_vae() -> AutoencoderKLLTXVideo:
+    """diffusers' own tiny LTX-Video VAE test config: 4x time (causal first frame), 4x space."""
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=1,
+        patch_size_t=1, encoder_causal=True, decoder_causal=False)
+    vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    return vae
+
+
+def tiny_latent_transformer() -> LTXVideoTransformer3DModel:
+    return LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                      num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                      num_layers=1, caption_channels=32)
+
+
+def pixel_backend(**kw) -> LTXVideoBackend:
+    torch.manual_seed(0)
+    return LTXVideoBackend.small(None, patch_size=4, layers=1, heads=2, head_dim=8, fps=8.0, sampling_steps=3, **kw)
+
+
+def vae_backend() -> LTXVideoBackend:
+    torch.manual_seed(0)
+    return LTXVideoBackend(tiny_latent_transformer(), tiny_vae(), torch.randn(1, 3, 32), fps=25.0, sampling_steps=2)
+
+
+def test_pixel_space_layout_is_exact():
+    layout = pixel_backend().frame_layout(16, 8, 32, 32)
+    assert (layout.latent_frames, layout.latent_context, layout.conditioned_pixel_frames) == (16, 8, 8)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        pixel_backend().frame_layout(16, 8, 30, 32)
+    with pytest.raises(ValueError, match="0 < K < T"):
+        pixel_backend().frame_layout(16, 16, 32, 32)
+
+
+@pytest.mark.parametrize("frames, context, latent, latent_context, covered", [
+    (17, 5, 5, 2, 5),  # K = 4j+1: the prefix covers exactly the context
+    (17, 8, 5, 2, 5),  # K = 8: pixel frames 5..7 are not covered by a whole latent frame
+    (9, 1, 3, 1, 1),
+])
+def test_vae_layout_causal_first_frame(frames, context, latent, latent_context, covered):
+    layout = vae_backend().frame_layout(frames, context, 32, 32)
+    assert (layout.latent_frames, layout.latent_context, layout.conditioned_pixel_frames) == (latent, latent_context,
+                                                                                               covered)
+
+
+def test_vae_frame_rule_is_checked():
+    with pytest.raises(ValueError, match="4k\\+1 frames"):
+        vae_backend().frame_layout(16, 5, 32, 32)
+
+
+@pytest.mark.parametrize("make", [pixel_backend, vae_backend])
+def test_sampling_keeps_the_clean_prefix_and_is_seeded(make):
+    backend = make()
+    video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    layout = backend.frame_layout(9, 5, 32, 32)
+    context = backend.encode(video[:, :, : layout.conditioned_pixel_frames])
+    assert context.shape[2] == layout.latent_context
+    out = backend.sample(context, layout.latent_frames, seed=3)
+    assert out.shape[2] == layout.latent_frames
+    assert torch.equal(out[:, :, : layout.latent_context], context)
+    assert torch.equal(out, backend.sample(context, layout.latent_frames, seed=3))
+    assert not torch.equal(out, backend.sample(context, layout.latent_frames, seed=4))
+    decoded = backend.decode(out, torch.Generator().manual_seed(0))
+    assert decoded.shape == (1, 3, 9, 32, 32) and decoded.abs().max() <= 1
+
+
+def test_loss_ignores_clean_tokens():
+    backend = pixel_backend()
+    latents = torch.rand(2, 3, 6, 16, 16)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    loss = backend.training_loss(latents, clean_frames=3, generator=g())
+    assert torch.isfinite(loss)
+    changed = latents.clone()
+    changed[:, :, 3:] += 1  # the target frames change: the loss must change
+    assert backend.training_loss(changed, 3, g()) != loss
+
+
+def test_from_pretrained_loads_a_diffusers_directory(tmp_path):
+    """The loading path users take for Lightricks/LTX-Video-0.9.5, on a tiny local checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tiny_latent_transformer().save_pretrained(tmp_path / "transformer")
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    T5EncoderModel(T5Config(vocab_size=8, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(
+        tmp_path / "text_encoder")
+    words = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "ball": 4}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(tmp_path / "tokenizer")
+    backend = LTXVideoBackend.from_pretrained(str(tmp_path), prompt="a ball", fps=25.0, sampling_steps=2)
+    assert backend.prompt_embeds.shape == (1, 2, 32)  # padding dropped
+    assert (backend.temporal_ratio, backend.spatial_ratio) == (4, 4)
+    latents = backend.sample(backend.encode(torch.zeros(1, 3, 5, 16, 16)), 3, seed=0)
+    assert backend.decode(latents, torch.Generator().manual_seed(0)).shape == (1, 3, 9, 16, 16)
