@@ -48,7 +48,7 @@ class ModelConfig:
     weights: str = "checkpoints/ltx-small.safetensors"  # small default, written by pretrain
     patch_size: int = 8
     layers: int = 4
-    heads: int = 4
+    heads: int = 8
     head_dim: int = 32
     prompt: str = ""
     dtype: str = "float32"  # float32 | bfloat16
@@ -57,10 +57,10 @@ class ModelConfig:
 
 @dataclass
 class PretrainConfig:
-    steps: int = 1500
+    steps: int = 3000
     batch_size: int = 8
     lr: float = 1e-3
-    warmup: int = 50
+    warmup: int = 100
     unconditional_prob: float = 0.1  # share of steps trained with no clean prefix
 
 

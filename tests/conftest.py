@@ -20,7 +20,7 @@ def tiny_config(base: Path) -> dict:
         "data": {"output_dir": str(base / "data"), "frames": 6, "context": 3, "height": 16, "width": 16, "fps": 8,
                  "train_clips": 8, "test_clips": 3, "num_clips": 3},
         "model": {"weights": str(base / "tiny.safetensors"), "patch_size": 4, "layers": 1, "heads": 2,
-                  "head_dim": 8},
+                  "head_dim": 32},
         "pretrain": {"steps": 4, "batch_size": 4, "warmup": 1},
         "sampling": {"steps": 3},
         "adaptation": {"steps": 3, "rank": 4, "alpha": 4, "batch_size": 2, "warmup": 1},

@@ -26,12 +26,17 @@ def tiny_latent_transformer() -> LTXVideoTransformer3DModel:
 
 def pixel_backend(**kw) -> LTXVideoBackend:
     torch.manual_seed(0)
-    return LTXVideoBackend.small(None, patch_size=4, layers=1, heads=2, head_dim=8, fps=8.0, sampling_steps=3, **kw)
+    return LTXVideoBackend.small(None, patch_size=4, layers=1, heads=2, head_dim=32, fps=8.0, sampling_steps=3, **kw)
 
 
 def vae_backend() -> LTXVideoBackend:
     torch.manual_seed(0)
     return LTXVideoBackend(tiny_latent_transformer(), tiny_vae(), torch.randn(1, 3, 32), fps=25.0, sampling_steps=2)
+
+
+def test_small_model_must_be_wider_than_a_patch():
+    with pytest.raises(ValueError, match="must exceed the 192 values of a 8x8 RGB patch"):
+        LTXVideoBackend.small(None, patch_size=8, layers=1, heads=4, head_dim=32, fps=8.0)
 
 
 def test_pixel_space_layout_is_exact():

@@ -27,6 +27,10 @@ MLP_TARGETS = ["ff.net.0.proj", "ff.net.2"]
 
 def small_transformer(patch_size: int, layers: int, heads: int, head_dim: int) -> LTXVideoTransformer3DModel:
     """The embedded default: the LTX-Video transformer at small size, on RGB patches."""
+    if heads * head_dim <= 3 * patch_size**2:
+        # the velocity target contains the input noise, which a narrower residual stream cannot carry
+        raise ValueError(f"model.heads * model.head_dim ({heads * head_dim}) must exceed the {3 * patch_size**2} "
+                         f"values of a {patch_size}x{patch_size} RGB patch")
     return LTXVideoTransformer3DModel(
         in_channels=3 * patch_size**2,
         out_channels=3 * patch_size**2,
