@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test viewer clean-runs
+.PHONY: demo test viewer browser clean-runs
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,12 @@ $(STAMP): requirements.txt
 demo: $(STAMP)
 	$(PY) -m pipeline experiment --config conf/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
+
+# the viewer tests drive Debian's Chromium (Playwright cannot download its own browser offline)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; }
 
 viewer: $(STAMP)
 	$(VENV)/bin/streamlit run viewer/app.py --server.address 127.0.0.1

@@ -60,7 +60,7 @@ def test_rerun_skips_finished_clips(prepared, store):
 
 def test_kill_9_mid_clip_resumes_with_one_result_per_clip(prepared, store, tmp_path):
     settings = yaml.safe_load(Path(prepared).read_text())
-    settings["adaptation"]["steps"] = 300  # slow enough to be killed inside a clip
+    settings["adaptation"]["steps"] = 150  # slow enough to be killed inside a clip
     config_path = write_config(tmp_path / "slow.yaml", settings)
     command = cli("adapt", "--config", str(config_path))
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
