@@ -105,7 +105,7 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None) -
     digest = stage_digest(config, stage)
     continuer = Continuer(config, stage, backend)
     with stage_run(config, stage, digest) as parent:
-        mlflow.set_tags({"tta.arm": _arm_label(config, stage), "tta.conditioned_pixel_frames":
+        mlflow.set_tags({"tta.arm": arm_label(config, stage), "tta.conditioned_pixel_frames":
                          continuer.layout.conditioned_pixel_frames})
         if continuer.lpips_note:
             mlflow.set_tag("tta.lpips", continuer.lpips_note)
@@ -123,6 +123,8 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None) -
                 progress.advance(record.clip_id)
             except Exception as exc:  # recorded on the clip's run; the stage goes on
                 failures += 1
+                if isinstance(exc, torch.OutOfMemoryError):
+                    torch.cuda.empty_cache()
                 print(f"[{stage}] clip {record.clip_id} failed: {exc}", file=sys.stderr, flush=True)
                 progress.advance(record.clip_id, "FAILED")
         mlflow.log_metrics({"clips_total": len(clips), "clips_failed": failures})
@@ -147,7 +149,7 @@ def _run_clip(continuer: Continuer, manifest: Path, record: ClipRecord) -> None:
         mlflow.log_artifacts(str(tmp), artifact_path="clip")
 
 
-def _arm_label(config: Config, stage: str) -> str:
+def arm_label(config: Config, stage: str) -> str:
     if stage == "baseline":
         return "baseline"
     a = config.adaptation

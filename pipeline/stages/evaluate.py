@@ -14,7 +14,7 @@ from ..data.manifest import read_manifest, select_clips
 from ..evaluation.plots import summary_figure, write_html
 from ..evaluation.stats import mean_se, paired_comparison, per_frame_curve
 from ..tracking.runs import TAG_ERROR, finished_clips, stage_run
-from .continuation import _arm_label, stage_digest
+from .continuation import arm_label, stage_digest
 
 METRICS = ("psnr", "ssim", "lpips")  # higher is better for PSNR and SSIM, lower for LPIPS
 COSTS = ("adapt_seconds", "sample_seconds", "adapt_steps_per_second", "peak_gpu_memory_mb", "peak_rss_mb")
@@ -48,8 +48,8 @@ def _summarise(config: Config, arms: dict, paired: list[str], clip_ids: list[str
     base, adapted = arms["baseline"], arms["adapt"]
     names = [m for m in METRICS if all(m in base[c].data.metrics and m in adapted[c].data.metrics for c in paired)]
     summary = {
-        "title": f"{config.experiment}: {_arm_label(config, 'adapt')} vs baseline, {len(paired)} clips",
-        "arms": {"baseline": "baseline", "adapted": _arm_label(config, "adapt")},
+        "title": f"{config.experiment}: {arm_label(config, 'adapt')} vs baseline, {len(paired)} clips",
+        "arms": {"baseline": "baseline", "adapted": arm_label(config, "adapt")},
         "oracle": config.adaptation.data == "oracle",
         "clips": paired,
         "excluded": _excluded(clip_ids, paired, arms, experiment_id),

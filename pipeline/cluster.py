@@ -1,0 +1,86 @@
+"""Running stages as SLURM job-array tasks: shards, preemption signals, a store safe for many writers,
+and the sbatch script each task runs."""
+from __future__ import annotations
+
+import os
+import signal
+import string
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "stage.sbatch"
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the task stopped early and wants to be requeued
+
+
+class Preempted(BaseException):
+    """Raised inside the running clip when SLURM asks the task to stop (SIGTERM or SIGUSR1)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """'I/N', or '' for SLURM's array task id and count (a whole run outside an array)."""
+        if not text:
+            env = os.environ
+            if "SLURM_ARRAY_TASK_ID" in env:
+                first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+                return cls(int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env.get("SLURM_ARRAY_TASK_COUNT", "1")))
+            return cls()
+        try:
+            index, count = (int(x) for x in text.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard {text!r}: expected INDEX/COUNT such as 0/4") from None
+        if not 0 <= index < count:
+            raise ValueError(f"--shard {text!r}: the index must be in [0, {count})")
+        return cls(index, count)
+
+    def select(self, items: list) -> list:
+        return items[self.index :: self.count]
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def check_store_for_many_writers(shard: Shard) -> None:
+    """Refuse a SQLite file when several tasks would write to it at once."""
+    uri = mlflow.get_tracking_uri()
+    if (shard.count > 1 or "SLURM_ARRAY_JOB_ID" in os.environ) and uri.startswith("sqlite"):
+        raise RuntimeError(
+            f"MLFLOW_TRACKING_URI={uri} is a SQLite file, which is not safe for many concurrent writers (least of "
+            "all on a shared network filesystem). Start an `mlflow server` (PostgreSQL backend on a cluster) and "
+            "point MLFLOW_TRACKING_URI at it: see README, 'Running on a SLURM cluster'.")
+
+
+@contextmanager
+def preemptible():
+    """SIGTERM/SIGUSR1 raise Preempted in the main thread, so the current clip is abandoned, marked
+    KILLED, and the task exits for a requeue."""
+
+    def handler(signum, frame):
+        raise Preempted(f"preempted by {signal.Signals(signum).name}")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def render_sbatch(stage: str, config: str, tasks: int, tracking_uri: str, job_name: str, partition: str,
+                  gpus: int, cpus: int, mem: str, time: str, scratch: str, log_dir: str, extra: str = "") -> str:
+    """The sbatch script of one stage over a job array of `tasks` shards."""
+    if stage not in ("baseline", "adapt"):
+        raise ValueError(f"stage {stage!r}: only baseline and adapt run as job arrays")
+    partition_line = f"#SBATCH --partition={partition}" if partition else ""
+    return string.Template(TEMPLATE.read_text()).substitute(
+        stage=stage, config=config, tasks=tasks, last=tasks - 1, tracking_uri=tracking_uri, job_name=job_name,
+        partition_line=partition_line, gpus=gpus, cpus=cpus, mem=mem, time=time, scratch=scratch,
+        log_dir=log_dir, extra=extra, repo=str(TEMPLATE.parents[1]), exit_preempted=PREEMPTED_EXIT_CODE)

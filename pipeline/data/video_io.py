@@ -1,0 +1,68 @@
+"""Reading and writing video files with PyAV. Frames are uint8 arrays of shape (T, H, W, 3)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+class VideoError(ValueError):
+    """A video file that cannot be used, with the file and the reason in the message."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def read_video(path: str | Path, max_frames: int | None = None) -> tuple[np.ndarray, float]:
+    """Decode up to `max_frames` RGB frames and return them with the stream's frame rate."""
+    path = Path(path)
+    if not path.exists():
+        raise VideoError(path, "file does not exist")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(path, "no video stream in file")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+            frames = []
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+    except VideoError:
+        raise
+    except (av.error.FFmpegError, UnicodeDecodeError) as exc:
+        raise VideoError(path, f"not a readable video ({type(exc).__name__}: {exc})") from exc
+    if not frames:
+        raise VideoError(path, "no decodable frames")
+    return np.stack(frames), fps
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 12) -> Path:
+    """Encode (T, H, W, 3) uint8 frames as H.264 mp4 (yuv420p, playable in browsers)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    _, height, width, _ = frames.shape
+    tmp = path.with_name(path.name + ".partial.mp4")
+    with av.open(str(tmp), mode="w") as container:
+        stream = container.add_stream("libx264", rate=_fraction(fps))
+        stream.width, stream.height = width + width % 2, height + height % 2
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for image in frames:
+            if width % 2 or height % 2:
+                image = np.pad(image, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    tmp.replace(path)  # a crash never leaves a half-written file under the final name
+    return path
+
+
+def _fraction(fps: float):
+    from fractions import Fraction
+
+    return Fraction(fps).limit_denominator(1001)
