@@ -10,6 +10,7 @@ import sys
 import click
 import mlflow
 
+from .cluster import PREEMPTED_EXIT_CODE, Preempted, Shard
 from .config import ConfigError, load_config
 
 SHORTCUTS = {"rank": "adaptation.rank", "steps": "adaptation.steps", "lr": "adaptation.lr",
@@ -63,22 +64,29 @@ def pretrain(**kw) -> None:
     run(resolve(**kw))
 
 
+def shard_option(func):
+    return click.option("--shard", default="", metavar="I/N",
+                        help="run only shard I of N of the clips (default: SLURM's array task, else all)")(func)
+
+
 @main.command()
 @config_options
-def baseline(**kw) -> None:
+@shard_option
+def baseline(shard: str, **kw) -> None:
     """Continue each clip with the frozen model and score it."""
     from .stages.continuation import run_stage
 
-    run_stage(resolve(**kw), "baseline")
+    run_stage(resolve(**kw), "baseline", shard=Shard.parse(shard))
 
 
 @main.command()
 @config_options
-def adapt(**kw) -> None:
+@shard_option
+def adapt(shard: str, **kw) -> None:
     """Adapt the model to each clip (LoRA, reset per clip), then continue and score it."""
     from .stages.continuation import run_stage
 
-    run_stage(resolve(**kw), "adapt")
+    run_stage(resolve(**kw), "adapt", shard=Shard.parse(shard))
 
 
 @main.command()
@@ -99,6 +107,49 @@ def experiment(**kw) -> None:
     run_experiment(resolve(**kw))
 
 
+@main.command()
+@click.option("--stage", type=click.Choice(["baseline", "adapt"]), required=True)
+@click.option("--config", default="conf/demo.yaml", show_default=True)
+@click.option("--tasks", type=int, required=True, help="job-array size: the clips are split into this many shards")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", required=True,
+              help="an mlflow server every task can reach (default: $MLFLOW_TRACKING_URI)")
+@click.option("--partition", default="")
+@click.option("--gpus", default=1, show_default=True)
+@click.option("--cpus", default=8, show_default=True)
+@click.option("--mem", default="64G", show_default=True)
+@click.option("--time", "time_limit", default="04:00:00", show_default=True)
+@click.option("--scratch", default="/tmp", show_default=True, help="node-local scratch for caches and temp files")
+@click.option("--log-dir", default="slurm/logs", show_default=True)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="config overrides passed to every task")
+@click.option("--dry-run", is_flag=True, help="write the sbatch script and print it, do not submit")
+def submit(stage, config, tasks, tracking_uri, partition, gpus, cpus, mem, time_limit, scratch, log_dir, sets,
+           dry_run) -> None:
+    """Write the sbatch script of a stage as a job array and submit it with sbatch."""
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from .cluster import render_sbatch
+
+    resolve(config, sets)  # fail here, not on the cluster, on a bad config
+    if tracking_uri.startswith("sqlite"):
+        raise click.UsageError("a job array needs an mlflow server as the tracking store, not a SQLite file "
+                               "(README: 'Running on a SLURM cluster')")
+    extra = " ".join(f"--set {shlex.quote(s)}" for s in sets)
+    job = f"tta-{stage}"
+    script = render_sbatch(stage, config, tasks, tracking_uri, job, partition, gpus, cpus, mem, time_limit,
+                           scratch, str(Path(log_dir).resolve()), extra)
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    path = Path("slurm") / "rendered" / f"{job}.sbatch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    if dry_run:
+        click.echo(script)
+        click.echo(f"# written to {path}; submit with: sbatch {path}")
+        return
+    click.echo(subprocess.run(["sbatch", str(path)], check=True, capture_output=True, text=True).stdout.strip())
+
+
 @main.command("fetch-weights")
 def fetch_weights() -> None:
     """Download LPIPS's AlexNet backbone once (on a machine with internet) into the torch hub cache."""
@@ -110,6 +161,9 @@ def fetch_weights() -> None:
 def run() -> None:
     try:
         main(standalone_mode=True)
+    except Preempted as exc:
+        click.echo(f"{exc}: the current clip was abandoned; rerun (or requeue) to resume", err=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
     finally:
         if mlflow.active_run() is not None:  # a crash leaves no run dangling as RUNNING
             mlflow.end_run("FAILED" if sys.exc_info()[0] else "FINISHED")

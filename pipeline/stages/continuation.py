@@ -20,6 +20,7 @@ from mlflow.entities import Metric
 
 from ..adaptation.lora import LoraAdapter
 from ..adaptation.trainer import adapt_to_clip
+from ..cluster import Shard, check_store_for_many_writers, preemptible
 from ..config import Config
 from ..data.manifest import ClipRecord, read_manifest, resolve_clip_path, select_clips
 from ..data.video_io import VideoError, read_video, write_video
@@ -96,15 +97,18 @@ class Continuer:
         return output, metrics, per_frame
 
 
-def run_stage(config: Config, stage: str, backend: VideoBackend | None = None) -> str:
-    """Run baseline or adapt over the configured clips; returns the stage's parent run id."""
+def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, shard: Shard = Shard()) -> str:
+    """Run baseline or adapt over the configured clips (this task's shard of them); returns the
+    stage's parent run id. SIGTERM/SIGUSR1 abandon the current clip and raise Preempted."""
     d = config.data
-    clips = select_clips(read_manifest(d.manifest), d.split, d.num_clips)
+    check_store_for_many_writers(shard)
+    clips = shard.select(select_clips(read_manifest(d.manifest), d.split, d.num_clips))
     if not clips:
-        raise ValueError(f"{d.manifest} has no clips in split '{d.split}'")
+        raise ValueError(f"{d.manifest} has no clips in split '{d.split}' for shard {shard}")
     digest = stage_digest(config, stage)
     continuer = Continuer(config, stage, backend)
-    with stage_run(config, stage, digest) as parent:
+    with preemptible(), stage_run(config, stage, digest) as parent:
+        mlflow.log_param("shard", str(shard))
         mlflow.set_tags({"tta.arm": arm_label(config, stage), "tta.conditioned_pixel_frames":
                          continuer.layout.conditioned_pixel_frames})
         if continuer.lpips_note:

@@ -15,6 +15,7 @@ import mlflow
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
+from ..cluster import Preempted
 from ..config import Config
 
 TAG_STAGE, TAG_DIGEST, TAG_CLIP = "tta.stage", "tta.digest", "tta.clip_id"
@@ -57,7 +58,11 @@ def stage_run(config: Config, stage: str, digest: str):
                                tags=tags)
     with run:
         mlflow.log_params(config.flat())
-        yield run
+        try:
+            yield run
+        except (KeyboardInterrupt, Preempted):
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise
 
 
 def finished_clips(experiment_id: str, stage: str, digest: str) -> dict:
@@ -99,7 +104,8 @@ def clip_run(stage: str, digest: str, clip_id: str, label: str, source: str):
         yield run
     except BaseException as exc:
         mlflow.set_tag(TAG_ERROR, str(exc)[:4000])
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED))
+        stopped = isinstance(exc, (KeyboardInterrupt, Preempted))
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if stopped else RunStatus.FAILED))
         raise
     else:
         mlflow.end_run()
