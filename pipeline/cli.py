@@ -150,6 +150,21 @@ def submit(stage, config, tasks, tracking_uri, partition, gpus, cpus, mem, time_
     click.echo(subprocess.run(["sbatch", str(path)], check=True, capture_output=True, text=True).stdout.strip())
 
 
+@main.command("download-dataset")
+@click.argument("name", type=click.Choice(["ucf101", "hmdb51"]))
+@click.option("--dest", required=True, help="folder for the archives and the extracted videos")
+def download_dataset(name: str, dest: str) -> None:
+    """Download and extract UCF-101 or HMDB51 with its official split lists (run once, on a login node)."""
+    from pathlib import Path
+
+    from .data.datasets import LAYOUT, download_dataset as run
+
+    videos = run(name, Path(dest))
+    splits = Path(dest) / LAYOUT[name][1]
+    click.echo(f"videos in {videos}, split lists in {splits}; preprocess with:\n  python -m pipeline preprocess "
+               f"--set data.source={name} --set data.input_dir={videos} --set data.splits_dir={splits}")
+
+
 @main.command("fetch-weights")
 def fetch_weights() -> None:
     """Download LPIPS's AlexNet backbone once (on a machine with internet) into the torch hub cache."""

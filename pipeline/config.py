@@ -22,8 +22,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | folder
-    input_dir: str = ""  # folder source: one sub-folder per class
+    source: str = "synthetic"  # synthetic | folder | ucf101 | hmdb51
+    input_dir: str = ""  # folder, ucf101, hmdb51: one sub-folder per class
+    splits_dir: str = ""  # ucf101, hmdb51: the official split lists
+    split_id: int = 1  # ucf101, hmdb51: which official split (1-3)
+    sample: int = 0  # videos per split, stratified by class (0 = all)
+    start_frame: int = 0  # first source frame of each clip
     output_dir: str = "data/synthetic"  # where preprocess writes clips and manifest.csv
     frames: int = 16  # T
     context: int = 8  # K
@@ -32,7 +36,7 @@ class DataConfig:
     fps: float = 8.0
     train_clips: int = 512  # synthetic source only
     test_clips: int = 16  # synthetic source; folder source: share of videos held out below
-    test_fraction: float = 0.2
+    test_fraction: float = 0.2  # folder source: share of videos held out as test
     split: str = "test"  # the split that baseline/adapt run on
     num_clips: int = 8  # 0 = every clip of the split
 
@@ -115,7 +119,7 @@ class Config:
 
 
 CHOICES = {
-    "data.source": {"synthetic", "folder"},
+    "data.source": {"synthetic", "folder", "ucf101", "hmdb51"},
     "model.dtype": {"float32", "bfloat16"},
     "adaptation.method": {"lora"},
     "adaptation.data": {"context", "oracle"},

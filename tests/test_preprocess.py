@@ -77,3 +77,63 @@ def test_real_videos_through_preprocess(tmp_path):
     _, records, skipped = preprocess(cfg, seed=0)
     assert sorted(r.label for r in records) == ["bikes", "makeup"]
     assert len(skipped) == 1 and "too short" in skipped[0][1]
+
+
+def _video(path, frames=30, seed=0):
+    rng = np.random.default_rng(seed)
+    return write_video(path, rng.integers(0, 255, (frames, 48, 64, 3), np.uint8), 25)
+
+
+def test_ucf101_layout_follows_the_official_split_and_samples_by_class(tmp_path):
+    root, lists = tmp_path / "UCF-101", tmp_path / "ucfTrainTestlist"
+    lists.mkdir()
+    train, test = [], []
+    for c, label in enumerate(["ApplyEyeMakeup", "Biking", "Diving"]):
+        for g in (1, 2, 8, 9):
+            key = f"{label}/v_{label}_g{g:02d}_c01.avi"
+            _video(root / key, seed=c * 10 + g)
+            (test if g < 8 else train).append(key)
+    (lists / "trainlist01.txt").write_text("".join(f"{k} {i % 3 + 1}\n" for i, k in enumerate(train)))
+    (lists / "testlist01.txt").write_text("".join(f"{k}\n" for k in test))
+    cfg = DataConfig(source="ucf101", input_dir=str(root), splits_dir=str(lists), output_dir=str(tmp_path / "out"),
+                     frames=10, fps=25, height=32, width=32, sample=3)
+    _, records, skipped = preprocess(cfg, seed=5)
+    assert skipped == []
+    for split, keys in (("train", train), ("test", test)):
+        chosen = [r for r in records if r.split == split]
+        assert len(chosen) == 3 and {r.label for r in chosen} == {"ApplyEyeMakeup", "Biking", "Diving"}
+        assert all(r.source.endswith(tuple(keys)) for r in chosen)
+    again = preprocess(DataConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "again")}), seed=5)[1]
+    assert [r.clip_id for r in again] == [r.clip_id for r in records]
+
+
+def test_hmdb51_layout_leaves_out_unused_videos(tmp_path):
+    root, lists = tmp_path / "videos", tmp_path / "testTrainMulti_7030_splits"
+    lists.mkdir()
+    for label in ("brush_hair", "wave"):
+        lines = []
+        for i, code in enumerate(("1", "2", "0")):
+            _video(root / label / f"{label}_{i}.avi", seed=i)
+            lines.append(f"{label}_{i}.avi {code}\n")
+        (lists / f"{label}_test_split1.txt").write_text("".join(lines))
+    _video(root / "wave" / "short.avi", frames=4)
+    (lists / "wave_test_split1.txt").write_text((lists / "wave_test_split1.txt").read_text() + "short.avi 2\n")
+    cfg = DataConfig(source="hmdb51", input_dir=str(root), splits_dir=str(lists), output_dir=str(tmp_path / "out"),
+                     frames=12, fps=25, height=32, width=32, start_frame=2)
+    _, records, skipped = preprocess(cfg, seed=0)
+    assert sorted((r.clip_id, r.split) for r in records) == [
+        ("brush_hair_brush_hair_0", "train"), ("brush_hair_brush_hair_1", "test"), ("wave_wave_0", "train"),
+        ("wave_wave_1", "test")]
+    reasons = dict(skipped)
+    assert reasons[str(root / "wave" / "wave_2.avi")] == "not in hmdb51 split 1"
+    assert "too short" in reasons[str(root / "wave" / "short.avi")]
+    assert all(r.start_frame == 2 for r in records)
+
+
+def test_rar_extractor_is_checked_first(monkeypatch, tmp_path):
+    from pipeline.data import datasets
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no unar anywhere
+    with pytest.raises(RuntimeError, match="apt-get install unar"):
+        datasets.download_dataset("ucf101", tmp_path / "ucf")
+    assert not (tmp_path / "ucf").exists()  # nothing downloaded before the check

@@ -14,6 +14,7 @@ import torch
 
 from ..config import DataConfig
 from ..progress import Progress
+from .datasets import official_splits, stratified_sample
 from .manifest import ClipRecord, write_manifest
 from .synthetic import MOTION_CLASSES, render_clip
 from .video_io import VideoError, read_video, write_video
@@ -39,18 +40,22 @@ def generate_synthetic(config: DataConfig, seed: int) -> tuple[list[ClipRecord],
     return records, []
 
 
-def clips_from_folder(config: DataConfig) -> tuple[list[ClipRecord], list[tuple[str, str]]]:
+def clips_from_folder(config: DataConfig, seed: int) -> tuple[list[ClipRecord], list[tuple[str, str]]]:
+    """Videos in class sub-folders (a plain folder, or the official UCF-101 / HMDB51 layout)."""
     root = Path(config.input_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"data.input_dir={root} is not a directory (expected one sub-folder per class)")
     videos = sorted(p for p in root.rglob("*") if p.is_file() and p.parent != root)
     if not videos:
         raise FileNotFoundError(f"data.input_dir={root} has no files in class sub-folders")
+    splits, skipped = _assign_splits(config, root, videos)
+    chosen = [(key, split) for split in ("train", "test") for key in _sample(config, splits, split, seed)]
     out = Path(config.output_dir)
-    records, skipped = [], []
-    progress = Progress("preprocess", len(videos))
-    for video in videos:
-        rel = video.relative_to(root)
+    records = []
+    progress = Progress("preprocess", len(chosen))
+    for key, split in chosen:
+        video = root / key
+        rel = Path(key)
         clip_id = "_".join(rel.with_suffix("").parts)
         try:
             if video.suffix.lower() not in VIDEO_SUFFIXES:
@@ -58,8 +63,7 @@ def clips_from_folder(config: DataConfig) -> tuple[list[ClipRecord], list[tuple[
             frames = fit_clip(video, config)
             write_video(out / "clips" / f"{clip_id}.mp4", frames, config.fps)
             records.append(ClipRecord(clip_id, rel.parts[0], f"clips/{clip_id}.mp4", config.frames, config.fps,
-                                      config.height, config.width, _split_of(str(rel), config.test_fraction),
-                                      str(video)))
+                                      config.height, config.width, split, str(video), config.start_frame))
         except VideoError as exc:
             skipped.append((str(video), exc.reason))
             print(f"[preprocess] skipped {exc}", flush=True)
@@ -67,13 +71,28 @@ def clips_from_folder(config: DataConfig) -> tuple[list[ClipRecord], list[tuple[
     return records, skipped
 
 
+def _assign_splits(config: DataConfig, root: Path, videos: list[Path]):
+    """key ('Class/video.avi') -> split, and the videos left out with the reason."""
+    keys = [v.relative_to(root).as_posix() for v in videos]
+    if config.source == "folder":
+        return {k: _split_of(k, config.test_fraction) for k in keys}, []
+    official = official_splits(config.source, Path(config.splits_dir), config.split_id)
+    skipped = [(str(root / k), f"not in {config.source} split {config.split_id}") for k in keys if k not in official]
+    return {k: official[k] for k in keys if k in official}, skipped
+
+
+def _sample(config: DataConfig, splits: dict[str, str], split: str, seed: int) -> list[str]:
+    items = [(k, Path(k).parts[0]) for k, s in splits.items() if s == split]
+    return [k for k, _ in stratified_sample(items, config.sample, seed)]
+
+
 def fit_clip(path: Path, config: DataConfig) -> np.ndarray:
-    """T frames resampled to config.fps, resized to cover HxW and centre-cropped."""
+    """T frames from config.start_frame resampled to config.fps, resized to cover HxW, centre-cropped."""
     frames, fps = read_video(path)
-    indices = np.floor(np.arange(config.frames) * fps / config.fps).astype(int)
+    indices = config.start_frame + np.floor(np.arange(config.frames) * fps / config.fps).astype(int)
     if indices[-1] >= len(frames):
-        raise VideoError(path, f"too short: {len(frames)} frames at {fps:.2f} fps, need {config.frames} "
-                               f"frames at {config.fps} fps ({indices[-1] + 1} source frames)")
+        raise VideoError(path, f"too short: {len(frames)} frames at {fps:.2f} fps, need {config.frames} frames at "
+                               f"{config.fps} fps from frame {config.start_frame} ({indices[-1] + 1} source frames)")
     return resize_crop(frames[indices], config.height, config.width)
 
 
@@ -95,7 +114,10 @@ def _split_of(key: str, test_fraction: float) -> str:
 
 
 def preprocess(config: DataConfig, seed: int) -> tuple[Path, list[ClipRecord], list[tuple[str, str]]]:
-    records, skipped = generate_synthetic(config, seed) if config.source == "synthetic" else clips_from_folder(config)
+    if config.source == "synthetic":
+        records, skipped = generate_synthetic(config, seed)
+    else:
+        records, skipped = clips_from_folder(config, seed)
     manifest = write_manifest(config.manifest, records)
     with open(manifest.with_name("skipped.csv"), "w", newline="") as f:
         csv.writer(f).writerows([("video", "reason"), *skipped])
