@@ -64,6 +64,8 @@ def preemptible():
     KILLED, and the task exits for a requeue."""
 
     def handler(signum, frame):
+        for s in previous:  # one stop is enough: SLURM may signal the task and its shell both
+            signal.signal(s, signal.SIG_IGN)
         raise Preempted(f"preempted by {signal.Signals(signum).name}")
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
