@@ -165,6 +165,29 @@ def download_dataset(name: str, dest: str) -> None:
                f"--set data.source={name} --set data.input_dir={videos} --set data.splits_dir={splits}")
 
 
+@main.command()
+@click.option("--frames", default="65,97,121", show_default=True, help="comma-separated clip lengths (8k+1)")
+@click.option("--sizes", default="256,512", show_default=True, help="comma-separated square sides in pixels")
+@click.option("--ranks", default="16,64", show_default=True)
+@click.option("--methods", default="lora,full", show_default=True)
+@click.option("--checkpointing", type=click.Choice(["off", "on", "both"]), default="both", show_default=True)
+@click.option("--paths", default="plain,fast", show_default=True, help="plain (the reference) and/or fast")
+@click.option("--out", default="", help="also append one JSON line per result to this file")
+def bench(frames, sizes, ranks, methods, checkpointing, paths, out) -> None:
+    """Speed and memory of TTA steps on LTX-Video 2B with random weights (needs a GPU)."""
+    from .bench import Case, run_bench
+
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    flags = {"off": [False], "on": [True], "both": [False, True]}[checkpointing]
+    cases = []
+    for method in methods.split(","):
+        for f in ints(frames):
+            for size in ints(sizes):
+                for gc in flags:
+                    cases += [Case(f, size, method, r, gc) for r in (ints(ranks) if method == "lora" else [0])]
+    run_bench(cases, tuple(paths.split(",")), out or None)
+
+
 @main.command("fetch-weights")
 def fetch_weights() -> None:
     """Download LPIPS's AlexNet backbone once (on a machine with internet) into the torch hub cache."""

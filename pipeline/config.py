@@ -111,10 +111,12 @@ class Config:
         """Every value as `section.key` -> value, for MLflow params."""
         return dict(_flatten(dataclasses.asdict(self)))
 
-    def digest(self, *sections: str) -> str:
-        """A short hash of the named sections: results with the same digest are interchangeable."""
-        values = {k: v for k, v in self.flat().items() if k.split(".")[0] in sections}
-        values.pop("data.num_clips", None)  # which clips are selected does not change a clip's result
+    def digest(self, *selectors: str, exclude: tuple[str, ...] = ()) -> str:
+        """A short hash of the values under the selectors (a section such as 'model' or a key such as
+        'data.frames'): results with the same digest are interchangeable."""
+        excluded = {"data.num_clips", *exclude}  # which clips are selected does not change a clip's result
+        values = {k: v for k, v in self.flat().items()
+                  if k not in excluded and any(k == s or k.startswith(s + ".") for s in selectors)}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

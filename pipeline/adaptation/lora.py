@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..config import AdaptationConfig
 from ..models.base import VideoBackend
@@ -22,13 +21,13 @@ class LoraAdapter:
                 LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=backend.lora_targets(config.targets),
                            init_lora_weights=True)
             )
-        self.initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.transformer).items()}
         for p in self.parameters():
             p.data = p.data.float()  # adapter weights train in fp32 even on a bf16 base
+        self.initial = [p.detach().clone() for p in self.parameters()]
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.transformer.named_parameters() if "lora_" in n]
 
     @torch.no_grad()
     def reset(self) -> None:
-        set_peft_model_state_dict(self.transformer, self.initial)
+        torch._foreach_copy_(self.parameters(), self.initial)

@@ -22,14 +22,18 @@ from ..models.ltx_video import frames_to_tensor
 from ..progress import Progress
 from ..tracking.runs import stage_run
 
-SECTIONS = ("data", "model", "pretrain", "seed")
+# what the weights depend on: the training clips, the architecture and the training settings
+# (not the output path, nor data settings that only later stages read)
+INPUTS = ("data.source", "data.input_dir", "data.splits_dir", "data.split_id", "data.sample", "data.start_frame",
+          "data.test_fraction", "data.frames", "data.height", "data.width", "data.fps", "data.train_clips", "model",
+          "pretrain", "seed")
 
 
 def pretrain(config: Config) -> Path:
     if config.model.pretrained:
         raise ValueError("pretrain trains the small default model; model.pretrained is set, so there is nothing to do")
     weights = Path(config.model.weights)
-    digest = config.digest(*SECTIONS)
+    digest = config.digest(*INPUTS, exclude=("model.weights",))
     if weights.exists() and _digest_of(weights) == digest:
         print(f"[pretrain] {weights} is up to date (digest {digest}); skipping", flush=True)
         return weights

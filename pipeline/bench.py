@@ -1,0 +1,209 @@
+"""GPU cost of test-time adaptation at real size, with random weights (speed and memory do not
+depend on weight values): LTX-Video 2B (Lightricks/LTX-Video-0.9.5's transformer config).
+
+Every configuration measures the plain reference step (fp32 weights under bf16 autocast, eager,
+PyTorch AdamW) and the fast step (bf16 base weights, LoRA in fp32, the whole transformer compiled
+with CUDA graphs: torch.compile mode "reduce-overhead", fused AdamW) in the same process, against
+a bf16 matrix-product peak measured in the same run. At the seed shape the eager step is bound by
+the CPU issuing ~1,400 kernels per forward, which CUDA graphs replay without the CPU.
+
+FLOPs are counted by torch.utils.flop_counter.FlopCounterMode over one real step: every matmul and
+attention kernel of the forward and of the backward that autograd actually ran. Frozen weights get
+no weight gradient, so a LoRA step is about forward + input gradients (~2x forward); a full
+fine-tuning step adds weight gradients (~3x forward).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from diffusers import LTXVideoTransformer3DModel
+from torch.utils.flop_counter import FlopCounterMode
+
+LTX_VIDEO_2B = dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+                    attention_head_dim=64, cross_attention_dim=2048, num_layers=28, caption_channels=4096)
+TEXT_TOKENS = 128
+
+
+@dataclass
+class Case:
+    frames: int
+    size: int
+    method: str = "lora"  # lora | full
+    rank: int = 16
+    checkpointing: bool = False
+
+    @property
+    def latent_grid(self) -> tuple[int, int, int]:
+        return (self.frames - 1) // 8 + 1, self.size // 32, self.size // 32
+
+    @property
+    def tokens(self) -> int:
+        f, h, w = self.latent_grid
+        return f * h * w
+
+
+@dataclass
+class Result:
+    case: Case
+    path: str  # plain | fast
+    step_ms: float
+    flops_per_step: float
+    tflops: float
+    mfu: float
+    peak_memory_gb: float
+    sample_step_ms: float  # one forward pass of sampling (no grad)
+    reset_ms: float
+
+    def row(self) -> dict:
+        return {**asdict(self.case), "tokens": self.case.tokens, **{k: v for k, v in asdict(self).items()
+                                                                      if k != "case"}}
+
+
+def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 50) -> float:
+    """The bf16 matrix-product rate this GPU reaches, measured now (the MFU denominator)."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    seconds = median_seconds(lambda: a @ b, device, warmup=5, iters=iters)
+    return 2 * n**3 / seconds / 1e12
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def inputs(case: Case, device: torch.device, dtype: torch.dtype, channels: int = 128, text_dim: int = 4096):
+    f, h, w = case.latent_grid
+    sigmas = torch.full((1, case.tokens), 0.5, device=device)
+    sigmas[:, : h * w * max(1, f // 2)] = 0  # the first half of the latent frames is the clean prefix
+    return dict(hidden_states=torch.randn(1, case.tokens, channels, device=device, dtype=dtype),
+                encoder_hidden_states=torch.randn(1, TEXT_TOKENS, text_dim, device=device, dtype=dtype),
+                timestep=sigmas * 1000, encoder_attention_mask=torch.ones(1, TEXT_TOKENS, device=device),
+                num_frames=f, height=h, width=w, rope_interpolation_scale=(8 / 25, 32, 32), return_dict=False)
+
+
+def build(config: dict, case: Case, device: torch.device, fast: bool):
+    """The transformer (random weights) with LoRA or all weights trainable, and its train step."""
+    from peft import LoraConfig
+
+    from .models.ltx_video import ATTENTION_TARGETS
+
+    with torch.device(device):
+        model = LTXVideoTransformer3DModel(**config)
+    model.to(torch.bfloat16 if fast else torch.float32).requires_grad_(False)
+    if case.checkpointing:
+        model.enable_gradient_checkpointing()
+    if case.method == "lora":
+        model.add_adapter(LoraConfig(r=case.rank, lora_alpha=case.rank, target_modules=ATTENTION_TARGETS))
+        params = [p for n, p in model.named_parameters() if "lora_" in n]
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    else:
+        model.requires_grad_(True)
+        params = list(model.parameters())
+    forward = torch.compile(model, mode="reduce-overhead") if fast else model
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fast or None)
+    x = inputs(case, device, torch.bfloat16 if fast else torch.float32, config["in_channels"],
+               config["caption_channels"])
+    target = torch.randn_like(x["hidden_states"])
+
+    def train_step(module) -> Callable[[], None]:
+        def step():
+            if fast:
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                out = module(**x)[0]
+            loss = torch.nn.functional.mse_loss(out.float(), target.float())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    @torch.no_grad()
+    def sample_step():
+        if fast:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            forward(**x)
+
+    # FLOPs are counted on the eager module: a dispatch mode around compiled code would force a fallback
+    return model, params, (train_step(model), train_step(forward), sample_step)
+
+
+def measure(case: Case, fast: bool, peak: float, device: torch.device, config: dict = LTX_VIDEO_2B) -> Result:
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
+    model, params, (eager_step, step, sample_step) = build(config, case, device, fast)
+    flops = count_flops(eager_step)
+    seconds = median_seconds(step, device)
+    sample_seconds = median_seconds(sample_step, device)
+    snapshot = [p.detach().clone() for p in params]  # the trained weights' initial values, kept on the GPU
+    reset = median_seconds(lambda: restore(params, snapshot), device)
+    peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    achieved = flops / seconds / 1e12
+    result = Result(case, "fast" if fast else "plain", seconds * 1e3, flops, achieved, achieved / peak, peak_gb,
+                    sample_seconds * 1e3, reset * 1e3)
+    del model, params, eager_step, step, sample_step, snapshot
+    return result
+
+
+@torch.no_grad()
+def restore(params: list[torch.nn.Parameter], snapshot: list[torch.Tensor]) -> None:
+    torch._foreach_copy_(params, snapshot)
+
+
+def format_table(results: list[Result], peak: float) -> str:
+    lines = [f"bf16 matmul peak measured in this run: {peak:.0f} TFLOP/s", "",
+             "| frames | px | tokens | method | rank | ckpt | path | step ms | GFLOP/step | TFLOP/s | MFU | "
+             "peak GB | sample fwd ms | reset ms |", "|" + "---|" * 14]
+    for r in results:
+        c = r.case
+        lines.append(f"| {c.frames} | {c.size} | {c.tokens} | {c.method} | {c.rank if c.method == 'lora' else '-'} | "
+                     f"{'yes' if c.checkpointing else 'no'} | {r.path} | {r.step_ms:.1f} | {r.flops_per_step / 1e9:.0f} "
+                     f"| {r.tflops:.0f} | {100 * r.mfu:.1f}% | {r.peak_memory_gb:.1f} | {r.sample_step_ms:.1f} | "
+                     f"{r.reset_ms:.2f} |")
+    return "\n".join(lines)
+
+
+def run_bench(cases: list[Case], paths: tuple[str, ...] = ("plain", "fast"), out: str | None = None) -> list[Result]:
+    device = torch.device("cuda")
+    peak = matmul_peak_tflops(device)
+    results = []
+    for case in cases:
+        for path in paths:
+            try:
+                result = measure(case, path == "fast", peak, device)
+            except torch.OutOfMemoryError as exc:
+                print(f"{case} {path}: out of memory ({str(exc).splitlines()[0]})", flush=True)
+                continue
+            results.append(result)
+            print(json.dumps(result.row()), flush=True)
+            if out:
+                with open(out, "a") as f:
+                    f.write(json.dumps(result.row()) + "\n")
+    print(format_table(results, peak), flush=True)
+    return results
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
