@@ -2,6 +2,7 @@
 and what did it cost? Reads the tracking store named by MLFLOW_TRACKING_URI; never writes to it."""
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -53,8 +54,8 @@ def main() -> None:
     if not rows:
         st.warning("The chosen runs have no finished clip in common.")
         return
-    metric = st.sidebar.radio("Metric", [m for m in data.METRICS if any(f"baseline {m}" in r and r[f"baseline {m}"]
-                                                                       == r[f"baseline {m}"] for r in rows)])
+    measured = [m for m in data.METRICS if any(not math.isnan(r[f"baseline {m}"]) for r in rows)]
+    metric = st.sidebar.radio("Metric", measured)
     rows = clip_table(rows, metric)
     if rows:
         plots(client, baseline, adapted, names, rows, metric)

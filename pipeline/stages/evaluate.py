@@ -13,7 +13,7 @@ from ..config import Config
 from ..data.manifest import read_manifest, select_clips
 from ..evaluation.plots import summary_figure, write_html
 from ..evaluation.stats import mean_se, paired_comparison, per_frame_curve
-from ..tracking.runs import TAG_ERROR, finished_clips, stage_run
+from ..tracking.runs import TAG_CLIP, TAG_DIGEST, TAG_ERROR, finished_clips, stage_run
 from .continuation import arm_label, stage_digest
 
 METRICS = ("psnr", "ssim", "lpips")  # higher is better for PSNR and SSIM, lower for LPIPS
@@ -31,7 +31,7 @@ def evaluate(config: Config) -> dict:
         if not paired:
             raise ValueError(f"no clip has finished results in both arms (baseline digest {digests['baseline']}, "
                              f"adapt digest {digests['adapt']}): run the baseline and adapt stages with this config")
-        summary = _summarise(config, arms, paired, clip_ids, experiment_id)
+        summary = _summarise(config, arms, paired, clip_ids, experiment_id, digests)
         mlflow.set_tags({"tta.baseline_digest": digests["baseline"], "tta.adapt_digest": digests["adapt"]})
         mlflow.log_metrics(_flat_metrics(summary))
         with tempfile.TemporaryDirectory() as tmp:
@@ -43,7 +43,8 @@ def evaluate(config: Config) -> dict:
     return summary
 
 
-def _summarise(config: Config, arms: dict, paired: list[str], clip_ids: list[str], experiment_id: str) -> dict:
+def _summarise(config: Config, arms: dict, paired: list[str], clip_ids: list[str], experiment_id: str,
+               digests: dict[str, str]) -> dict:
     client = MlflowClient()
     base, adapted = arms["baseline"], arms["adapt"]
     names = [m for m in METRICS if all(m in base[c].data.metrics and m in adapted[c].data.metrics for c in paired)]
@@ -52,7 +53,7 @@ def _summarise(config: Config, arms: dict, paired: list[str], clip_ids: list[str
         "arms": {"baseline": "baseline", "adapted": arm_label(config, "adapt")},
         "oracle": config.adaptation.data == "oracle",
         "clips": paired,
-        "excluded": _excluded(clip_ids, paired, arms, experiment_id),
+        "excluded": _excluded(clip_ids, paired, arms, experiment_id, digests),
         "metrics": {},
         "cost": {},
     }
@@ -76,15 +77,19 @@ def _summarise(config: Config, arms: dict, paired: list[str], clip_ids: list[str
     return summary
 
 
-def _excluded(clip_ids: list[str], paired: list[str], arms: dict, experiment_id: str) -> dict[str, str]:
+def _excluded(clip_ids: list[str], paired: list[str], arms: dict, experiment_id: str,
+              digests: dict[str, str]) -> dict[str, str]:
     """Why each selected clip is missing from the comparison (the error recorded on its run, if any)."""
     reasons = {}
     for clip in set(clip_ids) - set(paired):
         missing = [stage for stage in arms if clip not in arms[stage]]
-        failed = MlflowClient().search_runs([experiment_id], f"tags.`tta.clip_id` = '{clip}' and "
-                                                           f"attributes.status = 'FAILED'", max_results=1)
-        error = failed[0].data.tags.get(TAG_ERROR, "") if failed else ""
-        reasons[clip] = f"no finished {' and '.join(missing)} result" + (f": {error}" if error else "")
+        errors = []
+        for stage in missing:
+            failed = MlflowClient().search_runs(
+                [experiment_id], f"tags.`{TAG_CLIP}` = '{clip}' and tags.`{TAG_DIGEST}` = '{digests[stage]}' and "
+                                 f"attributes.status = 'FAILED'", max_results=1)
+            errors += [failed[0].data.tags.get(TAG_ERROR, "")] if failed else []
+        reasons[clip] = f"no finished {' and '.join(missing)} result" + (f": {errors[0]}" if errors else "")
     return reasons
 
 
