@@ -123,7 +123,8 @@ def clip_view(client, baseline, adapted, names, rows) -> None:
         values = per_frame.get(name, {})
         note = "context" if frame < context else " ".join(f"{m} {values[m][frame]:.3f}" for m in data.METRICS
                                                           if frame in values.get(m, {}))
-        cell.image(compose.upscale(frames[frame]), caption=f"{name} · frame {frame} · {note}")
+        cell.image(compose.upscale(frames[frame]), width=192, caption=" · ".join(filter(None, [name, f"frame {frame}",
+                                                                                              note])))
 
 
 main()
