@@ -173,9 +173,12 @@ def download_dataset(name: str, dest: str) -> None:
 @click.option("--checkpointing", type=click.Choice(["off", "on", "both"]), default="both", show_default=True)
 @click.option("--paths", default="plain,fast", show_default=True, help="plain (the reference) and/or fast")
 @click.option("--out", default="", help="also append one JSON line per result to this file")
-def bench(frames, sizes, ranks, methods, checkpointing, paths, out) -> None:
+@click.option("--stage-loop", is_flag=True, help="time the stages' own TTA loop and sampler, eager and compiled")
+def bench(frames, sizes, ranks, methods, checkpointing, paths, out, stage_loop) -> None:
     """Speed and memory of TTA steps on LTX-Video 2B with random weights (needs a GPU)."""
-    from .bench import Case, run_bench
+    import torch
+
+    from .bench import Case, run_bench, stage_loop as time_stage_loop
 
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     flags = {"off": [False], "on": [True], "both": [False, True]}[checkpointing]
@@ -185,7 +188,13 @@ def bench(frames, sizes, ranks, methods, checkpointing, paths, out) -> None:
             for size in ints(sizes):
                 for gc in flags:
                     cases += [Case(f, size, method, r, gc) for r in (ints(ranks) if method == "lora" else [0])]
-    run_bench(cases, tuple(paths.split(",")), out or None)
+    if not stage_loop:
+        run_bench(cases, tuple(paths.split(",")), out or None)
+        return
+    for case in [c for c in cases if c.method == "lora" and not c.checkpointing]:
+        for compiled in (False, True):
+            click.echo(f"{case.frames}x{case.size} rank {case.rank} compile={compiled}: "
+                       f"{time_stage_loop(case, compiled, torch.device('cuda'))}")
 
 
 @main.command("fetch-weights")

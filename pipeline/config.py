@@ -57,6 +57,7 @@ class ModelConfig:
     prompt: str = ""
     dtype: str = "float32"  # float32 | bfloat16
     decode_timestep: float = 0.05
+    compile: bool = False  # CUDA graphs via torch.compile(mode="reduce-overhead"): for GPUs (docs/benchmarks.md)
 
 
 @dataclass

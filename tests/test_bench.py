@@ -44,3 +44,10 @@ def test_table_lists_every_result():
     assert table[0] == "bf16 matmul peak measured in this run: 790 TFLOP/s"
     assert table[-1] == "| 65 | 256 | 576 | lora | 16 | no | fast | 10.0 | 2000 | 200 | 25.0% | 12.5 | 4.0 | 0.05 |"
     assert len(table) == 4 + len(results) and case.tokens == 9 * 8 * 8
+
+
+def test_stage_loop_times_the_stages_own_path():
+    config = {**TINY, "in_channels": 8, "out_channels": 8}
+    timing = bench.stage_loop(bench.Case(17, 64, rank=4), compile=False, device=torch.device("cpu"), steps=2,
+                              config=config)
+    assert timing["tta_step_ms"] > 0 and timing["sample_seconds"] > 0

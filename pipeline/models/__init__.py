@@ -23,7 +23,8 @@ def load_backend(config: Config, random_weights: bool = False) -> VideoBackend:
     if m.backend != "ltx-video":
         raise ValueError(f"model.backend={m.backend!r} is not known; available: 'ltx-video'")
     common = dict(fps=config.data.fps, sampling_steps=config.sampling.steps, shift=config.sampling.shift,
-                  decode_timestep=m.decode_timestep, device=default_device(), dtype=getattr(torch, m.dtype))
+                  decode_timestep=m.decode_timestep, device=default_device(), dtype=getattr(torch, m.dtype),
+                  compile=m.compile)
     if m.pretrained:
         return LTXVideoBackend.from_pretrained(m.pretrained, m.prompt, **common)
     weights = None if random_weights else Path(m.weights)

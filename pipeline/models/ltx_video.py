@@ -55,10 +55,14 @@ class LTXVideoBackend(VideoBackend):
         decode_timestep: float = 0.05,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        compile: bool = False,
     ):
         self.device = torch.device(device)
         self.dtype = dtype
         self.transformer = transformer.to(self.device).eval().requires_grad_(False)
+        # compiled lazily at the first call, so adapters added before it are part of the graph
+        self.compiled = compile
+        self.forward = torch.compile(self.transformer, mode="reduce-overhead") if compile else self.transformer
         self.vae = vae.to(self.device).eval().requires_grad_(False) if vae is not None else None
         self.prompt_embeds = prompt_embeds.to(self.device)  # (1, L, caption_channels), computed once
         self.fps = fps
@@ -143,8 +147,10 @@ class LTXVideoBackend(VideoBackend):
     def _velocity(self, tokens: torch.Tensor, sigmas: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         batch = tokens.shape[0]
         text = self.prompt_embeds.expand(batch, -1, -1).to(tokens.dtype)
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # each call starts a new CUDA-graph step
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = self.transformer(
+            out = self.forward(
                 hidden_states=tokens,
                 encoder_hidden_states=text,
                 timestep=sigmas * 1000,
