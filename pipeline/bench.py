@@ -199,6 +199,29 @@ def stage_loop(case: Case, compile: bool, device: torch.device, steps: int = 20,
     return {"tta_step_ms": 1e3 * stats["adapt_seconds"] / steps, "sample_seconds": sample_seconds}
 
 
+def evaluation_seconds(clips: int, frames: int, size: int, device: torch.device, chunk: int = 512) -> dict:
+    """Seconds to score clips x frames x size^2 RGB frames with PSNR, SSIM (gpu_metrics) and LPIPS.
+    LPIPS runs with a randomly initialised AlexNet here: timing only (its values are never reported)."""
+    import lpips
+
+    from .evaluation.gpu_metrics import psnr, ssim
+
+    generator = torch.Generator(device).manual_seed(0)
+    shape = (clips * frames, 3, size, size)
+    truth = torch.randint(0, 256, shape, generator=generator, device=device, dtype=torch.uint8)
+    prediction = torch.randint(0, 256, shape, generator=generator, device=device, dtype=torch.uint8)
+    net = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False).to(device).eval()
+
+    @torch.no_grad()
+    def score():
+        for start in range(0, shape[0], chunk):
+            p, t = prediction[start:start + chunk].float(), truth[start:start + chunk].float()
+            psnr(p, t), ssim(p, t), net(p / 127.5 - 1, t / 127.5 - 1)
+
+    seconds = median_seconds(score, device, warmup=1, iters=3)
+    return {"clips": clips, "frames": frames, "size": size, "seconds": seconds}
+
+
 def format_table(results: list[Result], peak: float) -> str:
     lines = [f"bf16 matmul peak measured in this run: {peak:.0f} TFLOP/s", "",
              "| frames | px | tokens | method | rank | ckpt | path | step ms | GFLOP/step | TFLOP/s | MFU | "

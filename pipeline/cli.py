@@ -174,11 +174,16 @@ def download_dataset(name: str, dest: str) -> None:
 @click.option("--paths", default="plain,fast", show_default=True, help="plain (the reference) and/or fast")
 @click.option("--out", default="", help="also append one JSON line per result to this file")
 @click.option("--stage-loop", is_flag=True, help="time the stages' own TTA loop and sampler, eager and compiled")
-def bench(frames, sizes, ranks, methods, checkpointing, paths, out, stage_loop) -> None:
+@click.option("--evaluation", is_flag=True, help="time PSNR+SSIM+LPIPS of 100 clips x 37 frames x 256 px instead")
+def bench(frames, sizes, ranks, methods, checkpointing, paths, out, stage_loop, evaluation) -> None:
     """Speed and memory of TTA steps on LTX-Video 2B with random weights (needs a GPU)."""
     import torch
 
-    from .bench import Case, run_bench, stage_loop as time_stage_loop
+    from .bench import Case, evaluation_seconds, run_bench, stage_loop as time_stage_loop
+
+    if evaluation:
+        click.echo(evaluation_seconds(100, 37, 256, torch.device("cuda")))
+        return
 
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     flags = {"off": [False], "on": [True], "both": [False, True]}[checkpointing]
