@@ -89,7 +89,7 @@ def wait_idle(page):
     page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=60_000)
 
 
-def test_pairing_and_statistics(filled_store):
+def test_pairing_and_statistics(filled_store, tmp_path):
     from mlflow.tracking import MlflowClient
 
     import mlflow
@@ -110,6 +110,10 @@ def test_pairing_and_statistics(filled_store):
     assert stats["n"] == 3 and stats["diff_mean"] == pytest.approx(sum(r["A1 Δpsnr"] for r in rows) / 3)
     curve = data.frame_curve(client, baseline, [r["clip"] for r in rows], "ssim")
     assert curve["frame"] == list(range(config.data.context, config.data.frames))
+    videos = data.download_clip(client, baseline.clips[rows[0]["clip"]], tmp_path)
+    assert sorted(videos) == sorted(data.CLIP_ARTIFACTS) and all(p.stat().st_size > 0 for p in videos.values())
+    bare = client.create_run(experiment.experiment_id)  # a run with no artifacts at all
+    assert data.download_clip(client, client.get_run(bare.info.run_id), tmp_path) is None
 
 
 def test_viewer_in_browser(filled_store, browser):
