@@ -14,6 +14,7 @@ fine-tuning step adds weight gradients (~3x forward).
 """
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import time
@@ -150,8 +151,10 @@ def build(config: dict, case: Case, device: torch.device, fast: bool):
 
 
 def measure(case: Case, fast: bool, peak: float, device: torch.device, config: dict = LTX_VIDEO_2B) -> Result:
-    torch.cuda.empty_cache() if device.type == "cuda" else None
-    torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        gc.collect()  # the previous configuration's compiled graphs hold references in cycles
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     model, params, (eager_step, step, sample_step) = build(config, case, device, fast)
     flops = count_flops(eager_step)
     seconds = median_seconds(step, device)
@@ -162,7 +165,6 @@ def measure(case: Case, fast: bool, peak: float, device: torch.device, config: d
     achieved = flops / seconds / 1e12
     result = Result(case, "fast" if fast else "plain", seconds * 1e3, flops, achieved, achieved / peak, peak_gb,
                     sample_seconds * 1e3, reset * 1e3)
-    del model, params, eager_step, step, sample_step, snapshot
     return result
 
 

@@ -10,7 +10,6 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -38,14 +37,6 @@ STAGE_SECTIONS = {
 
 def stage_digest(config: Config, stage: str) -> str:
     return config.digest(*STAGE_SECTIONS[stage])
-
-
-@dataclass
-class ClipResult:
-    clip_id: str
-    continuation: np.ndarray  # frames [K, T) as (T-K, H, W, 3) uint8
-    metrics: dict[str, float]
-    frame_metrics: dict[str, list[float]]
 
 
 class Continuer:
