@@ -107,7 +107,7 @@ def test_pairing_and_statistics(filled_store, tmp_path):
         assert math.isnan(row["baseline lpips"])  # no LPIPS weights here: absent, not invented
     stats = data.arm_statistics(rows, 1, "psnr")
     assert stats["n"] == 3 and stats["diff_mean"] == pytest.approx(sum(r["A1 Δpsnr"] for r in rows) / 3)
-    curve = data.frame_curve(client, baseline, [r["clip"] for r in rows], "ssim")
+    curve = data.frame_curve(baseline, [r["clip"] for r in rows], "ssim")
     assert curve["frame"] == list(range(config.data.context, config.data.frames))
     videos = data.download_clip(client, baseline.clips[rows[0]["clip"]], tmp_path)
     assert sorted(videos) == sorted(data.CLIP_ARTIFACTS) and all(p.stat().st_size > 0 for p in videos.values())

@@ -13,6 +13,7 @@ import mlflow  # noqa: E402
 import streamlit as st  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from pipeline.tracking.runs import frame_history  # noqa: E402
 from viewer import compose, data, figures  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "tta-viewer-cache"
@@ -92,8 +93,8 @@ def plots(client, baseline, adapted, names, rows, metric) -> None:
     a.plotly_chart(figures.scatter_figure([r[f"baseline {metric}"] for r in rows],
                                           {s: [r[f"{s} {metric}"] for r in rows] for s in names}, clips, metric),
                    key="scatter")
-    curves = {"baseline": data.frame_curve(client, baseline, clips, metric)}
-    curves.update({short: data.frame_curve(client, arm, clips, metric) for short, arm in zip(names, adapted)})
+    curves = {"baseline": data.frame_curve(baseline, clips, metric)}
+    curves.update({short: data.frame_curve(arm, clips, metric) for short, arm in zip(names, adapted)})
     first_frame = curves["baseline"]["frame"][0] if curves["baseline"]["frame"] else None
     b.plotly_chart(figures.frame_curves(curves, metric, first_frame), key="curves")
     seconds = [sum(r[f"{s} adapt s"] for r in rows) / len(rows) for s in names]
@@ -117,7 +118,7 @@ def clip_view(client, baseline, adapted, names, rows) -> None:
     st.video(video.read_bytes())
     total = len(columns["ground truth"])
     frame = st.slider("Frame", 0, total - 1, context, key="frame")
-    per_frame = {name: {m: data.frame_history(client, run, m) for m in data.METRICS} for name, run in runs.items()}
+    per_frame = {name: {m: frame_history(run.info.run_id, m) for m in data.METRICS} for name, run in runs.items()}
     cells = st.columns(len(columns))
     for cell, (name, frames) in zip(cells, columns.items()):
         values = per_frame.get(name, {})

@@ -12,8 +12,9 @@ from pathlib import Path
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from pipeline.evaluation.stats import paired_comparison, per_frame_curve
-from pipeline.tracking.runs import TAG_CLASS, TAG_DIGEST, TAG_KIND, TAG_STAGE, finished_clips
+from pipeline.evaluation.stats import paired_comparison
+from pipeline.tracking import runs
+from pipeline.tracking.runs import TAG_CLASS, TAG_DIGEST, TAG_KIND, TAG_STAGE, finished_clips, search_all
 
 METRICS = ("psnr", "ssim", "lpips")
 LOWER_IS_BETTER = {"lpips"}
@@ -42,9 +43,8 @@ def list_experiments(client: MlflowClient) -> list:
     return [e for e in client.search_experiments() if _stage_runs(client, e.experiment_id)]
 
 
-def _stage_runs(client: MlflowClient, experiment_id: str, max_results: int = 1000) -> list[Run]:
-    runs = client.search_runs([experiment_id], f"tags.`{TAG_KIND}` = 'stage'", max_results=max_results,
-                              order_by=["attributes.start_time DESC"])
+def _stage_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
+    runs = search_all(experiment_id, f"tags.`{TAG_KIND}` = 'stage'", order_by=["attributes.start_time DESC"])
     return [r for r in runs if r.data.tags.get(TAG_STAGE) in ("baseline", "adapt")]
 
 
@@ -94,19 +94,8 @@ def arm_statistics(rows: list[dict], arm_index: int, metric: str) -> dict[str, f
     return paired_comparison([b for b, _ in pairs], [a for _, a in pairs])
 
 
-def frame_history(client: MlflowClient, run: Run, metric: str) -> dict[int, float]:
-    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"{metric}_frame")}
-
-
-def frame_curve(client: MlflowClient, arm: Arm, clip_ids: list[str], metric: str) -> dict[str, list]:
-    """Mean and SE of a per-frame metric over clips, by frame index."""
-    histories = [frame_history(client, arm.clips[c], metric) for c in clip_ids]
-    histories = [h for h in histories if h]
-    if not histories:
-        return {"frame": [], "mean": [], "se": []}
-    frames = sorted(histories[0])
-    mean, se = per_frame_curve([[h[f] for f in frames] for h in histories])
-    return {"frame": frames, "mean": mean, "se": se}
+def frame_curve(arm: Arm, clip_ids: list[str], metric: str) -> dict[str, list]:
+    return runs.frame_curve([arm.clips[c] for c in clip_ids], metric)
 
 
 def download_clip(client: MlflowClient, run: Run, cache: Path) -> dict[str, Path] | None:

@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 from ..config import Config
 from ..data.manifest import read_manifest, select_clips
 from ..evaluation.plots import summary_figure, write_html
-from ..evaluation.stats import mean_se, paired_comparison, per_frame_curve
-from ..tracking.runs import TAG_CLIP, TAG_DIGEST, TAG_ERROR, finished_clips, stage_run
+from ..evaluation.stats import mean_se, paired_comparison
+from ..tracking.runs import TAG_CLIP, TAG_DIGEST, TAG_ERROR, finished_clips, frame_curve, stage_run
 from .continuation import arm_label, stage_digest
 
 METRICS = ("psnr", "ssim", "lpips")  # higher is better for PSNR and SSIM, lower for LPIPS
@@ -45,7 +45,6 @@ def evaluate(config: Config) -> dict:
 
 def _summarise(config: Config, arms: dict, paired: list[str], clip_ids: list[str], experiment_id: str,
                digests: dict[str, str]) -> dict:
-    client = MlflowClient()
     base, adapted = arms["baseline"], arms["adapt"]
     names = [m for m in METRICS if all(m in base[c].data.metrics and m in adapted[c].data.metrics for c in paired)]
     summary = {
@@ -62,12 +61,8 @@ def _summarise(config: Config, arms: dict, paired: list[str], clip_ids: list[str
                                                                                      ("adapted", adapted))}
         stats = paired_comparison(values["baseline"], values["adapted"])
         stats["differences"] = [a - b for a, b in zip(values["adapted"], values["baseline"])]
-        stats["per_frame"] = {}
-        for arm, runs in (("baseline", base), ("adapted", adapted)):
-            histories = [sorted(client.get_metric_history(runs[c].info.run_id, f"{name}_frame"), key=lambda m: m.step)
-                         for c in paired]
-            mean, se = per_frame_curve([[m.value for m in h] for h in histories])
-            stats["per_frame"][arm] = {"frame": [m.step for m in histories[0]], "mean": mean, "se": se}
+        stats["per_frame"] = {arm: frame_curve([runs[c] for c in paired], name)
+                              for arm, runs in (("baseline", base), ("adapted", adapted))}
         summary["metrics"][name] = stats
     for arm, runs in (("baseline", base), ("adapted", adapted)):
         for cost in COSTS:

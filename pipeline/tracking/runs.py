@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from ..cluster import Preempted
 from ..config import Config
+from ..evaluation.stats import per_frame_curve
 
 TAG_STAGE, TAG_DIGEST, TAG_CLIP = "tta.stage", "tta.digest", "tta.clip_id"
 TAG_CLASS, TAG_SOURCE, TAG_ERROR, TAG_KIND = "tta.class", "tta.source", "tta.error", "tta.kind"
@@ -67,24 +68,41 @@ def stage_run(config: Config, stage: str, digest: str):
 
 def finished_clips(experiment_id: str, stage: str, digest: str) -> dict:
     """clip id -> the FINISHED child run (mlflow Run) of this stage and digest."""
-    runs = _search(experiment_id, f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_DIGEST}` = '{digest}' "
+    runs = search_all(experiment_id, f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_DIGEST}` = '{digest}' "
                                   f"and tags.`{TAG_KIND}` = 'clip' and attributes.status = 'FINISHED'")
     return {r.data.tags[TAG_CLIP]: r for r in runs}
 
 
-def _search(experiment_id: str, filter_string: str):
+def search_all(experiment_id: str, filter_string: str, order_by: list[str] | None = None) -> list:
+    """Every run matching the filter, page by page."""
     client, token, runs = MlflowClient(), None, []
     while True:
-        page = client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token)
+        page = client.search_runs([experiment_id], filter_string, max_results=1000, order_by=order_by,
+                                  page_token=token)
         runs.extend(page)
         token = page.token
         if not token:
             return runs
 
 
+def frame_history(run_id: str, metric: str) -> dict[int, float]:
+    """A clip run's per-frame values of a metric, by frame index."""
+    return {m.step: m.value for m in MlflowClient().get_metric_history(run_id, f"{metric}_frame")}
+
+
+def frame_curve(runs: list, metric: str) -> dict[str, list]:
+    """Mean and SE of a per-frame metric over clip runs, by frame index."""
+    histories = [h for h in (frame_history(r.info.run_id, metric) for r in runs) if h]
+    if not histories:
+        return {"frame": [], "mean": [], "se": []}
+    frames = sorted(histories[0])
+    mean, se = per_frame_curve([[h[f] for f in frames] for h in histories])
+    return {"frame": frames, "mean": mean, "se": se}
+
+
 def _close_stale_runs(experiment_id: str, stage: str, digest: str, clip_id: str) -> None:
     """Child runs of this clip left RUNNING by a process that died (kill -9, preemption)."""
-    stale = _search(experiment_id, f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_DIGEST}` = '{digest}' "
+    stale = search_all(experiment_id, f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_DIGEST}` = '{digest}' "
                                    f"and tags.`{TAG_CLIP}` = '{clip_id}' and attributes.status = 'RUNNING'")
     for run in stale:
         MlflowClient().set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
