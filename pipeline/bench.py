@@ -196,7 +196,7 @@ def stage_loop(case: Case, compile: bool, device: torch.device, steps: int = 20,
     adapt_to_clip(backend, adapter.parameters(), window, adaptation, seed=0)  # warm-up, compilation
     backend.sample(window, f, seed=0)
     adapter.reset()
-    stats = adapt_to_clip(backend, adapter.parameters(), window, adaptation, seed=0)
+    stats = adapt_to_clip(backend, adapter, window, adaptation, seed=0)
     sample_seconds = median_seconds(lambda: backend.sample(window, f, seed=0), device, warmup=0, iters=1)
     return {"tta_step_ms": 1e3 * stats["adapt_seconds"] / steps, "sample_seconds": sample_seconds}
 

@@ -47,8 +47,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backend: str = "ltx-video"
-    pretrained: str = ""  # hub id or local diffusers directory; empty = the small default
+    backend: str = "ltx-video"  # ltx-video | opensora-v1.3 | opensora-v2.0
+    pretrained: str = ""  # hub id or local checkpoint; empty = the small default (ltx) or random weights (opensora)
+    vae: str = ""  # opensora: VAE checkpoint; empty = random weights
+    text_encoder: str = ""  # opensora: T5 (hub id or directory), needed for a non-empty prompt
+    clip_encoder: str = ""  # opensora-v2.0: CLIP text model
+    size: str = "full"  # opensora with random weights: full (the released architecture) | tiny (tests)
+    gradient_checkpointing: bool = False
     weights: str = "checkpoints/ltx-small.safetensors"  # small default, written by pretrain
     patch_size: int = 8
     layers: int = 4
@@ -74,20 +79,26 @@ class SamplingConfig:
     steps: int = 20
     seed: int = 0
     shift: float = 1.0
+    guidance: float = 1.0  # text classifier-free guidance scale (1 = off)
+    image_guidance: float = 1.0  # opensora: guidance on the video condition (1 = off)
 
 
 @dataclass
 class AdaptationConfig:
-    method: str = "lora"
+    method: str = "lora"  # lora | full (every transformer weight)
     data: str = "context"  # context: frames [0, K) only | oracle: whole clip (upper bound)
-    objective: str = "continuation"  # continuation (clean prefix, noised rest) | denoising
+    objective: str = "continuation"  # continuation (random clean prefix) | v2v_head (first half clean) | denoising
     rank: int = 16
     alpha: float = 16.0
     targets: str = "attention"  # attention | attention+mlp
     lr: float = 1e-3
     steps: int = 40
     warmup: int = 4
-    batch_size: int = 4  # noise draws of the same clip per step
+    batch_size: int = 4  # noise draws of the same clip per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    deepspeed: bool = True  # method full on a GPU: DeepSpeed ZeRO with bf16 and fp32 master weights
+    zero_stage: int = 2  # 0-2
+    offload: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
     seed: int = 0
 
 
@@ -123,10 +134,12 @@ class Config:
 
 CHOICES = {
     "data.source": {"synthetic", "folder", "ucf101", "hmdb51"},
+    "model.backend": {"ltx-video", "opensora-v1.3", "opensora-v2.0"},
+    "model.size": {"full", "tiny"},
     "model.dtype": {"float32", "bfloat16"},
-    "adaptation.method": {"lora"},
+    "adaptation.method": {"lora", "full"},
     "adaptation.data": {"context", "oracle"},
-    "adaptation.objective": {"continuation", "denoising"},
+    "adaptation.objective": {"continuation", "v2v_head", "denoising"},
     "adaptation.targets": {"attention", "attention+mlp"},
 }
 
@@ -202,6 +215,8 @@ def _check(config: Config, source: str) -> None:
     for key, value in flat.items():
         if key.endswith(("steps", "rank", "batch_size", "height", "width", "frames")) and value < 0:
             raise ConfigError(f"{source}: '{key}' must not be negative")
+        if key.endswith(("batch_size", "grad_accum")) and value < 1:
+            raise ConfigError(f"{source}: '{key}' must be at least 1")
 
 
 def _flatten(tree: dict, prefix: str = ""):

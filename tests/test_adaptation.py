@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pipeline.adaptation.lora import LoraAdapter
+from pipeline.adaptation.optim import TorchAdamW
 from pipeline.adaptation.trainer import NonFiniteLoss, adapt_to_clip, train
 from pipeline.config import load_config
 from pipeline.data.manifest import read_manifest, select_clips
@@ -68,15 +69,15 @@ def test_oracle_mode_trains_on_the_whole_clip(prepared):
 def test_nan_loss_is_reported_with_its_steps():
     param = torch.nn.Parameter(torch.ones(1))
     with pytest.raises(NonFiniteLoss, match="loss became nan within steps 1-2"):
-        train([param], lambda step: param.sum() * float("nan"), steps=2, lr=0.1, warmup=1, log_every=2)
+        train(TorchAdamW([param], lr=0.1, warmup=1), lambda step: param.sum() * float("nan"), steps=2, log_every=2)
 
 
 def test_denoising_objective_runs_on_a_single_frame(prepared):
     config = load_config(prepared, {"adaptation.objective": "denoising"})
     backend = load_backend(config)
     adapter = LoraAdapter(backend, config.adaptation)
-    stats = adapt_to_clip(backend, adapter.parameters(), torch.rand(1, 3, 1, 16, 16), config.adaptation, seed=0)
+    stats = adapt_to_clip(backend, adapter, torch.rand(1, 3, 1, 16, 16), config.adaptation, seed=0)
     assert np.isfinite(stats["adapt_loss_last"])
     with pytest.raises(ValueError, match="at least 2 latent frames"):
-        adapt_to_clip(backend, adapter.parameters(), torch.rand(1, 3, 1, 16, 16),
+        adapt_to_clip(backend, adapter, torch.rand(1, 3, 1, 16, 16),
                       load_config(prepared).adaptation, seed=0)

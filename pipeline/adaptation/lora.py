@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 
 from ..config import AdaptationConfig
 from ..models.base import VideoBackend
+from .optim import Optimizer, TorchAdamW
 
 
 class LoraAdapter:
@@ -13,13 +14,16 @@ class LoraAdapter:
     the base model) without reloading anything or touching the frozen base weights."""
 
     def __init__(self, backend: VideoBackend, config: AdaptationConfig):
+        self.config = config
         self.transformer = backend.transformer
         self.transformer.requires_grad_(False)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # the same lora_A initialisation for every clip and arm
-            self.transformer.add_adapter(
+            # works on any nn.Module, diffusers or upstream Open-Sora alike
+            inject_adapter_in_model(
                 LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=backend.lora_targets(config.targets),
-                           init_lora_weights=True)
+                           init_lora_weights=True),
+                self.transformer,
             )
         for p in self.parameters():
             p.data = p.data.float()  # adapter weights train in fp32 even on a bf16 base
@@ -31,3 +35,7 @@ class LoraAdapter:
     @torch.no_grad()
     def reset(self) -> None:
         torch._foreach_copy_(self.parameters(), self.initial)
+
+    def optimizer(self) -> Optimizer:
+        c = self.config
+        return TorchAdamW(self.parameters(), c.lr, c.warmup, c.grad_accum)

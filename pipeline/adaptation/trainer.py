@@ -5,36 +5,46 @@ import math
 import random
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from ..config import AdaptationConfig
 from ..models.base import VideoBackend
+from .optim import Optimizer
+
+
+class Adapter(Protocol):
+    """What adaptation methods provide: the trained weights, a reset to the base model, an optimizer."""
+
+    def parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def reset(self) -> None: ...
+
+    def optimizer(self) -> Optimizer: ...
 
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train(params: list[torch.nn.Parameter], loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
-          warmup: int, on_step: Callable[[int, float], None] | None = None, log_every: int = 10) -> list[float]:
-    """AdamW with linear warmup; `loss_fn(step)` returns the loss of one step. Returns per-step losses.
+def train(optimizer: Optimizer, loss_fn: Callable[[int], torch.Tensor], steps: int,
+          on_step: Callable[[int, float], None] | None = None, log_every: int = 10) -> list[float]:
+    """`steps` optimizer steps of `optimizer.accum` micro-batches each; `loss_fn(step)` returns the
+    loss of one micro-batch. Returns the mean loss of each step.
 
     Losses are read back from the device only at logging intervals and at the end (no per-step sync);
     a NaN or infinite loss stops training with NonFiniteLoss naming the step range."""
-    if steps == 0:
-        return []
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
     pending: list[torch.Tensor] = []
     losses: list[float] = []
     for step in range(steps):
-        loss = loss_fn(step)
-        loss.backward()
+        micro = []
+        for _ in range(optimizer.accum):
+            loss = loss_fn(step)
+            optimizer.micro_step(loss)
+            micro.append(loss.detach())
         optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        pending.append(loss.detach())
+        pending.append(torch.stack(micro).mean())
         if (step + 1) % log_every == 0 or step + 1 == steps:
             values = torch.stack(pending).tolist()
             pending.clear()
@@ -46,14 +56,15 @@ def train(params: list[torch.nn.Parameter], loss_fn: Callable[[int], torch.Tenso
     return losses
 
 
-def adapt_to_clip(backend: VideoBackend, params: list[torch.nn.Parameter], latents: torch.Tensor,
-                  config: AdaptationConfig, seed: int) -> dict[str, float]:
-    """Fit `params` on one clip's latents (the context window or the whole clip, as given).
+def adapt_to_clip(backend: VideoBackend, adapter: Adapter, latents: torch.Tensor, config: AdaptationConfig,
+                  seed: int) -> dict[str, float]:
+    """Fit the adapter on one clip's latents (the context window or the whole clip, as given).
 
     Objective `continuation`: a random number of leading latent frames stays clean, the rest is
-    noised, as at sampling time. Objective `denoising`: every frame is noised."""
+    noised, as at sampling time. `v2v_head`: the first half of the latent frames stays clean (the
+    Open-Sora v1.3 training mask). `denoising`: every frame is noised."""
     frames = latents.shape[2]
-    if config.objective == "continuation" and frames < 2:
+    if config.objective in ("continuation", "v2v_head") and frames < 2:
         raise ValueError("the continuation objective needs at least 2 latent frames to train on; "
                          "use adaptation.objective=denoising or more context frames")
     generator = torch.Generator(backend.device).manual_seed(seed)
@@ -64,11 +75,18 @@ def adapt_to_clip(backend: VideoBackend, params: list[torch.nn.Parameter], laten
         clean = 0
         if config.objective == "continuation":
             clean = rng.randint(1, frames - 1)
+        elif config.objective == "v2v_head":
+            clean = frames // 2
         return backend.training_loss(batch, clean, generator)
 
     backend.transformer.train()
     start = time.perf_counter()
-    losses = train(params, loss_fn, config.steps, config.lr, config.warmup)
+    optimizer = adapter.optimizer() if config.steps else None
+    try:
+        losses = train(optimizer, loss_fn, config.steps) if optimizer else []
+    finally:
+        if optimizer:
+            optimizer.close()
     _sync(backend.device)
     seconds = time.perf_counter() - start
     backend.transformer.eval()

@@ -8,6 +8,8 @@ import torch
 from ..config import Config
 from .base import FrameLayout, VideoBackend
 from .ltx_video import LTXVideoBackend
+from .opensora_v13 import OpenSoraV13Backend
+from .opensora_v20 import OpenSoraV20Backend
 
 __all__ = ["FrameLayout", "VideoBackend", "load_backend", "default_device"]
 
@@ -17,14 +19,31 @@ def default_device() -> torch.device:
 
 
 def load_backend(config: Config, random_weights: bool = False) -> VideoBackend:
-    """The backend named by `config.model`. The small default needs the pretrain stage's weights
+    """The backend named by `config.model`. The small LTX default needs the pretrain stage's weights
     unless `random_weights` (used by pretraining itself)."""
-    m = config.model
-    if m.backend != "ltx-video":
-        raise ValueError(f"model.backend={m.backend!r} is not known; available: 'ltx-video'")
-    common = dict(fps=config.data.fps, sampling_steps=config.sampling.steps, shift=config.sampling.shift,
-                  decode_timestep=m.decode_timestep, device=default_device(), dtype=getattr(torch, m.dtype),
-                  compile=m.compile)
+    m, s = config.model, config.sampling
+    device, dtype = default_device(), getattr(torch, m.dtype)
+    if m.backend == "opensora-v1.3":
+        backend = OpenSoraV13Backend.build(m.pretrained, m.vae, m.text_encoder, m.prompt, m.size, fps=config.data.fps,
+                                           sampling_steps=s.steps, guidance=s.guidance,
+                                           image_guidance=s.image_guidance, device=device, dtype=dtype)
+    elif m.backend == "opensora-v2.0":
+        backend = OpenSoraV20Backend.build(m.pretrained, m.vae, m.text_encoder, m.clip_encoder, m.prompt, m.size,
+                                           sampling_steps=s.steps, guidance=s.guidance,
+                                           image_guidance=s.image_guidance, device=device, dtype=dtype)
+    else:
+        backend = _load_ltx(config, random_weights, device, dtype)
+    if m.gradient_checkpointing:
+        backend.enable_gradient_checkpointing()
+    return backend
+
+
+def _load_ltx(config: Config, random_weights: bool, device: torch.device, dtype: torch.dtype) -> LTXVideoBackend:
+    m, s = config.model, config.sampling
+    if s.guidance != 1 or s.image_guidance != 1:
+        raise ValueError("sampling.guidance and sampling.image_guidance are not implemented for model.backend=ltx-video")
+    common = dict(fps=config.data.fps, sampling_steps=s.steps, shift=s.shift, decode_timestep=m.decode_timestep,
+                  device=device, dtype=dtype, compile=m.compile)
     if m.pretrained:
         return LTXVideoBackend.from_pretrained(m.pretrained, m.prompt, **common)
     weights = None if random_weights else Path(m.weights)

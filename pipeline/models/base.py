@@ -47,5 +47,9 @@ class VideoBackend(ABC):
         """Continue `context_latents` to `latent_frames` latent frames; the prefix stays as given."""
 
     @abstractmethod
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block's activations in the backward pass: less memory, about 1/3 more compute."""
+
+    @abstractmethod
     def lora_targets(self, preset: str) -> list[str]:
         """Module names (PEFT target_modules) for a target preset such as 'attention'."""

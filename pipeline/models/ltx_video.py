@@ -205,6 +205,9 @@ class LTXVideoBackend(VideoBackend):
             x[:, :n_clean] = clean_tokens
         return _unpack(x, latent_frames, grid[1], grid[2], self.patch)
 
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+
     def lora_targets(self, preset: str) -> list[str]:
         presets = {"attention": ATTENTION_TARGETS, "attention+mlp": ATTENTION_TARGETS + MLP_TARGETS}
         if preset not in presets:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from mlflow.entities import Metric
 
+from ..adaptation.full import FullFinetune
 from ..adaptation.lora import LoraAdapter
 from ..adaptation.trainer import adapt_to_clip
 from ..cluster import Shard, check_store_for_many_writers, preemptible
@@ -47,7 +48,10 @@ class Continuer:
         self.backend = backend or load_backend(config)
         d = config.data
         self.layout = self.backend.frame_layout(d.frames, d.context, d.height, d.width)
-        self.adapter = LoraAdapter(self.backend, config.adaptation) if stage == "adapt" else None
+        self.adapter = None
+        if stage == "adapt":
+            method = {"lora": LoraAdapter, "full": FullFinetune}[config.adaptation.method]
+            self.adapter = method(self.backend, config.adaptation)
         self.lpips, self.lpips_note = None, ""
         if config.evaluation.lpips:
             try:
@@ -76,11 +80,11 @@ class Continuer:
         if self.adapter is not None:
             self.adapter.reset()
             window = context_latents if cfg.adaptation.data == "context" else backend.encode(video)
-            metrics.update(adapt_to_clip(backend, self.adapter.parameters(), window, cfg.adaptation, cfg.seed))
+            metrics.update(adapt_to_clip(backend, self.adapter, window, cfg.adaptation, cfg.seed))
         start = time.perf_counter()
         latents = backend.sample(context_latents, layout.latent_frames, cfg.sampling.seed)
         generator = torch.Generator(backend.device).manual_seed(cfg.sampling.seed)
-        output = tensor_to_frames(backend.decode(latents, generator))
+        output = tensor_to_frames(backend.decode(latents, generator))[: cfg.data.frames]  # some decode more than T
         metrics["sample_seconds"] = time.perf_counter() - start
         metrics.update(_peak_memory(backend.device))
         per_frame = frame_metrics(output[K:], frames[K:], self.lpips)
@@ -148,7 +152,8 @@ def arm_label(config: Config, stage: str) -> str:
     if stage == "baseline":
         return "baseline"
     a = config.adaptation
-    label = f"{a.method} r{a.rank} {a.steps} steps on {a.data}"
+    method = f"lora r{a.rank}" if a.method == "lora" else "full fine-tuning"
+    label = f"{method} {a.steps} steps on {a.data}"
     return label + " (ORACLE: sees the target frames, upper bound)" if a.data == "oracle" else label
 
 

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..adaptation.optim import TorchAdamW
 from ..adaptation.trainer import train
 from ..config import Config
 from ..data.manifest import read_manifest, resolve_clip_path, select_clips
@@ -25,8 +26,9 @@ from ..tracking.runs import stage_run
 # what the weights depend on: the training clips, the architecture and the training settings
 # (not the output path, nor data settings that only later stages read)
 INPUTS = ("data.source", "data.input_dir", "data.splits_dir", "data.split_id", "data.sample", "data.start_frame",
-          "data.test_fraction", "data.frames", "data.height", "data.width", "data.fps", "data.train_clips", "model",
-          "pretrain", "seed")
+          "data.test_fraction", "data.frames", "data.height", "data.width", "data.fps", "data.train_clips",
+          "model.backend", "model.pretrained", "model.patch_size", "model.layers", "model.heads", "model.head_dim",
+          "model.prompt", "model.dtype", "model.decode_timestep", "model.compile", "pretrain", "seed")
 
 
 def pretrain(config: Config) -> Path:
@@ -58,7 +60,8 @@ def pretrain(config: Config) -> Path:
             progress.update(step, f"step {step}", f"loss {loss:.4f}")
 
         backend.transformer.requires_grad_(True).train()
-        train(list(backend.transformer.parameters()), loss_fn, p.steps, p.lr, p.warmup, on_step, log_every=25)
+        optimizer = TorchAdamW(list(backend.transformer.parameters()), p.lr, p.warmup)
+        train(optimizer, loss_fn, p.steps, on_step, log_every=25)
         weights.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().cpu().contiguous() for k, v in backend.transformer.state_dict().items()}
         save_file(state, str(weights), metadata={"digest": digest})

@@ -1,0 +1,35 @@
+"""Full fine-tuning: every transformer weight trains; the base weights come back from an in-memory
+copy between clips (no checkpoint written, nothing reloaded from disk)."""
+from __future__ import annotations
+
+import torch
+
+from ..config import AdaptationConfig
+from ..models.base import VideoBackend
+from .optim import DeepSpeedAdamW, Optimizer, TorchAdamW
+
+
+class FullFinetune:
+    def __init__(self, backend: VideoBackend, config: AdaptationConfig):
+        if config.zero_stage not in (0, 1, 2):
+            raise ValueError(f"adaptation.zero_stage={config.zero_stage}: stages 0-2 keep whole weights on each GPU, "
+                             "which the in-memory reset needs; stage 3 is not supported")
+        self.config, self.backend = config, backend
+        self.transformer = backend.transformer
+        self.base = [p.detach().clone() for p in self.parameters()]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.transformer.parameters())
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        torch._foreach_copy_(self.parameters(), self.base)
+
+    def optimizer(self) -> Optimizer:
+        """DeepSpeed on a GPU (adaptation.deepspeed), else plain AdamW."""
+        c = self.config
+        self.transformer.requires_grad_(True)
+        if c.deepspeed and self.backend.device.type == "cuda":
+            return DeepSpeedAdamW(self.transformer, c.lr, c.warmup, c.grad_accum, c.zero_stage, c.offload,
+                                  c.batch_size)
+        return TorchAdamW(self.parameters(), c.lr, c.warmup, c.grad_accum)

@@ -1,0 +1,79 @@
+"""Optimizers behind one small interface, so the training loop does not care which one runs:
+`micro_step(loss)` once per micro-batch, `step()` once per optimizer step (after `accum` micro-steps)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class Optimizer:
+    accum: int = 1
+
+    def micro_step(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free optimizer state (called once the clip is done)."""
+
+
+class TorchAdamW(Optimizer):
+    """AdamW with linear warmup, gradients averaged over `accum` micro-batches."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, warmup: int, accum: int = 1):
+        fused = all(p.is_cuda for p in params)  # one kernel for all parameters on a GPU
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused or None)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+        self.accum = accum
+
+    def micro_step(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class DeepSpeedAdamW(Optimizer):
+    """AdamW through a DeepSpeed engine: ZeRO stage 0-2, optional optimizer offload to the CPU, bf16
+    with fp32 master weights. A new engine per clip starts from fresh optimizer state and masters."""
+
+    def __init__(self, module: torch.nn.Module, lr: float, warmup: int, accum: int, zero_stage: int, offload: bool,
+                 micro_batch: int):
+        import deepspeed
+
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT="29511").items():
+            os.environ.setdefault(key, value)  # a single process without a launcher
+        zero = {"stage": zero_stage}
+        if offload:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": accum,
+            "bf16": {"enabled": True},
+            "zero_optimization": zero,
+            "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0}},
+            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
+                                                         "warmup_num_steps": max(1, warmup), "warmup_type": "linear"}},
+            "steps_per_print": 2**31,
+        }
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config)
+        self.accum = accum
+
+    def micro_step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # the engine divides by the accumulation steps itself
+        self.engine.step()  # steps the optimizer only at accumulation boundaries
+
+    def step(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.engine.destroy()
+        del self.engine
+        torch.cuda.empty_cache()

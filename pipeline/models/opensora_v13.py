@@ -1,0 +1,224 @@
+"""Open-Sora v1.3 (STDiT3 + OpenSoraVAE_V1_3 + T5) through the upstream `opensora` package.
+
+Latent alignment. The v1.3 VAE encodes 17-frame chunks that overlap by one frame (chunk c covers
+pixel frames 16c..16c+16) into 5 latent frames each: the first latent frame of a chunk is its first
+pixel frame alone, each further one 4 frames. A clip of 16n+1 frames is 5n latent frames. A context
+of K pixel frames is encoded as the longest prefix whose latent frames it covers completely: K=8 ->
+2 latent frames = pixel frames [0, 5). Clips whose length is not 16n+1 are generated at the next
+16n+1 and cut to T (T=45 -> 15 latent frames, 49 decoded frames, the first 45 kept).
+
+Upstream's `condition_frame_length` counts LATENT frames (`prep_ref_and_mask` in
+opensora/utils/inference_utils.py), so `condition_frame_length=8` conditions on 8 latent frames,
+about 29 pixel frames, not 8. Here the clean prefix is derived from K pixel frames instead.
+
+Conditioning. Upstream v2v (`cond_type="v2v_head"`) feeds the reference latents through
+`x_embedder_cond` and `mask_index` but leaves them noised (and re-noises them with `use_sdedit`);
+only the older `mask_strategy` path keeps frames clean, through the per-frame `x_mask` (timestep 0)
+and a `where` after each sampler step. This backend does both: the prefix enters as the v2v
+condition AND stays clean (x_mask=False, put back after every step), and the loss covers only the
+noised frames.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import FrameLayout, VideoBackend
+from .upstream import require_opensora
+
+CHUNK, CHUNK_LATENTS = 17, 5  # pixel frames per VAE chunk (overlapping by one) and their latent frames
+SPATIAL = 8
+PATCH = (1, 2, 2)
+
+ATTENTION_TARGETS = ["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj"]
+MLP_TARGETS = ["mlp.fc1", "mlp.fc2"]
+
+
+def latent_frames_of(pixel_frames: int) -> tuple[int, int]:
+    """(latent frames, pixel frames [0, n) they cover completely) of encoding `pixel_frames` frames,
+    chunked as upstream's `encode_micro_frame` with `temporal_overlap=True`."""
+    if pixel_frames < 1:
+        raise ValueError("at least one pixel frame is needed")
+    starts = range(0, max(pixel_frames - 1, 1), CHUNK - 1)
+    lengths = [min(start + CHUNK, pixel_frames) - start for start in starts]
+    latents = sum((length - 1) // 4 + 1 for length in lengths)
+    covered = starts[-1] + 4 * ((lengths[-1] - 1) // 4) + 1
+    return latents, covered
+
+
+def generated_latent_frames(frames: int) -> int:
+    """Latent frames sampled for a clip of `frames`: whole chunks, decoding to 16n+1 >= frames."""
+    return CHUNK_LATENTS * max(1, math.ceil((frames - 1) / (CHUNK - 1)))
+
+
+def decoded_frames(latent_frames: int) -> int:
+    return (CHUNK - 1) * (latent_frames // CHUNK_LATENTS) + 1
+
+
+def _frame_mask(batch: int, frames: int, clean: int, device: torch.device) -> torch.Tensor:
+    """STDiT3's `x_mask`: True for frames that carry the sampler's timestep, False for clean ones."""
+    mask = torch.ones(batch, frames, dtype=torch.bool, device=device)
+    mask[:, :clean] = False
+    return mask
+
+
+class OpenSoraV13Backend(VideoBackend):
+    def __init__(self, transformer, vae, caption: torch.Tensor, fps: float, sampling_steps: int = 30,
+                 guidance: float = 7.5, image_guidance: float = 5.0, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.bfloat16):
+        self.device, self.dtype = torch.device(device), dtype
+        self.transformer = transformer.to(self.device, dtype).eval().requires_grad_(False)
+        self.transformer.y_embedder.uncond_prob = 0.0  # no random caption drop while adapting
+        self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
+        self.caption = caption.to(self.device, dtype)  # (1, 1, L, caption_channels), encoded once
+        self.null_caption = self.transformer.y_embedder.y_embedding[None, None].detach()
+        self.fps, self.sampling_steps = fps, sampling_steps
+        self.guidance, self.image_guidance = guidance, image_guidance
+
+    # --- loading -----------------------------------------------------------------------------
+    @classmethod
+    def build(cls, pretrained: str, vae: str, text_encoder: str, prompt: str, size: str, **kw):
+        """Checkpoints as hub ids or local paths (upstream's own loaders); an empty `pretrained` or
+        `vae` gives random weights at `size` ('full': STDiT3-XL/2 and the real VAE; 'tiny': for tests).
+        An empty prompt uses the model's learned null caption, so no text encoder is needed."""
+        stdit3 = require_opensora("v1.3")
+        from opensora.models.vae_v1_3.vae import OpenSoraVAE_V1_3
+
+        if size == "tiny" and not pretrained:
+            transformer = stdit3.STDiT3(stdit3.STDiT3Config(
+                depth=2, hidden_size=64, num_heads=4, patch_size=PATCH, caption_channels=32, model_max_length=8,
+                qk_norm=True, kernel_size=(8, 8, -1), use_spatial_rope=True, class_dropout_prob=0.0))
+        else:
+            transformer = stdit3.STDiT3_XL_2(
+                from_pretrained=pretrained or None, qk_norm=True, kernel_size=(8, 8, -1), use_spatial_rope=True,
+                class_dropout_prob=0.0, force_huggingface=bool(pretrained))
+        vae_kw = dict(micro_batch_size=1, micro_frame_size=CHUNK, normalization="video", temporal_overlap=True)
+        if size == "tiny" and not vae:
+            autoencoder = tiny_vae(**vae_kw)
+        else:
+            autoencoder = OpenSoraVAE_V1_3(from_pretrained=vae or None, force_huggingface=bool(vae), z_channels=16,
+                                           micro_batch_size_2d=4, **vae_kw)
+        caption = transformer.y_embedder.y_embedding[None, None].detach()
+        if prompt:
+            caption = encode_prompt(text_encoder, prompt, transformer.config.model_max_length)
+        return cls(transformer, autoencoder, caption, **kw)
+
+    # --- frame and latent arithmetic ---------------------------------------------------------
+    def frame_layout(self, frames: int, context: int, height: int, width: int) -> FrameLayout:
+        if not 0 < context < frames:
+            raise ValueError(f"context frames K={context} must satisfy 0 < K < T={frames}")
+        side = SPATIAL * PATCH[1]
+        if height % side or width % side:
+            raise ValueError(f"height and width must be divisible by {side} for Open-Sora v1.3; got {height}x{width}")
+        latent_context, covered = latent_frames_of(context)
+        return FrameLayout(frames, context, generated_latent_frames(frames), latent_context, covered)
+
+    # --- latents -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(video.to(self.device, self.dtype), sample_posterior=False).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.dtype)).clamp(-1, 1).float()
+
+    # --- the transformer ---------------------------------------------------------------------
+    def _velocity(self, x: torch.Tensor, timestep: torch.Tensor, clean: int, caption: torch.Tensor,
+                  cond: torch.Tensor | None) -> torch.Tensor:
+        """Predicted velocity (towards the data) of latents x (B, C, F, h, w); the first `clean`
+        frames are conditioning: timestep 0 through `x_mask` and the v2v condition `cond`."""
+        batch, channels, frames, h, w = x.shape
+        kwargs = {}
+        if clean:
+            index = list(range(clean))
+            cond_mask = torch.zeros_like(x)
+            cond_mask[:, :, index] = 1
+            kwargs = dict(x_mask=_frame_mask(batch, frames, clean, self.device), cond=cond, cond_mask=cond_mask,
+                          mask_index=index, y_null=self.null_caption.expand(batch, -1, -1, -1))
+        size = torch.tensor([float(h * SPATIAL)], device=self.device).expand(batch), \
+            torch.tensor([float(w * SPATIAL)], device=self.device).expand(batch)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
+            out = self.transformer(x, timestep, caption.expand(batch, -1, -1, -1), height=size[0], width=size[1],
+                                   fps=torch.full((batch,), float(self.fps), device=self.device), **kwargs)
+        return out[:, :channels].float()  # the second half is the learned sigma (pred_sigma)
+
+    def training_loss(self, latents: torch.Tensor, clean_frames: int, generator: torch.Generator) -> torch.Tensor:
+        x0 = latents.float()
+        batch = x0.shape[0]
+        t = torch.sigmoid(torch.randn(batch, generator=generator, device=self.device))  # logit-normal in (0, 1)
+        noise = torch.randn(x0.shape, generator=generator, device=self.device)
+        xt = (1 - t[:, None, None, None, None]) * x0 + t[:, None, None, None, None] * noise
+        xt[:, :, :clean_frames] = x0[:, :, :clean_frames]
+        cond = x0 * (torch.arange(x0.shape[2], device=self.device) < clean_frames)[None, None, :, None, None]
+        v = self._velocity(xt, t * 1000, clean_frames, self.caption, cond)
+        return torch.nn.functional.mse_loss(v[:, :, clean_frames:], (x0 - noise)[:, :, clean_frames:])
+
+    def timesteps(self, latent_frames: int, height: int, width: int) -> list[float]:
+        """Upstream's rectified-flow schedule (`use_timestep_transform=True`): 1000 -> 0, shifted by
+        resolution and length; sampling_steps + 1 values ending at 0."""
+        from opensora.schedulers.rf.time_sampler import timestep_transform
+
+        frames = decoded_frames(latent_frames)
+        args = {k: torch.tensor([float(v)]) for k, v in
+                dict(height=height * SPATIAL, width=width * SPATIAL, num_frames=frames).items()}
+        steps = [(1 - i / self.sampling_steps) * 1000 for i in range(self.sampling_steps)]
+        return [float(timestep_transform(torch.tensor([t]), args, num_timesteps=1000)) for t in steps] + [0.0]
+
+    @torch.no_grad()
+    def sample(self, context_latents: torch.Tensor, latent_frames: int, seed: int) -> torch.Tensor:
+        """Upstream's v2v guidance (text+image, image only, neither) with the prefix held clean."""
+        batch, channels, clean, h, w = context_latents.shape
+        generator = torch.Generator(self.device).manual_seed(seed)
+        x = torch.randn((batch, channels, latent_frames, h, w), generator=generator, device=self.device)
+        ref = torch.zeros_like(x)
+        ref[:, :, :clean] = context_latents
+        x[:, :, :clean] = context_latents
+        branches = [(self.caption, ref)]  # (caption, v2v condition) per guidance branch
+        if self.image_guidance != 1 or self.guidance != 1:
+            branches += [(self.null_caption, ref), (self.null_caption, torch.zeros_like(ref))]
+        captions = torch.cat([c.expand(batch, -1, -1, -1) for c, _ in branches])
+        conds = torch.cat([r for _, r in branches])
+        times = self.timesteps(latent_frames, h, w)
+        for t, t_next in zip(times[:-1], times[1:]):
+            timestep = torch.full((batch * len(branches),), t, device=self.device)
+            v = self._velocity(x.repeat(len(branches), 1, 1, 1, 1), timestep, clean, captions, conds)
+            if len(branches) == 3:
+                text, image_only, neither = v.chunk(3)
+                v = neither + self.image_guidance * (image_only - neither) + self.guidance * (text - image_only)
+            x = x + v * (t - t_next) / 1000
+            x[:, :, :clean] = context_latents
+        return x
+
+    def enable_gradient_checkpointing(self) -> None:
+        from opensora.acceleration.checkpoint import set_grad_checkpoint
+
+        set_grad_checkpoint(self.transformer)
+
+    def lora_targets(self, preset: str) -> list[str]:
+        presets = {"attention": ATTENTION_TARGETS, "attention+mlp": ATTENTION_TARGETS + MLP_TARGETS}
+        if preset not in presets:
+            raise ValueError(f"adaptation.targets={preset!r} is not one of {sorted(presets)}")
+        return presets[preset]
+
+
+def tiny_vae(**kw):
+    """The v1.3 VAE classes at a small width, random weights: same chunking and 4x/8x compression."""
+    from opensora.models.vae_v1_3.vae import OpenSoraVAE_V1_3_Pipline, OpenSoraVAE_V1_3_PiplineConfig
+
+    common = dict(z_channels=16, in_channels=3, out_ch=3, ch=8, ch_mult=[1, 2, 4, 4], num_res_blocks=1)
+    config = OpenSoraVAE_V1_3_PiplineConfig(
+        encoder=dict(type="VideoEncoder", double_z=True, down_sampling_layer=[1, 2], **common),
+        decoder=dict(type="VideoDecoder", temporal_up_layers=[2, 3], **common))
+    return OpenSoraVAE_V1_3_Pipline(config, **kw)
+
+
+def encode_prompt(text_encoder: str, prompt: str, max_length: int) -> torch.Tensor:
+    """The prompt through upstream's T5 wrapper, once; the encoder is freed afterwards."""
+    if not text_encoder:
+        raise ValueError("a non-empty model.prompt needs model.text_encoder (e.g. DeepFloyd/t5-v1_1-xxl)")
+    from opensora.models.text_encoder.t5 import T5Encoder
+
+    encoder = T5Encoder(from_pretrained=text_encoder, model_max_length=max_length, dtype=torch.float32)
+    with torch.no_grad():
+        return encoder.encode(**encoder.tokenize_fn([prompt]))["y"].float()
