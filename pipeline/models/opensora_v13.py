@@ -56,6 +56,16 @@ def decoded_frames(latent_frames: int) -> int:
     return (CHUNK - 1) * (latent_frames // CHUNK_LATENTS) + 1
 
 
+def frame_layout(frames: int, context: int, height: int, width: int) -> FrameLayout:
+    if not 0 < context < frames:
+        raise ValueError(f"context frames K={context} must satisfy 0 < K < T={frames}")
+    side = SPATIAL * PATCH[1]
+    if height % side or width % side:
+        raise ValueError(f"height and width must be divisible by {side} for Open-Sora v1.3; got {height}x{width}")
+    latent_context, covered = latent_frames_of(context)
+    return FrameLayout(frames, context, generated_latent_frames(frames), latent_context, covered)
+
+
 def _frame_mask(batch: int, frames: int, clean: int, device: torch.device) -> torch.Tensor:
     """STDiT3's `x_mask`: True for frames that carry the sampler's timestep, False for clean ones."""
     mask = torch.ones(batch, frames, dtype=torch.bool, device=device)
@@ -106,13 +116,7 @@ class OpenSoraV13Backend(VideoBackend):
 
     # --- frame and latent arithmetic ---------------------------------------------------------
     def frame_layout(self, frames: int, context: int, height: int, width: int) -> FrameLayout:
-        if not 0 < context < frames:
-            raise ValueError(f"context frames K={context} must satisfy 0 < K < T={frames}")
-        side = SPATIAL * PATCH[1]
-        if height % side or width % side:
-            raise ValueError(f"height and width must be divisible by {side} for Open-Sora v1.3; got {height}x{width}")
-        latent_context, covered = latent_frames_of(context)
-        return FrameLayout(frames, context, generated_latent_frames(frames), latent_context, covered)
+        return frame_layout(frames, context, height, width)
 
     # --- latents -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -206,7 +210,7 @@ def tiny_vae(**kw):
     """The v1.3 VAE classes at a small width, random weights: same chunking and 4x/8x compression."""
     from opensora.models.vae_v1_3.vae import OpenSoraVAE_V1_3_Pipline, OpenSoraVAE_V1_3_PiplineConfig
 
-    common = dict(z_channels=16, in_channels=3, out_ch=3, ch=8, ch_mult=[1, 2, 4, 4], num_res_blocks=1)
+    common = dict(z_channels=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2, 4, 4], num_res_blocks=1)  # GroupNorm needs 32k
     config = OpenSoraVAE_V1_3_PiplineConfig(
         encoder=dict(type="VideoEncoder", double_z=True, down_sampling_layer=[1, 2], **common),
         decoder=dict(type="VideoDecoder", temporal_up_layers=[2, 3], **common))

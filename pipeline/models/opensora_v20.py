@@ -38,6 +38,19 @@ ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "img_attn.proj", "txt_attn.pr
 MLP_TARGETS = ["img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2"]
 
 
+def frame_layout(frames: int, context: int, height: int, width: int) -> FrameLayout:
+    if not 0 < context < frames:
+        raise ValueError(f"context frames K={context} must satisfy 0 < K < T={frames}")
+    side = SPATIAL * PATCH
+    if height % side or width % side:
+        raise ValueError(f"height and width must be divisible by {side} for Open-Sora v2.0; got {height}x{width}")
+    if (frames - 1) % TEMPORAL:
+        raise ValueError(f"Open-Sora v2.0 needs {TEMPORAL}k+1 frames per clip; got T={frames}")
+    latent_context = (context - 1) // TEMPORAL + 1
+    return FrameLayout(frames, context, (frames - 1) // TEMPORAL + 1, latent_context,
+                       (latent_context - 1) * TEMPORAL + 1)
+
+
 def pack(x: torch.Tensor) -> torch.Tensor:
     return rearrange(x, "b c t (h ph) (w pw) -> b (t h w) (c ph pw)", ph=PATCH, pw=PATCH)
 
@@ -114,21 +127,12 @@ class OpenSoraV20Backend(VideoBackend):
 
     # --- frame and latent arithmetic ---------------------------------------------------------
     def frame_layout(self, frames: int, context: int, height: int, width: int) -> FrameLayout:
-        if not 0 < context < frames:
-            raise ValueError(f"context frames K={context} must satisfy 0 < K < T={frames}")
-        side = SPATIAL * PATCH
-        if height % side or width % side:
-            raise ValueError(f"height and width must be divisible by {side} for Open-Sora v2.0; got {height}x{width}")
-        if (frames - 1) % TEMPORAL:
-            raise ValueError(f"Open-Sora v2.0 needs {TEMPORAL}k+1 frames per clip; got T={frames}")
-        latent_context = (context - 1) // TEMPORAL + 1
-        return FrameLayout(frames, context, (frames - 1) // TEMPORAL + 1, latent_context,
-                           (latent_context - 1) * TEMPORAL + 1)
+        return frame_layout(frames, context, height, width)
 
     # --- latents -----------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(video.to(self.device, self.dtype)).float()
+        return self.vae.encode(video.to(self.device, self.dtype), sample_posterior=False).float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
