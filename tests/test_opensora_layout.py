@@ -68,6 +68,23 @@ def test_v20_pack_round_trip_and_ids():
     assert ids.shape == (2, 3 * 2 * 3, 3) and ids[0, -1].tolist() == [2, 1, 2]
 
 
+def test_block_diagonal_attention_equals_masked_attention():
+    """The portable stand-in for xformers' call in STDiT3's cross-attention, against a dense mask."""
+    from types import SimpleNamespace
+
+    from pipeline.models.upstream import block_diagonal_attention
+
+    q, k, v = torch.randn(1, 12, 2, 8), torch.randn(1, 8, 2, 8), torch.randn(1, 8, 2, 8)
+    bias = SimpleNamespace(q_seqinfo=SimpleNamespace(seqstart_py=[0, 6, 12]),
+                           k_seqinfo=SimpleNamespace(seqstart_py=[0, 3, 8]))
+    mask = torch.full((12, 8), float("-inf"))
+    mask[:6, :3] = 0
+    mask[6:, 3:] = 0
+    dense = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                             v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
+    assert torch.allclose(block_diagonal_attention(q, k, v, attn_bias=bias), dense, atol=1e-6)
+
+
 def test_presets_load_with_the_seed_settings():
     naive = load_config("conf/opensora13-naive.yaml")
     assert (naive.data.frames, naive.data.context, naive.model.backend) == (45, 8, "opensora-v1.3")

@@ -88,21 +88,22 @@ class OpenSoraV13Backend(VideoBackend):
 
     # --- loading -----------------------------------------------------------------------------
     @classmethod
-    def build(cls, pretrained: str, vae: str, text_encoder: str, prompt: str, size: str, **kw):
+    def build(cls, pretrained: str, vae: str, text_encoder: str, prompt: str, size: str, portable_kernels: bool, **kw):
         """Checkpoints as hub ids or local paths (upstream's own loaders); an empty `pretrained` or
         `vae` gives random weights at `size` ('full': STDiT3-XL/2 and the real VAE; 'tiny': for tests).
         An empty prompt uses the model's learned null caption, so no text encoder is needed."""
-        stdit3 = require_opensora("v1.3")
+        stdit3 = require_opensora("v1.3", portable_kernels)
         from opensora.models.vae_v1_3.vae import OpenSoraVAE_V1_3
 
         if size == "tiny" and not pretrained:
             transformer = stdit3.STDiT3(stdit3.STDiT3Config(
                 depth=2, hidden_size=64, num_heads=4, patch_size=PATCH, caption_channels=32, model_max_length=8,
-                qk_norm=True, kernel_size=(8, 8, -1), use_spatial_rope=True, class_dropout_prob=0.0))
+                qk_norm=True, kernel_size=(8, 8, -1), use_spatial_rope=True, class_dropout_prob=0.0,
+                enable_flash_attn=True))
         else:
             transformer = stdit3.STDiT3_XL_2(
                 from_pretrained=pretrained or None, qk_norm=True, kernel_size=(8, 8, -1), use_spatial_rope=True,
-                class_dropout_prob=0.0, force_huggingface=bool(pretrained))
+                class_dropout_prob=0.0, enable_flash_attn=True, force_huggingface=bool(pretrained))
         vae_kw = dict(micro_batch_size=1, micro_frame_size=CHUNK, normalization="video", temporal_overlap=True)
         if size == "tiny" and not vae:
             autoencoder = tiny_vae(**vae_kw)

@@ -16,6 +16,8 @@ The loss covers only the generated latent frames.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from einops import rearrange
 
@@ -79,10 +81,11 @@ def condition(context: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 def shifted_timesteps(steps: int, tokens_per_frame: int, frames: int) -> list[float]:
-    """Upstream's `get_schedule(..., shift=True)`: 1 -> 0 shifted by resolution and length."""
-    from opensora.utils.sampling import get_schedule
-
-    return get_schedule(steps, tokens_per_frame, frames, shift=True)
+    """1 -> 0 in `steps` steps, shifted towards 1 by resolution and length, as upstream's
+    `get_schedule(..., shift=True)` (opensora/utils/sampling.py; compared in the integration tests)."""
+    alpha = (1 + (tokens_per_frame - 256) * (3 - 1) / (4096 - 256)) * math.sqrt(frames)
+    t = torch.linspace(1, 0, steps + 1)
+    return (alpha * t / (1 + (alpha - 1) * t)).tolist()
 
 
 class OpenSoraV20Backend(VideoBackend):
@@ -99,11 +102,12 @@ class OpenSoraV20Backend(VideoBackend):
 
     # --- loading -----------------------------------------------------------------------------
     @classmethod
-    def build(cls, pretrained: str, vae: str, text_encoder: str, clip_encoder: str, prompt: str, size: str, **kw):
+    def build(cls, pretrained: str, vae: str, text_encoder: str, clip_encoder: str, prompt: str, size: str,
+              portable_kernels: bool, **kw):
         """Checkpoints as local paths (upstream's safetensors files: Open_Sora_v2.safetensors,
         hunyuan_vae.safetensors) and hub ids or directories for T5 and CLIP. Empty `pretrained`/`vae`
         give random weights at `size` ('full' = 11B MMDiT and the real VAE, 'tiny' for tests)."""
-        mmdit = require_opensora("v2.0")
+        mmdit = require_opensora("v2.0", portable_kernels)
         from opensora.models.hunyuan_vae.autoencoder_kl_causal_3d import CausalVAE3D_HUNYUAN
 
         device, dtype = kw.get("device", "cpu"), kw.get("dtype", torch.bfloat16)

@@ -2,17 +2,30 @@
 
 v1.3 and v2.0 live on different branches of one repository and both install as `opensora`, so
 each needs its own environment; docs/opensora.md gives the install and checkpoint steps.
+
+Upstream calls compiled kernels that exist only for some machines: xformers' memory-efficient
+attention (v1.3 cross-attention; CUDA only, and only for the torch build it was compiled against),
+flash-attn and Liger's Triton RMSNorm (v2.0; CUDA only). `model.portable_kernels=true` routes those
+calls through the same math in plain torch, so the upstream models also run on a CPU or a newer torch.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
 
 INSTALL = {
     "v1.3": "git clone -b opensora/v1.3 https://github.com/hpcaitech/Open-Sora open-sora-v1.3 && "
-            "pip install --no-deps -e open-sora-v1.3 && pip install xformers==0.0.35 --no-deps && "
-            "pip install timm einops mmengine",
+            "pip install --no-deps -e open-sora-v1.3 && pip install --no-deps xformers timm mmengine addict yapf "
+            "termcolor platformdirs rotary-embedding-torch beartype ftfy colossalai galore-torch bitsandbytes",
     "v2.0": "git clone https://github.com/hpcaitech/Open-Sora open-sora-v2.0 && "
-            "pip install --no-deps -e open-sora-v2.0 && pip install einops mmengine omegaconf",
+            "pip install --no-deps -e open-sora-v2.0 && pip install --no-deps flash-attn liger-kernel mmengine addict "
+            "yapf termcolor platformdirs ftfy colossalai galore-torch bitsandbytes omegaconf openai",
 }
 # a module that exists on one branch only tells the two apart
 MARKER = {"v1.3": "opensora.models.stdit.stdit3", "v2.0": "opensora.models.mmdit.model"}
@@ -22,13 +35,70 @@ class OpenSoraMissing(ImportError):
     pass
 
 
-def require_opensora(version: str):
+def require_opensora(version: str, portable_kernels: bool = False):
     """Import the upstream module that marks `version`, or explain how to install it."""
+    if portable_kernels and version == "v2.0" and importlib.util.find_spec("flash_attn") is None:
+        sys.modules["flash_attn"] = _portable_flash_attn()  # mmdit/math.py imports it at module level
     try:
-        return importlib.import_module(MARKER[version])
+        module = importlib.import_module(MARKER[version])
     except ImportError as exc:
         raise OpenSoraMissing(
             f"model.backend=opensora-{version} needs the upstream Open-Sora {version} package "
             f"(importing {MARKER[version]} failed: {exc}). Install it into this environment with:\n"
             f"  {INSTALL[version]}\nsee docs/opensora.md for checkpoints and offline compute nodes"
         ) from exc
+    if portable_kernels:
+        _use_portable_kernels(version)
+    return module
+
+
+def block_diagonal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float = 0.0,
+                             attn_bias=None) -> torch.Tensor:
+    """`xformers.ops.memory_efficient_attention` as STDiT3's cross-attention calls it: (1, tokens,
+    heads, dim) with samples concatenated and a `BlockDiagonalMask` of their lengths; one SDPA per sample."""
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              dropout_p=p).transpose(1, 2)
+
+    if attn_bias is None:
+        return sdpa(q, k, v)
+    q_lens = _lengths(attn_bias.q_seqinfo.seqstart_py)
+    k_lens = _lengths(attn_bias.k_seqinfo.seqstart_py)
+    parts = zip(q.split(q_lens, dim=1), k.split(k_lens, dim=1), v.split(k_lens, dim=1))
+    return torch.cat([sdpa(*part) for part in parts], dim=1)
+
+
+def _lengths(starts: list[int]) -> list[int]:
+    return [b - a for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _use_portable_kernels(version: str) -> None:
+    if version == "v1.3":
+        import xformers.ops
+        from opensora.models.layers import blocks
+
+        ops = types.SimpleNamespace(memory_efficient_attention=block_diagonal_attention, fmha=xformers.ops.fmha)
+        blocks.xformers = types.SimpleNamespace(ops=ops)  # only upstream's blocks module sees the replacement
+    else:
+        from opensora.models.mmdit import layers
+
+        layers.FusedRMSNorm.forward = layers.RMSNorm.forward  # the same RMSNorm without Liger's Triton kernel
+
+
+def _portable_flash_attn() -> types.ModuleType:
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             dropout_p=dropout_p, is_causal=causal, scale=softmax_scale)
+        return out.transpose(1, 2)
+
+    def unavailable(*args, **kwargs):
+        raise NotImplementedError("upstream sequence parallelism needs the real flash-attn package")
+
+    module = types.ModuleType("flash_attn")
+    module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    module.flash_attn_func = flash_attn_func
+    interface = types.ModuleType("flash_attn.flash_attn_interface")
+    interface._flash_attn_forward = interface._flash_attn_backward = unavailable
+    module.flash_attn_interface = interface
+    sys.modules["flash_attn.flash_attn_interface"] = interface
+    return module
