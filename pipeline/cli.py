@@ -27,13 +27,18 @@ def config_options(func):
     return func
 
 
-def resolve(config_path: str, sets: tuple[str, ...], **shortcuts: str):
+def parse_sets(sets: tuple[str, ...]) -> dict[str, str]:
     overrides = {}
     for item in sets:
         if "=" not in item:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
         key, value = item.split("=", 1)
         overrides[key.strip()] = value
+    return overrides
+
+
+def resolve(config_path: str, sets: tuple[str, ...], **shortcuts: str):
+    overrides = parse_sets(sets)
     overrides.update({SHORTCUTS[name]: value for name, value in shortcuts.items() if value != ""})
     try:
         return load_config(config_path, overrides)
@@ -200,6 +205,20 @@ def bench(frames, sizes, ranks, methods, checkpointing, paths, out, stage_loop, 
         for compiled in (False, True):
             click.echo(f"{case.frames}x{case.size} rank {case.rank} compile={compiled}: "
                        f"{time_stage_loop(case, compiled, torch.device('cuda'))}")
+
+
+@main.command("bench-opensora")
+@click.option("--config", "config_path", required=True, help="an Open-Sora preset, e.g. conf/opensora13-naive.yaml")
+@click.option("--steps", default=4, show_default=True, help="adaptation steps timed (the first is reported apart)")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="config overrides")
+def bench_opensora(config_path: str, steps: int, sets: tuple[str, ...]) -> None:
+    """Real-size Open-Sora with random weights on a GPU: text encoders, one adaptation step, sampling,
+    peak memory, at the preset's clip shape."""
+    import json
+
+    from .bench_opensora import measure
+
+    click.echo(json.dumps(measure(config_path, parse_sets(sets), steps)))
 
 
 @main.command("fetch-weights")

@@ -1,0 +1,99 @@
+"""Open-Sora at real size with random weights (speed and memory do not depend on weight values):
+the stages' own backend, adapter and optimizer at a preset's clip shape, timed piece by piece."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .adaptation.full import FullFinetune
+from .adaptation.lora import LoraAdapter
+from .config import load_config
+from .models import load_backend
+
+RANDOM_WEIGHTS = {"model.pretrained": "", "model.vae": "", "model.text_encoder": "", "model.clip_encoder": "",
+                  "model.size": "full", "model.prompt": ""}
+
+
+def _timed(fn):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def _gib(value: int) -> float:
+    return round(value / 2**30, 1)
+
+
+def text_encoders(backend_name: str) -> dict[str, float]:
+    """A T5-XXL encoder (and CLIP-L for v2.0) of real size, random, bf16: one prompt encoded, then freed."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokens = 300 if backend_name == "opensora-v1.3" else 512
+    torch.cuda.reset_peak_memory_stats()
+    with torch.device("cuda"):
+        t5 = T5EncoderModel(T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                                     feed_forward_proj="gated-gelu", vocab_size=32128)).to(torch.bfloat16).eval()
+        ids = torch.randint(0, 32128, (1, tokens))
+    with torch.no_grad():
+        t5(input_ids=ids)  # warm-up
+        _, seconds = _timed(lambda: t5(input_ids=ids))
+    result = {"t5_params_b": round(sum(p.numel() for p in t5.parameters()) / 1e9, 2), "t5_encode_s": round(seconds, 3)}
+    del t5
+    if backend_name == "opensora-v2.0":
+        with torch.device("cuda"):
+            clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                num_attention_heads=12, max_position_embeddings=77)).to(torch.bfloat16)
+            ids = torch.randint(0, 49408, (1, 77))
+        with torch.no_grad():
+            clip(input_ids=ids)
+            _, seconds = _timed(lambda: clip(input_ids=ids))
+        result["clip_encode_s"] = round(seconds, 4)
+        del clip
+    result["text_peak_gib"] = _gib(torch.cuda.max_memory_allocated())
+    torch.cuda.empty_cache()
+    return result
+
+
+def measure(config_path: str, overrides: dict[str, str], steps: int = 4) -> dict[str, object]:
+    """Build, encode, adapt `steps` steps (median of all but the first), reset, sample, decode."""
+    config = load_config(config_path, {**RANDOM_WEIGHTS, **overrides})
+    d, a = config.data, config.adaptation
+    result: dict[str, object] = {"config": config_path, "frames": d.frames, "size": f"{d.height}x{d.width}",
+                                 "method": a.method, "gradient_checkpointing": config.model.gradient_checkpointing}
+    result.update(text_encoders(config.model.backend))
+    backend, result["build_s"] = _timed(lambda: load_backend(config))
+    result["transformer_params_b"] = round(sum(p.numel() for p in backend.transformer.parameters()) / 1e9, 2)
+    layout = backend.frame_layout(d.frames, d.context, d.height, d.width)
+    video = torch.rand(1, 3, d.frames, d.height, d.width, device="cuda") * 2 - 1
+    context, result["encode_context_s"] = _timed(lambda: backend.encode(video[:, :, : layout.conditioned_pixel_frames]))
+    window = context if a.data == "context" else backend.encode(video)
+    adapter = (LoraAdapter if a.method == "lora" else FullFinetune)(backend, a)
+    torch.cuda.reset_peak_memory_stats()
+    optimizer, result["optimizer_setup_s"] = _timed(adapter.optimizer)
+    generator = torch.Generator("cuda").manual_seed(0)
+    clean = window.shape[2] // 2 if a.objective == "v2v_head" else max(1, window.shape[2] // 2)
+    backend.transformer.train()
+    seconds = []
+    for _ in range(steps):
+        def step():
+            optimizer.micro_step(backend.training_loss(window.expand(a.batch_size, -1, -1, -1, -1), clean, generator))
+            optimizer.step()
+        seconds.append(_timed(step)[1])
+    backend.transformer.eval()
+    result["step_s"] = round(statistics.median(seconds[1:]), 3)
+    result["first_step_s"] = round(seconds[0], 3)
+    result["train_peak_gib"] = _gib(torch.cuda.max_memory_allocated())
+    optimizer.close()
+    _, result["reset_s"] = _timed(adapter.reset)
+    torch.cuda.reset_peak_memory_stats()
+    latents, result["sample_s"] = _timed(lambda: backend.sample(context, layout.latent_frames, seed=0))
+    result["sampling_steps"] = config.sampling.steps
+    result["guidance_passes"] = 3 if (config.sampling.guidance != 1 or config.sampling.image_guidance != 1) else 1
+    _, result["decode_s"] = _timed(lambda: backend.decode(latents, generator))
+    result["sample_peak_gib"] = _gib(torch.cuda.max_memory_allocated())
+    result["gpu"] = torch.cuda.get_device_name()
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
