@@ -2,6 +2,7 @@
 the stages' own backend, adapter and optimizer at a preset's clip shape, timed piece by piece."""
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -12,8 +13,6 @@ from .adaptation.lora import LoraAdapter
 from .config import load_config
 from .models import load_backend
 
-RANDOM_WEIGHTS = {"model.pretrained": "", "model.vae": "", "model.text_encoder": "", "model.clip_encoder": "",
-                  "model.size": "full", "model.prompt": ""}
 
 
 def _timed(fn):
@@ -60,7 +59,9 @@ def text_encoders(backend_name: str) -> dict[str, float]:
 
 def measure(config_path: str, overrides: dict[str, str], steps: int = 4) -> dict[str, object]:
     """Build, encode, adapt `steps` steps (median of all but the first), reset, sample, decode."""
-    config = load_config(config_path, {**RANDOM_WEIGHTS, **overrides})
+    config = load_config(config_path, overrides)
+    config.model = dataclasses.replace(config.model, pretrained="", vae="", text_encoder="", clip_encoder="",
+                                       prompt="", size="full")  # random weights at the released size
     d, a = config.data, config.adaptation
     result: dict[str, object] = {"config": config_path, "frames": d.frames, "size": f"{d.height}x{d.width}",
                                  "method": a.method, "gradient_checkpointing": config.model.gradient_checkpointing}

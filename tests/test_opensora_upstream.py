@@ -6,7 +6,6 @@ and on torch builds that upstream's compiled kernels (xformers, flash-attn, Lige
 """
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -23,15 +22,15 @@ from pipeline.adaptation.lora import LoraAdapter
 from pipeline.adaptation.trainer import adapt_to_clip
 from pipeline.config import load_config
 from pipeline.models import load_backend
-from pipeline.models.upstream import MARKER
+from pipeline.models.upstream import MARKER, require_opensora
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _installed_version() -> str | None:
-    for version, module in MARKER.items():
+    for version in MARKER:
         try:
-            importlib.import_module(module)
+            require_opensora(version, portable_kernels=True)
             return version
         except ImportError:
             continue

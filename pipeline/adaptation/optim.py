@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 
@@ -46,9 +47,9 @@ class DeepSpeedAdamW(Optimizer):
                  micro_batch: int):
         import deepspeed
 
-        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                               MASTER_PORT="29511").items():
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
             os.environ.setdefault(key, value)  # a single process without a launcher
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         zero = {"stage": zero_stage}
         if offload:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -57,7 +58,8 @@ class DeepSpeedAdamW(Optimizer):
             "gradient_accumulation_steps": accum,
             "bf16": {"enabled": True},
             "zero_optimization": zero,
-            "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0}},
+            # torch's AdamW on DeepSpeed's fp32 partitions: no CUDA extension to compile on the cluster
+            "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
             "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
                                                          "warmup_num_steps": max(1, warmup), "warmup_type": "linear"}},
             "steps_per_print": 2**31,
@@ -77,3 +79,9 @@ class DeepSpeedAdamW(Optimizer):
         self.engine.destroy()
         del self.engine
         torch.cuda.empty_cache()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
