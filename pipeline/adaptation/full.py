@@ -17,12 +17,16 @@ class FullFinetune:
         self.config, self.backend = config, backend
         self.transformer = backend.transformer
         self.base = [p.detach().clone() for p in self.parameters()]
+        self.current: Optimizer | None = None  # kept until the next reset: the adapted weights live in it
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.transformer.parameters())
 
     @torch.no_grad()
     def reset(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.current = None
         torch._foreach_copy_(self.parameters(), self.base)
 
     def optimizer(self) -> Optimizer:
@@ -30,6 +34,8 @@ class FullFinetune:
         c = self.config
         self.transformer.requires_grad_(True)
         if c.deepspeed and self.backend.device.type == "cuda":
-            return DeepSpeedAdamW(self.transformer, c.lr, c.warmup, c.grad_accum, c.zero_stage, c.offload,
-                                  c.batch_size)
-        return TorchAdamW(self.parameters(), c.lr, c.warmup, c.grad_accum)
+            self.current = DeepSpeedAdamW(self.transformer, c.lr, c.warmup, c.grad_accum, c.zero_stage, c.offload,
+                                          c.batch_size)
+        else:
+            self.current = TorchAdamW(self.parameters(), c.lr, c.warmup, c.grad_accum)
+        return self.current

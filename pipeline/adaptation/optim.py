@@ -47,9 +47,11 @@ class DeepSpeedAdamW(Optimizer):
                  micro_batch: int):
         import deepspeed
 
-        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
-            os.environ.setdefault(key, value)  # a single process without a launcher
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if not torch.distributed.is_initialized():  # a single process started without a launcher
+            for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
+                os.environ.setdefault(key, value)
+            torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                                 world_size=1)
         zero = {"stage": zero_stage}
         if offload:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}

@@ -21,7 +21,8 @@ class Adapter(Protocol):
 
     def reset(self) -> None: ...
 
-    def optimizer(self) -> Optimizer: ...
+    def optimizer(self) -> Optimizer:
+        """A fresh optimizer for one clip; the adapter frees it at its next reset."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -81,12 +82,7 @@ def adapt_to_clip(backend: VideoBackend, adapter: Adapter, latents: torch.Tensor
 
     backend.transformer.train()
     start = time.perf_counter()
-    optimizer = adapter.optimizer() if config.steps else None
-    try:
-        losses = train(optimizer, loss_fn, config.steps) if optimizer else []
-    finally:
-        if optimizer:
-            optimizer.close()
+    losses = train(adapter.optimizer(), loss_fn, config.steps) if config.steps else []
     _sync(backend.device)
     seconds = time.perf_counter() - start
     backend.transformer.eval()

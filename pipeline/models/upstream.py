@@ -37,8 +37,8 @@ class OpenSoraMissing(ImportError):
 
 def require_opensora(version: str, portable_kernels: bool = False):
     """Import the upstream module that marks `version`, or explain how to install it."""
-    if portable_kernels and version == "v2.0" and importlib.util.find_spec("flash_attn") is None:
-        sys.modules["flash_attn"] = _portable_flash_attn()  # mmdit/math.py imports it at module level
+    if portable_kernels and importlib.util.find_spec("flash_attn") is None:
+        sys.modules["flash_attn"] = _portable_flash_attn()  # imported by v2.0 at module level, v1.3 at call time
     try:
         module = importlib.import_module(MARKER[version])
     except ImportError as exc:
@@ -91,7 +91,7 @@ def _portable_flash_attn() -> types.ModuleType:
                                              dropout_p=dropout_p, is_causal=causal, scale=softmax_scale)
         return out.transpose(1, 2)
 
-    def unavailable(*args, **kwargs):
+    def unavailable(*args, **kwargs):  # v2.0's distributed.py imports these; only sequence parallelism calls them
         raise NotImplementedError("upstream sequence parallelism needs the real flash-attn package")
 
     module = types.ModuleType("flash_attn")
