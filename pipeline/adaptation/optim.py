@@ -8,6 +8,11 @@ import socket
 import torch
 
 
+def linear_warmup(optimizer: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr * (step + 1) / warmup for the first `warmup` steps, then lr: the first step already moves."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+
+
 class Optimizer:
     accum: int = 1
 
@@ -27,7 +32,7 @@ class TorchAdamW(Optimizer):
     def __init__(self, params: list[torch.nn.Parameter], lr: float, warmup: int, accum: int = 1):
         fused = all(p.is_cuda for p in params)  # one kernel for all parameters on a GPU
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused or None)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+        self.schedule = linear_warmup(self.optimizer, warmup)
         self.accum = accum
 
     def micro_step(self, loss: torch.Tensor) -> None:
@@ -62,12 +67,11 @@ class DeepSpeedAdamW(Optimizer):
             "zero_optimization": zero,
             # torch's AdamW on DeepSpeed's fp32 partitions: no CUDA extension to compile on the cluster
             "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
-            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
-                                                         "warmup_num_steps": max(1, warmup), "warmup_type": "linear"}},
             "steps_per_print": 2**31,
         }
         params = [p for p in module.parameters() if p.requires_grad]
-        self.engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config)
+        self.engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config,
+                                               lr_scheduler=lambda optimizer: linear_warmup(optimizer, warmup))
         self.accum = accum
 
     def micro_step(self, loss: torch.Tensor) -> None:
