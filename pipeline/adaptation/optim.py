@@ -7,6 +7,8 @@ import socket
 
 import torch
 
+from .. import ranks
+
 
 def linear_warmup(optimizer: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
     """lr * (step + 1) / warmup for the first `warmup` steps, then lr: the first step already moves."""
@@ -30,6 +32,7 @@ class TorchAdamW(Optimizer):
     """AdamW with linear warmup, gradients averaged over `accum` micro-batches."""
 
     def __init__(self, params: list[torch.nn.Parameter], lr: float, warmup: int, accum: int = 1):
+        self.params = params
         fused = all(p.is_cuda for p in params)  # one kernel for all parameters on a GPU
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused or None)
         self.schedule = linear_warmup(self.optimizer, warmup)
@@ -39,6 +42,7 @@ class TorchAdamW(Optimizer):
         (loss / self.accum).backward()
 
     def step(self) -> None:
+        ranks.average_gradients(self.params)
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -52,6 +56,7 @@ class DeepSpeedAdamW(Optimizer):
                  micro_batch: int):
         import deepspeed
 
+        ranks.init()  # the process group of several ranks; DeepSpeed averages their gradients itself
         if not torch.distributed.is_initialized():  # a single process started without a launcher
             for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
                 os.environ.setdefault(key, value)

@@ -9,6 +9,7 @@ from typing import Protocol
 
 import torch
 
+from .. import ranks
 from ..config import AdaptationConfig
 from ..models.base import VideoBackend
 from .optim import Optimizer
@@ -68,6 +69,7 @@ def adapt_to_clip(backend: VideoBackend, adapter: Adapter, latents: torch.Tensor
     if config.objective in ("continuation", "v2v_head") and frames < 2:
         raise ValueError("the continuation objective needs at least 2 latent frames to train on; "
                          "use adaptation.objective=denoising or more context frames")
+    seed += 1000 * ranks.rank()  # each rank of a multi-GPU run draws its own noise for the same clip
     generator = torch.Generator(backend.device).manual_seed(seed)
     rng = random.Random(seed)  # host-side draws: no device sync per step
     batch = latents.expand(config.batch_size, -1, -1, -1, -1)

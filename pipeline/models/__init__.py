@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from .. import ranks
 from ..config import Config
 from .base import FrameLayout, VideoBackend
 from .ltx_video import LTXVideoBackend
@@ -15,7 +16,7 @@ __all__ = ["FrameLayout", "VideoBackend", "load_backend", "default_device"]
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda", ranks.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def load_backend(config: Config, random_weights: bool = False) -> VideoBackend:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from mlflow.entities import Metric
 
+from .. import ranks
 from ..adaptation.full import FullFinetune
 from ..adaptation.lora import LoraAdapter
 from ..adaptation.trainer import adapt_to_clip
@@ -70,17 +71,22 @@ class Continuer:
                                    f"{d.width}x{d.height}; run preprocess with this config")
         return frames
 
+    def adapt(self, frames: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        """Encode the context and, in the adapt stage, fit the adapter to the clip (every rank)."""
+        cfg, backend = self.config, self.backend
+        video = frames_to_tensor(frames)
+        context_latents = backend.encode(video[:, :, : self.layout.conditioned_pixel_frames])
+        _reset_peak_memory(backend.device)
+        if self.adapter is None:
+            return context_latents, {}
+        self.adapter.reset()
+        window = context_latents if cfg.adaptation.data == "context" else backend.encode(video)
+        return context_latents, adapt_to_clip(backend, self.adapter, window, cfg.adaptation, cfg.seed)
+
     def run(self, frames: np.ndarray) -> tuple[np.ndarray, dict[str, float], dict[str, list[float]]]:
         cfg, layout, backend = self.config, self.layout, self.backend
         K = cfg.data.context
-        video = frames_to_tensor(frames)
-        context_latents = backend.encode(video[:, :, : layout.conditioned_pixel_frames])
-        metrics: dict[str, float] = {}
-        _reset_peak_memory(backend.device)
-        if self.adapter is not None:
-            self.adapter.reset()
-            window = context_latents if cfg.adaptation.data == "context" else backend.encode(video)
-            metrics.update(adapt_to_clip(backend, self.adapter, window, cfg.adaptation, cfg.seed))
+        context_latents, metrics = self.adapt(frames)
         start = time.perf_counter()
         latents = backend.sample(context_latents, layout.latent_frames, cfg.sampling.seed)
         generator = torch.Generator(backend.device).manual_seed(cfg.sampling.seed)
@@ -96,12 +102,19 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
     """Run baseline or adapt over the configured clips (this task's shard of them); returns the
     stage's parent run id. SIGTERM/SIGUSR1 abandon the current clip and raise Preempted."""
     d = config.data
-    check_store_for_many_writers(shard)
+    if ranks.world_size() > 1 and stage != "adapt":
+        raise ValueError(f"{stage}: several processes per clip (torchrun) only help the adapt stage")
+    ranks.init()
+    if ranks.is_main():
+        check_store_for_many_writers(shard)
     clips = shard.select(select_clips(read_manifest(d.manifest), d.split, d.num_clips))
     if not clips:
         raise ValueError(f"{d.manifest} has no clips in split '{d.split}' for shard {shard}")
     digest = stage_digest(config, stage)
     continuer = Continuer(config, stage, backend)
+    if not ranks.is_main():
+        _follow_main_rank(continuer, d.manifest, {c.clip_id: c for c in clips})
+        return ""
     with preemptible(), stage_run(config, stage, digest) as parent:
         mlflow.log_param("shard", str(shard))
         mlflow.set_tags({"tta.arm": arm_label(config, stage), "tta.conditioned_pixel_frames":
@@ -111,6 +124,7 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
             print(f"[{stage}] {continuer.lpips_note}", file=sys.stderr, flush=True)
         done = finished_clips(parent.info.experiment_id, stage, digest)
         todo = [c for c in clips if c.clip_id not in done]
+        ranks.broadcast([c.clip_id for c in todo])
         if done:
             print(f"[{stage}] resuming: {len(clips) - len(todo)} of {len(clips)} clips already finished", flush=True)
         progress = Progress(stage, len(clips), done=len(clips) - len(todo), every_seconds=0)
@@ -128,6 +142,15 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
                 progress.advance(record.clip_id, "FAILED")
         mlflow.log_metrics({"clips_total": len(clips), "clips_failed": failures})
         return parent.info.run_id
+
+
+def _follow_main_rank(continuer: Continuer, manifest: Path, clips: dict[str, ClipRecord]) -> None:
+    """A rank > 0: adapt to the clips rank 0 lists, in its order, adding noise draws to its batch."""
+    for clip_id in ranks.broadcast(None):
+        try:
+            continuer.adapt(continuer.load_clip(manifest, clips[clip_id]))
+        except Exception as exc:  # rank 0 records the clip's failure
+            print(f"[rank {ranks.rank()}] clip {clip_id} failed: {exc}", file=sys.stderr, flush=True)
 
 
 def _run_clip(continuer: Continuer, manifest: Path, record: ClipRecord) -> None:
