@@ -193,7 +193,7 @@ def stage_loop(case: Case, compile: bool, device: torch.device, steps: int = 20,
     f, h, w = case.latent_grid
     latents = torch.randn(1, config["in_channels"], f, h, w, device=device, dtype=dtype)
     window = latents[:, :, : f // 2 + 1]
-    adapt_to_clip(backend, adapter.parameters(), window, adaptation, seed=0)  # warm-up, compilation
+    adapt_to_clip(backend, adapter, window, adaptation, seed=0)  # warm-up, compilation
     backend.sample(window, f, seed=0)
     adapter.reset()
     stats = adapt_to_clip(backend, adapter, window, adaptation, seed=0)

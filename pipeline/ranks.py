@@ -27,8 +27,8 @@ def is_main() -> bool:
 
 
 def init() -> None:
-    """Join the process group that torchrun describes in the environment (no-op for one process)."""
-    if world_size() == 1 or dist.is_initialized():
+    """Join the process group that torchrun describes in the environment (no-op without torchrun)."""
+    if dist.is_initialized() or "MASTER_ADDR" not in os.environ:
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())

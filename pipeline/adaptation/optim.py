@@ -56,7 +56,7 @@ class DeepSpeedAdamW(Optimizer):
                  micro_batch: int):
         import deepspeed
 
-        ranks.init()  # the process group of several ranks; DeepSpeed averages their gradients itself
+        ranks.init()  # torchrun's process group; DeepSpeed averages the ranks' gradients itself
         if not torch.distributed.is_initialized():  # a single process started without a launcher
             for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
                 os.environ.setdefault(key, value)
