@@ -3,6 +3,7 @@ the stages' own backend, adapter and optimizer at a preset's clip shape, timed p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 
@@ -39,7 +40,7 @@ def text_encoders(backend_name: str) -> dict[str, float]:
         ids = torch.randint(0, 32128, (1, tokens))
     with torch.no_grad():
         t5(input_ids=ids)  # warm-up
-        _, seconds = _timed(lambda: t5(input_ids=ids))
+        _, seconds = _timed(functools.partial(t5, input_ids=ids))
     result = {"t5_params_b": round(sum(p.numel() for p in t5.parameters()) / 1e9, 2), "t5_encode_s": round(seconds, 3)}
     del t5
     if backend_name == "opensora-v2.0":
@@ -49,7 +50,7 @@ def text_encoders(backend_name: str) -> dict[str, float]:
             ids = torch.randint(0, 49408, (1, 77))
         with torch.no_grad():
             clip(input_ids=ids)
-            _, seconds = _timed(lambda: clip(input_ids=ids))
+            _, seconds = _timed(functools.partial(clip, input_ids=ids))
         result["clip_encode_s"] = round(seconds, 4)
         del clip
     result["text_peak_gib"] = _gib(torch.cuda.max_memory_allocated())
