@@ -74,7 +74,8 @@ def _frame_mask(batch: int, frames: int, clean: int, device: torch.device) -> to
 
 
 class OpenSoraV13Backend(VideoBackend):
-    def __init__(self, transformer, vae, caption: torch.Tensor, fps: float, sampling_steps: int = 30,
+    def __init__(self, transformer, vae, caption: torch.Tensor, caption_mask: torch.Tensor | None, fps: float,
+                 sampling_steps: int = 30,
                  guidance: float = 7.5, image_guidance: float = 5.0, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.bfloat16):
         self.device, self.dtype = torch.device(device), dtype
@@ -82,6 +83,8 @@ class OpenSoraV13Backend(VideoBackend):
         self.transformer.y_embedder.uncond_prob = 0.0  # no random caption drop while adapting
         self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
         self.caption = caption.to(self.device, dtype)  # (1, 1, L, caption_channels), encoded once
+        # T5's token mask (1, L); upstream applies it to every guidance branch, the null caption's too
+        self.caption_mask = None if caption_mask is None else caption_mask.to(self.device)
         self.null_caption = self.transformer.y_embedder.y_embedding[None, None].detach()
         self.fps, self.sampling_steps = fps, sampling_steps
         self.guidance, self.image_guidance = guidance, image_guidance
@@ -110,10 +113,10 @@ class OpenSoraV13Backend(VideoBackend):
         else:
             autoencoder = OpenSoraVAE_V1_3(from_pretrained=vae or None, force_huggingface=bool(vae), z_channels=16,
                                            micro_batch_size_2d=4, **vae_kw)
-        caption = transformer.y_embedder.y_embedding[None, None].detach()
+        caption, mask = transformer.y_embedder.y_embedding[None, None].detach(), None
         if prompt:
-            caption = encode_prompt(text_encoder, prompt, transformer.config.model_max_length)
-        return cls(transformer, autoencoder, caption, **kw)
+            caption, mask = encode_prompt(text_encoder, prompt, transformer.config.model_max_length)
+        return cls(transformer, autoencoder, caption, mask, **kw)
 
     # --- frame and latent arithmetic ---------------------------------------------------------
     def frame_layout(self, frames: int, context: int, height: int, width: int) -> FrameLayout:
@@ -144,7 +147,8 @@ class OpenSoraV13Backend(VideoBackend):
         size = torch.tensor([float(h * SPATIAL)], device=self.device).expand(batch), \
             torch.tensor([float(w * SPATIAL)], device=self.device).expand(batch)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
-            out = self.transformer(x, timestep, caption.expand(batch, -1, -1, -1), height=size[0], width=size[1],
+            out = self.transformer(x, timestep, caption.expand(batch, -1, -1, -1), mask=self.caption_mask,
+                                   height=size[0], width=size[1],
                                    fps=torch.full((batch,), float(self.fps), device=self.device), **kwargs)
         return out[:, :channels].float()  # the second half is the learned sigma (pred_sigma)
 
@@ -218,12 +222,14 @@ def tiny_vae(**kw):
     return OpenSoraVAE_V1_3_Pipline(config, **kw)
 
 
-def encode_prompt(text_encoder: str, prompt: str, max_length: int) -> torch.Tensor:
-    """The prompt through upstream's T5 wrapper, once; the encoder is freed afterwards."""
+def encode_prompt(text_encoder: str, prompt: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt through upstream's T5 wrapper, once (embeddings and token mask); the encoder is
+    freed afterwards."""
     if not text_encoder:
         raise ValueError("a non-empty model.prompt needs model.text_encoder (e.g. DeepFloyd/t5-v1_1-xxl)")
     from opensora.models.text_encoder.t5 import T5Encoder
 
     encoder = T5Encoder(from_pretrained=text_encoder, model_max_length=max_length, dtype=torch.float32)
     with torch.no_grad():
-        return encoder.encode(**encoder.tokenize_fn([prompt]))["y"].float()
+        encoded = encoder.encode(**encoder.tokenize_fn([prompt]))
+    return encoded["y"].float(), encoded["mask"]
