@@ -1,5 +1,6 @@
 import pytest
 
+from conftest import ROOT
 from pipeline.config import ConfigError, load_config
 
 
@@ -40,3 +41,11 @@ def test_digest_tracks_results_not_clip_selection():
     assert base.digest("data", "adaptation") == fewer.digest("data", "adaptation")
     assert base.digest("data", "adaptation") != other_rank.digest("data", "adaptation")
     assert base.digest("data", "sampling") == other_rank.digest("data", "sampling")  # baseline unaffected
+
+
+def test_committed_weights_are_up_to_date_for_the_demo():
+    """`make demo` must find checkpoints/ltx-small.safetensors current, not retrain it for 25 minutes."""
+    from pipeline.stages.pretrain import _digest_of, weights_digest
+
+    config = load_config(ROOT / "conf" / "demo.yaml")
+    assert _digest_of(ROOT / config.model.weights) == weights_digest(config)

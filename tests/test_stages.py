@@ -35,6 +35,10 @@ def test_stages_log_parent_children_and_evaluate(prepared, store):
     assert len(children) == 3 and all(r.data.tags["mlflow.parentRunId"] == baseline_id for r in children)
     child = children[0]
     assert {"psnr", "ssim", "sample_seconds"} <= set(child.data.metrics)
+    m = child.data.metrics
+    parts = m["load_seconds"] + m["encode_seconds"] + m["sample_seconds"] + m["decode_seconds"] + \
+        m["metrics_seconds"] + m["record_seconds"] + m.get("adapt_seconds", 0)
+    assert 0 < m["non_model_share"] < 1 and parts <= m["clip_seconds"] * 1.001
     assert child.data.tags["tta.class"] and child.data.tags["tta.source"] == "synthetic"
     artifacts = {a.path for a in MlflowClient().list_artifacts(child.info.run_id, "clip")}
     assert artifacts == {"clip/context.mp4", "clip/target.mp4", "clip/output.mp4", "clip/frame_metrics.json"}

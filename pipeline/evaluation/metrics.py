@@ -1,11 +1,13 @@
-"""Per-frame PSNR, SSIM (scikit-image) and LPIPS (lpips package) of a continuation against the truth."""
+"""Per-frame PSNR, SSIM (torch ports of scikit-image's, batched on the model's device) and LPIPS
+(lpips package) of a continuation against the truth."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import torch
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from .gpu_metrics import psnr, ssim, to_float
 
 PSNR_CAP = 100.0  # identical frames have infinite PSNR; capped so that means stay finite
 FETCH_COMMAND = "python -m pipeline fetch-weights"
@@ -43,14 +45,14 @@ def fetch_lpips_weights() -> Path:
     return backbone_weights_path()
 
 
-def frame_metrics(prediction: np.ndarray, truth: np.ndarray, lpips_model=None) -> dict[str, list[float]]:
+@torch.no_grad()
+def frame_metrics(prediction: np.ndarray, truth: np.ndarray, lpips_model=None,
+                  device: str | torch.device = "cpu") -> dict[str, list[float]]:
     """Per-frame metrics of (N, H, W, 3) uint8 frames: {'psnr': [...], 'ssim': [...], 'lpips': [...]}."""
     if prediction.shape != truth.shape:
         raise ValueError(f"prediction {prediction.shape} and ground truth {truth.shape} differ in shape")
-    result = {
-        "psnr": [min(PSNR_CAP, peak_signal_noise_ratio(t, p, data_range=255)) for p, t in zip(prediction, truth)],
-        "ssim": [structural_similarity(t, p, channel_axis=-1, data_range=255) for p, t in zip(prediction, truth)],
-    }
+    p, t = to_float(prediction).to(device), to_float(truth).to(device)
+    result = {"psnr": psnr(p, t).clamp(max=PSNR_CAP).tolist(), "ssim": ssim(p, t).tolist()}
     if lpips_model is not None:
         result["lpips"] = lpips_distances(prediction, truth, lpips_model)
     return {k: [float(x) for x in v] for k, v in result.items()}

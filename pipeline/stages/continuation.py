@@ -74,14 +74,16 @@ class Continuer:
     def adapt(self, frames: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
         """Encode the context and, in the adapt stage, fit the adapter to the clip (every rank)."""
         cfg, backend = self.config, self.backend
+        start = time.perf_counter()
         video = frames_to_tensor(frames)
         context_latents = backend.encode(video[:, :, : self.layout.conditioned_pixel_frames])
+        timing = {"encode_seconds": _seconds_since(start, backend.device)}
         _reset_peak_memory(backend.device)
         if self.adapter is None:
-            return context_latents, {}
+            return context_latents, timing
         self.adapter.reset()
         window = context_latents if cfg.adaptation.data == "context" else backend.encode(video)
-        return context_latents, adapt_to_clip(backend, self.adapter, window, cfg.adaptation, cfg.seed)
+        return context_latents, {**timing, **adapt_to_clip(backend, self.adapter, window, cfg.adaptation, cfg.seed)}
 
     def run(self, frames: np.ndarray) -> tuple[np.ndarray, dict[str, float], dict[str, list[float]]]:
         cfg, layout, backend = self.config, self.layout, self.backend
@@ -89,11 +91,15 @@ class Continuer:
         context_latents, metrics = self.adapt(frames)
         start = time.perf_counter()
         latents = backend.sample(context_latents, layout.latent_frames, cfg.sampling.seed)
+        metrics["sample_seconds"] = _seconds_since(start, backend.device)
+        start = time.perf_counter()
         generator = torch.Generator(backend.device).manual_seed(cfg.sampling.seed)
         output = tensor_to_frames(backend.decode(latents, generator))[: cfg.data.frames]  # some decode more than T
-        metrics["sample_seconds"] = time.perf_counter() - start
+        metrics["decode_seconds"] = time.perf_counter() - start
         metrics.update(_peak_memory(backend.device))
-        per_frame = frame_metrics(output[K:], frames[K:], self.lpips)
+        start = time.perf_counter()
+        per_frame = frame_metrics(output[K:], frames[K:], self.lpips, backend.device)
+        metrics["metrics_seconds"] = time.perf_counter() - start
         metrics.update({name: float(np.mean(values)) for name, values in per_frame.items()})
         return output, metrics, per_frame
 
@@ -154,9 +160,14 @@ def _follow_main_rank(continuer: Continuer, manifest: Path, clips: dict[str, Cli
 
 
 def _run_clip(continuer: Continuer, manifest: Path, record: ClipRecord) -> None:
+    """One clip, with its wall time split: model compute (encode, adapt, sample, decode) against the
+    rest (loading, scoring, recording), logged as `non_model_share`."""
     d = continuer.config.data
+    start = time.perf_counter()
     frames = continuer.load_clip(manifest, record)
+    load_seconds = time.perf_counter() - start
     output, metrics, per_frame = continuer.run(frames)
+    recording = time.perf_counter()
     timestamp = int(time.time() * 1000)
     mlflow.log_metrics(metrics)
     history = [Metric(f"{name}_frame", value, timestamp, d.context + i)
@@ -169,6 +180,10 @@ def _run_clip(continuer: Continuer, manifest: Path, record: ClipRecord) -> None:
         write_video(tmp / "output.mp4", output[d.context:], d.fps)
         (tmp / "frame_metrics.json").write_text(json.dumps({"first_frame": d.context, **per_frame}))
         mlflow.log_artifacts(str(tmp), artifact_path="clip")
+    end = time.perf_counter()
+    non_model = load_seconds + metrics["metrics_seconds"] + (end - recording)
+    mlflow.log_metrics({"load_seconds": load_seconds, "record_seconds": end - recording,
+                        "clip_seconds": end - start, "non_model_share": non_model / (end - start)})
 
 
 def arm_label(config: Config, stage: str) -> str:
@@ -178,6 +193,13 @@ def arm_label(config: Config, stage: str) -> str:
     method = f"lora r{a.rank}" if a.method == "lora" else "full fine-tuning"
     label = f"{method} {a.steps} steps on {a.data}"
     return label + " (ORACLE: sees the target frames, upper bound)" if a.data == "oracle" else label
+
+
+def _seconds_since(start: float, device: torch.device) -> float:
+    """Wall seconds since `start`, once the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def _reset_peak_memory(device: torch.device) -> None:

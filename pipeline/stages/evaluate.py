@@ -17,7 +17,8 @@ from ..tracking.runs import TAG_CLIP, TAG_DIGEST, TAG_ERROR, finished_clips, fra
 from .continuation import arm_label, stage_digest
 
 METRICS = ("psnr", "ssim", "lpips")  # higher is better for PSNR and SSIM, lower for LPIPS
-COSTS = ("adapt_seconds", "sample_seconds", "adapt_steps_per_second", "peak_gpu_memory_mb", "peak_rss_mb")
+COSTS = ("adapt_seconds", "sample_seconds", "adapt_steps_per_second", "non_model_share", "peak_gpu_memory_mb",
+         "peak_rss_mb")
 
 
 def evaluate(config: Config) -> dict:
@@ -114,6 +115,9 @@ def format_table(summary: dict) -> str:
     cost = summary["cost"]
     lines.append(f"seconds per clip: adaptation {cost.get('adapted.adapt_seconds', 0):.2f}, sampling baseline "
                  f"{cost.get('baseline.sample_seconds', math.nan):.2f} / adapted {cost.get('adapted.sample_seconds', math.nan):.2f}")
+    lines.append(f"share of a clip's wall time outside the model (loading, scoring, recording): baseline "
+                 f"{cost.get('baseline.non_model_share', math.nan):.1%} / adapted "
+                 f"{cost.get('adapted.non_model_share', math.nan):.1%}")
     for clip, reason in sorted(summary["excluded"].items()):
         lines.append(f"excluded {clip}: {reason}")
     return "\n".join(lines)

@@ -28,14 +28,18 @@ from ..tracking.runs import stage_run
 INPUTS = ("data.source", "data.input_dir", "data.splits_dir", "data.split_id", "data.sample", "data.start_frame",
           "data.test_fraction", "data.frames", "data.height", "data.width", "data.fps", "data.train_clips",
           "model.backend", "model.pretrained", "model.patch_size", "model.layers", "model.heads", "model.head_dim",
-          "model.prompt", "model.dtype", "model.decode_timestep", "model.compile", "pretrain", "seed")
+          "model.prompt", "model.dtype", "model.decode_timestep", "pretrain", "seed")
+
+
+def weights_digest(config: Config) -> str:
+    return config.digest(*INPUTS, exclude=("model.weights",))
 
 
 def pretrain(config: Config) -> Path:
     if config.model.pretrained:
         raise ValueError("pretrain trains the small default model; model.pretrained is set, so there is nothing to do")
     weights = Path(config.model.weights)
-    digest = config.digest(*INPUTS, exclude=("model.weights",))
+    digest = weights_digest(config)
     if weights.exists() and _digest_of(weights) == digest:
         print(f"[pretrain] {weights} is up to date (digest {digest}); skipping", flush=True)
         return weights
