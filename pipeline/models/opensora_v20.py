@@ -107,6 +107,10 @@ class OpenSoraV20Backend(VideoBackend):
         """Checkpoints as local paths (upstream's safetensors files: Open_Sora_v2.safetensors,
         hunyuan_vae.safetensors) and hub ids or directories for T5 and CLIP. Empty `pretrained`/`vae`
         give random weights at `size` ('full' = 11B MMDiT and the real VAE, 'tiny' for tests)."""
+        if (pretrained or prompt) and not (text_encoder and clip_encoder):
+            raise ValueError("a real Open-Sora v2.0 checkpoint or a prompt needs model.text_encoder "
+                             "(google/t5-v1_1-xxl) and model.clip_encoder (openai/clip-vit-large-patch14), "
+                             "even for an empty prompt")
         mmdit = require_opensora("v2.0", portable_kernels)
         from opensora.models.hunyuan_vae.autoencoder_kl_causal_3d import CausalVAE3D_HUNYUAN
 
@@ -119,9 +123,6 @@ class OpenSoraV20Backend(VideoBackend):
             vae_kw.update(layers_per_block=1, block_out_channels=(8, 8, 16, 16), norm_num_groups=4,
                           use_spatial_tiling=False)
         autoencoder = CausalVAE3D_HUNYUAN(from_pretrained=vae or None, device_map=device, torch_dtype=dtype, **vae_kw)
-        if pretrained and not (text_encoder and clip_encoder):
-            raise ValueError("a real Open-Sora v2.0 checkpoint needs model.text_encoder (google/t5-v1_1-xxl) and "
-                             "model.clip_encoder (openai/clip-vit-large-patch14), even for an empty prompt")
         if text_encoder and clip_encoder:
             text, null_text, vec, null_vec = encode_prompts(text_encoder, clip_encoder, prompt)
         else:  # random weights: embeddings of the right shape, zero
