@@ -54,7 +54,7 @@ class ModelConfig:
     clip_encoder: str = ""  # opensora-v2.0: CLIP text model
     size: str = "full"  # opensora with random weights: full (the released architecture) | tiny (tests)
     gradient_checkpointing: bool = False
-    portable_kernels: bool = False  # opensora: upstream's xformers/flash-attn/Liger calls as plain torch (CPU, newer torch)
+    portable_kernels: bool = False  # opensora: upstream's xformers/flash-attn/Liger calls in plain torch
     weights: str = "checkpoints/ltx-small.safetensors"  # small default, written by pretrain
     patch_size: int = 8
     layers: int = 4

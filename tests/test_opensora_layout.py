@@ -89,7 +89,8 @@ def test_presets_load_with_the_seed_settings():
     naive = load_config("conf/opensora13-naive.yaml")
     assert (naive.data.frames, naive.data.context, naive.model.backend) == (45, 8, "opensora-v1.3")
     a = naive.adaptation
-    assert (a.method, a.data, a.objective, a.lr, a.batch_size, a.zero_stage) == ("full", "oracle", "v2v_head", 1e-5, 1, 2)
+    settings = (a.method, a.data, a.objective, a.lr, a.batch_size, a.zero_stage)
+    assert settings == ("full", "oracle", "v2v_head", 1e-5, 1, 2)
     assert "ORACLE" in arm_label(naive, "adapt") and "full fine-tuning" in arm_label(naive, "adapt")
     lora = load_config("conf/opensora20-lora.yaml")
     assert (lora.data.frames, lora.data.context, lora.data.height) == (65, 33, 256)

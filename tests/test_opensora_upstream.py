@@ -123,8 +123,8 @@ def test_preset_runs_end_to_end_through_mlflow_run(tmp_path):
     subprocess.run([sys.executable, "-m", "pipeline", "preprocess", "--config", str(config_path)], cwd=ROOT, env=env,
                    check=True, capture_output=True)
     for entry in ("baseline", "adapt"):
-        result = subprocess.run([sys.executable, "-m", "mlflow", "run", ".", "-e", entry, "-P", f"config={config_path}", "--env-manager",
-                                 "local", "--experiment-name", f"tiny-{VERSION}"],
+        result = subprocess.run([sys.executable, "-m", "mlflow", "run", ".", "-e", entry, "-P", f"config={config_path}",
+                                 "--env-manager", "local", "--experiment-name", f"tiny-{VERSION}"],
                                 cwd=ROOT, env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
     mlflow.set_tracking_uri(uri)

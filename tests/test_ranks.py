@@ -21,8 +21,8 @@ def test_two_ranks_share_each_clip_and_rank_0_records_it(prepared, store):
     one = subprocess.run(cli("adapt", "--config", str(prepared), "--set", "experiment=one-rank"), cwd=ROOT,
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "29533", "-m", "pipeline", "adapt", "--config", str(prepared), "--set", "experiment=two-ranks"],
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "pipeline", "adapt", "--config", str(prepared), "--set", "experiment=two-ranks"],
                          cwd=ROOT, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
     single, double = _adapted_psnr("one-rank"), _adapted_psnr("two-ranks")

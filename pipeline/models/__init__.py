@@ -44,7 +44,8 @@ def load_backend(config: Config, random_weights: bool = False) -> VideoBackend:
 def _load_ltx(config: Config, random_weights: bool, device: torch.device, dtype: torch.dtype) -> LTXVideoBackend:
     m, s = config.model, config.sampling
     if s.guidance != 1 or s.image_guidance != 1:
-        raise ValueError("sampling.guidance and sampling.image_guidance are not implemented for model.backend=ltx-video")
+        raise ValueError("sampling.guidance and sampling.image_guidance are not implemented for "
+                         "model.backend=ltx-video")
     common = dict(fps=config.data.fps, sampling_steps=s.steps, shift=s.shift, decode_timestep=m.decode_timestep,
                   device=device, dtype=dtype, compile=m.compile)
     if m.pretrained:

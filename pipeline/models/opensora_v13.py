@@ -215,7 +215,8 @@ def tiny_vae(**kw):
     """The v1.3 VAE classes at a small width, random weights: same chunking and 4x/8x compression."""
     from opensora.models.vae_v1_3.vae import OpenSoraVAE_V1_3_Pipline, OpenSoraVAE_V1_3_PiplineConfig
 
-    common = dict(z_channels=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2, 4, 4], num_res_blocks=1)  # GroupNorm needs 32k
+    # channels a multiple of 32: the VAE's GroupNorm has 32 groups
+    common = dict(z_channels=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2, 4, 4], num_res_blocks=1)
     config = OpenSoraVAE_V1_3_PiplineConfig(
         encoder=dict(type="VideoEncoder", double_z=True, down_sampling_layer=[1, 2], **common),
         decoder=dict(type="VideoDecoder", temporal_up_layers=[2, 3], **common))
