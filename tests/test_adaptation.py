@@ -81,3 +81,38 @@ def test_denoising_objective_runs_on_a_single_frame(prepared):
     with pytest.raises(ValueError, match="at least 2 latent frames"):
         adapt_to_clip(backend, adapter, torch.rand(1, 3, 1, 16, 16),
                       load_config(prepared).adaptation, seed=0)
+
+
+def test_full_finetuning_changes_the_output_and_reset_restores_every_weight(prepared):
+    """adaptation.method=full on the CPU (plain AdamW; DeepSpeed runs on GPUs): zero steps equal the
+    baseline, training changes the continuation, the next clip starts from the base weights again."""
+    config = load_config(prepared, {"adaptation.method": "full", "adaptation.steps": "2", "adaptation.lr": "0.01"})
+    baseline = Continuer(config, "baseline")
+    frames = _clip(config, baseline)
+    out_b = baseline.run(frames)[0]
+    adapted = Continuer(config, "adapt")
+    base = [p.detach().clone() for p in adapted.adapter.parameters()]
+    assert not np.array_equal(adapted.run(frames)[0], out_b)
+    adapted.adapter.reset()
+    assert all(torch.equal(p, b) for p, b in zip(adapted.adapter.parameters(), base))
+    zero = Continuer(load_config(prepared, {"adaptation.method": "full", "adaptation.steps": "0"}), "adapt")
+    assert np.array_equal(zero.run(frames)[0], out_b)
+
+
+def test_gradient_accumulation_averages_micro_batches():
+    """Two micro-batches (losses a, b) per step give the gradient of one batch with loss (a + b) / 2."""
+    targets = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])]
+
+    def grad_after_one_step(accum: int) -> torch.Tensor:
+        param = torch.nn.Parameter(torch.zeros(2))
+        optimizer = TorchAdamW([param], lr=0.0, warmup=0, accum=accum)  # lr 0: gradients only
+        if accum == 2:
+            losses = iter([((param - t) ** 2).sum() for t in targets])
+            loss_fn = lambda step: next(losses)  # noqa: E731
+        else:
+            loss_fn = lambda step: sum(((param - t) ** 2).sum() for t in targets) / 2  # noqa: E731
+        optimizer.step = lambda: None  # keep the accumulated gradient for the comparison
+        train(optimizer, loss_fn, steps=1)
+        return param.grad
+
+    assert torch.allclose(grad_after_one_step(2), grad_after_one_step(1))
