@@ -93,7 +93,7 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 4) -> dict
     torch.cuda.reset_peak_memory_stats()
     latents, result["sample_s"] = _timed(lambda: backend.sample(context, layout.latent_frames, seed=0))
     result["sampling_steps"] = config.sampling.steps
-    result["guidance_passes"] = 3 if (config.sampling.guidance != 1 or config.sampling.image_guidance != 1) else 1
+    result["guidance_passes"] = backend.guidance_passes()
     _, result["decode_s"] = _timed(lambda: backend.decode(latents, generator))
     result["sample_peak_gib"] = _gib(torch.cuda.max_memory_allocated())
     result["gpu"] = torch.cuda.get_device_name()

@@ -27,6 +27,8 @@ class VideoBackend(ABC):
 
     transformer: torch.nn.Module
     device: torch.device
+    attention_targets: list[str]  # module-name suffixes LoRA adapts in the 'attention' preset
+    mlp_targets: list[str]  # added by 'attention+mlp'
 
     @abstractmethod
     def frame_layout(self, frames: int, context: int, height: int, width: int) -> FrameLayout:
@@ -50,6 +52,9 @@ class VideoBackend(ABC):
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each block's activations in the backward pass: less memory, about 1/3 more compute."""
 
-    @abstractmethod
     def lora_targets(self, preset: str) -> list[str]:
-        """Module names (PEFT target_modules) for a target preset such as 'attention'."""
+        """Module names (PEFT target_modules) for a target preset: 'attention' or 'attention+mlp'."""
+        presets = {"attention": self.attention_targets, "attention+mlp": self.attention_targets + self.mlp_targets}
+        if preset not in presets:
+            raise ValueError(f"adaptation.targets={preset!r} is not one of {sorted(presets)}")
+        return presets[preset]

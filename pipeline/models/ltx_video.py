@@ -44,6 +44,8 @@ def small_transformer(patch_size: int, layers: int, heads: int, head_dim: int) -
 
 
 class LTXVideoBackend(VideoBackend):
+    attention_targets, mlp_targets = ATTENTION_TARGETS, MLP_TARGETS
+
     def __init__(
         self,
         transformer: LTXVideoTransformer3DModel,
@@ -207,12 +209,6 @@ class LTXVideoBackend(VideoBackend):
 
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
-
-    def lora_targets(self, preset: str) -> list[str]:
-        presets = {"attention": ATTENTION_TARGETS, "attention+mlp": ATTENTION_TARGETS + MLP_TARGETS}
-        if preset not in presets:
-            raise ValueError(f"adaptation.targets={preset!r} is not one of {sorted(presets)}")
-        return presets[preset]
 
 
 def frames_to_tensor(frames) -> torch.Tensor:

@@ -24,8 +24,8 @@ import math
 
 import torch
 
-from .base import FrameLayout, VideoBackend
-from .upstream import require_opensora
+from .base import FrameLayout
+from .upstream import OpenSoraBackend, require_opensora
 
 CHUNK, CHUNK_LATENTS = 17, 5  # pixel frames per VAE chunk (overlapping by one) and their latent frames
 SPATIAL = 8
@@ -73,7 +73,9 @@ def _frame_mask(batch: int, frames: int, clean: int, device: torch.device) -> to
     return mask
 
 
-class OpenSoraV13Backend(VideoBackend):
+class OpenSoraV13Backend(OpenSoraBackend):
+    attention_targets, mlp_targets = ATTENTION_TARGETS, MLP_TARGETS
+
     def __init__(self, transformer, vae, caption: torch.Tensor, caption_mask: torch.Tensor | None, fps: float,
                  sampling_steps: int = 30,
                  guidance: float = 7.5, image_guidance: float = 5.0, device: torch.device | str = "cpu",
@@ -183,32 +185,18 @@ class OpenSoraV13Backend(VideoBackend):
         ref = torch.zeros_like(x)
         ref[:, :, :clean] = context_latents
         x[:, :, :clean] = context_latents
-        branches = [(self.caption, ref)]  # (caption, v2v condition) per guidance branch
-        if self.image_guidance != 1 or self.guidance != 1:
-            branches += [(self.null_caption, ref), (self.null_caption, torch.zeros_like(ref))]
+        # (caption, v2v condition) per guidance pass
+        branches = [(self.caption, ref), (self.null_caption, ref), (self.null_caption, torch.zeros_like(ref))]
+        branches = branches[: self.guidance_passes()]
         captions = torch.cat([c.expand(batch, -1, -1, -1) for c, _ in branches])
         conds = torch.cat([r for _, r in branches])
         times = self.timesteps(latent_frames, h, w)
         for t, t_next in zip(times[:-1], times[1:]):
             timestep = torch.full((batch * len(branches),), t, device=self.device)
-            v = self._velocity(x.repeat(len(branches), 1, 1, 1, 1), timestep, clean, captions, conds)
-            if len(branches) == 3:
-                text, image_only, neither = v.chunk(3)
-                v = neither + self.image_guidance * (image_only - neither) + self.guidance * (text - image_only)
+            v = self.mix_guidance(self._velocity(x.repeat(len(branches), 1, 1, 1, 1), timestep, clean, captions, conds))
             x = x + v * (t - t_next) / 1000
             x[:, :, :clean] = context_latents
         return x
-
-    def enable_gradient_checkpointing(self) -> None:
-        from opensora.acceleration.checkpoint import set_grad_checkpoint
-
-        set_grad_checkpoint(self.transformer)
-
-    def lora_targets(self, preset: str) -> list[str]:
-        presets = {"attention": ATTENTION_TARGETS, "attention+mlp": ATTENTION_TARGETS + MLP_TARGETS}
-        if preset not in presets:
-            raise ValueError(f"adaptation.targets={preset!r} is not one of {sorted(presets)}")
-        return presets[preset]
 
 
 def tiny_vae(**kw):

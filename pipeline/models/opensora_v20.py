@@ -21,8 +21,8 @@ import math
 import torch
 from einops import rearrange
 
-from .base import FrameLayout, VideoBackend
-from .upstream import require_opensora
+from .base import FrameLayout
+from .upstream import OpenSoraBackend, require_opensora
 
 TEMPORAL, SPATIAL, PATCH = 4, 8, 2
 T5_TOKENS, T5_WIDTH, CLIP_WIDTH = 512, 4096, 768
@@ -88,7 +88,9 @@ def shifted_timesteps(steps: int, tokens_per_frame: int, frames: int) -> list[fl
     return (alpha * t / (1 + (alpha - 1) * t)).tolist()
 
 
-class OpenSoraV20Backend(VideoBackend):
+class OpenSoraV20Backend(OpenSoraBackend):
+    attention_targets, mlp_targets = ATTENTION_TARGETS, MLP_TARGETS
+
     def __init__(self, transformer, vae, text: torch.Tensor, null_text: torch.Tensor, vec: torch.Tensor,
                  null_vec: torch.Tensor, sampling_steps: int = 25, guidance: float = 7.5, image_guidance: float = 3.0,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16):
@@ -173,10 +175,8 @@ class OpenSoraV20Backend(VideoBackend):
         x = pack(torch.randn((batch, channels, latent_frames, h, w), generator=generator, device=self.device))
         cond = condition(context_latents, latent_frames)
         ids = image_ids(batch, latent_frames, h, w, self.device)
-        branches = [(self.text, self.vec, cond)]
-        if self.image_guidance != 1 or self.guidance != 1:
-            zeros = torch.zeros_like(cond)
-            branches += [(self.null_text, self.null_vec, cond), (self.null_text, self.null_vec, zeros)]
+        branches = [(self.text, self.vec, cond), (self.null_text, self.null_vec, cond),
+                    (self.null_text, self.null_vec, torch.zeros_like(cond))][: self.guidance_passes()]
         n = len(branches)
         text = torch.cat([b[0].expand(batch, -1, -1) for b in branches])
         vec = torch.cat([b[1].expand(batch, -1) for b in branches])
@@ -184,25 +184,11 @@ class OpenSoraV20Backend(VideoBackend):
         times = shifted_timesteps(self.sampling_steps, (h // PATCH) * (w // PATCH), latent_frames)
         for t, t_next in zip(times[:-1], times[1:]):
             tt = torch.full((batch * n,), t, device=self.device)
-            v = self._velocity(x.repeat(n, 1, 1), tt, ids.repeat(n, 1, 1), conds, text, vec)
-            if n == 3:
-                text_v, image_v, neither = v.chunk(3)
-                v = neither + self.image_guidance * (image_v - neither) + self.guidance * (text_v - image_v)
+            v = self.mix_guidance(self._velocity(x.repeat(n, 1, 1), tt, ids.repeat(n, 1, 1), conds, text, vec))
             x = x + (t_next - t) * v
         out = unpack(x, latent_frames, h, w)
         out[:, :, :clean] = context_latents
         return out
-
-    def enable_gradient_checkpointing(self) -> None:
-        from opensora.acceleration.checkpoint import set_grad_checkpoint
-
-        set_grad_checkpoint(self.transformer)
-
-    def lora_targets(self, preset: str) -> list[str]:
-        presets = {"attention": ATTENTION_TARGETS, "attention+mlp": ATTENTION_TARGETS + MLP_TARGETS}
-        if preset not in presets:
-            raise ValueError(f"adaptation.targets={preset!r} is not one of {sorted(presets)}")
-        return presets[preset]
 
 
 def encode_prompts(t5: str, clip: str, prompt: str) -> tuple[torch.Tensor, ...]:

@@ -19,6 +19,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from .base import VideoBackend
+
 INSTALL = {
     "v1.3": "git clone -b opensora/v1.3 https://github.com/hpcaitech/Open-Sora open-sora-v1.3 && "
             "pip install --no-deps -e open-sora-v1.3 && pip install --no-deps xformers timm mmengine addict yapf "
@@ -33,6 +35,29 @@ MARKER = {"v1.3": "opensora.models.stdit.stdit3", "v2.0": "opensora.models.mmdit
 
 class OpenSoraMissing(ImportError):
     pass
+
+
+class OpenSoraBackend(VideoBackend):
+    """What the two Open-Sora backends share: upstream's gradient checkpointing and guidance mix."""
+
+    guidance: float
+    image_guidance: float
+
+    def guidance_passes(self) -> int:
+        """3 (text+image, image only, neither) when either guidance is on, else 1."""
+        return 3 if self.guidance != 1 or self.image_guidance != 1 else 1
+
+    def mix_guidance(self, velocity: torch.Tensor) -> torch.Tensor:
+        """Upstream's v2v classifier-free guidance over the passes stacked along the batch."""
+        if self.guidance_passes() == 1:
+            return velocity
+        text, image_only, neither = velocity.chunk(3)
+        return neither + self.image_guidance * (image_only - neither) + self.guidance * (text - image_only)
+
+    def enable_gradient_checkpointing(self) -> None:
+        from opensora.acceleration.checkpoint import set_grad_checkpoint
+
+        set_grad_checkpoint(self.transformer)
 
 
 def require_opensora(version: str, portable_kernels: bool = False):
