@@ -25,7 +25,7 @@ class Optimizer:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Free optimizer state (called once the clip is done)."""
+        """Free optimizer state (the adapter calls it at its next reset)."""
 
 
 class TorchAdamW(Optimizer):

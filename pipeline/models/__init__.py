@@ -26,8 +26,7 @@ def load_backend(config: Config, random_weights: bool = False) -> VideoBackend:
     device, dtype = default_device(), getattr(torch, m.dtype)
     if m.backend == "opensora-v1.3":
         backend = OpenSoraV13Backend.build(m.pretrained, m.vae, m.text_encoder, m.prompt, m.size, m.portable_kernels,
-                                           fps=config.data.fps,
-                                           sampling_steps=s.steps, guidance=s.guidance,
+                                           fps=config.data.fps, sampling_steps=s.steps, guidance=s.guidance,
                                            image_guidance=s.image_guidance, device=device, dtype=dtype)
     elif m.backend == "opensora-v2.0":
         backend = OpenSoraV20Backend.build(m.pretrained, m.vae, m.text_encoder, m.clip_encoder, m.prompt, m.size,

@@ -18,8 +18,7 @@ import torch
 from mlflow.entities import Metric
 
 from .. import ranks
-from ..adaptation.full import FullFinetune
-from ..adaptation.lora import LoraAdapter
+from ..adaptation import make_adapter
 from ..adaptation.trainer import adapt_to_clip
 from ..cluster import Shard, check_store_for_many_writers, preemptible
 from ..config import Config
@@ -49,10 +48,7 @@ class Continuer:
         self.backend = backend or load_backend(config)
         d = config.data
         self.layout = self.backend.frame_layout(d.frames, d.context, d.height, d.width)
-        self.adapter = None
-        if stage == "adapt":
-            method = {"lora": LoraAdapter, "full": FullFinetune}[config.adaptation.method]
-            self.adapter = method(self.backend, config.adaptation)
+        self.adapter = make_adapter(self.backend, config.adaptation) if stage == "adapt" else None
         self.lpips, self.lpips_note = None, ""
         if config.evaluation.lpips:
             try:
