@@ -20,14 +20,25 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
-from diffusers import LTXVideoTransformer3DModel
+from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel
+from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 from torch.utils.flop_counter import FlopCounterMode
 
 LTX_VIDEO_2B = dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
                     attention_head_dim=64, cross_attention_dim=2048, num_layers=28, caption_channels=4096)
+LTX_VIDEO_VAE = dict(  # Lightricks/LTX-Video-0.9.5's VAE: 32x space, 8x time, timestep-conditioned decoder
+    block_out_channels=(128, 256, 512, 1024, 2048), down_block_types=("LTXVideo095DownBlock3D",) * 4,
+    decoder_block_out_channels=(256, 512, 1024), layers_per_block=(4, 6, 6, 2, 2),
+    decoder_layers_per_block=(5, 5, 5, 5), spatio_temporal_scaling=(True,) * 4,
+    decoder_spatio_temporal_scaling=(True,) * 3, decoder_inject_noise=(False,) * 4,
+    downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"), upsample_residual=(True,) * 3,
+    upsample_factor=(2, 2, 2), timestep_conditioning=True, spatial_compression_ratio=32, temporal_compression_ratio=8)
 TEXT_TOKENS = 128
+TIME_SPLIT = ("load_seconds", "encode_seconds", "adapt_seconds", "sample_seconds", "decode_seconds", "metrics_seconds",
+              "record_seconds", "clip_seconds", "non_model_share")
 
 
 @dataclass
@@ -63,6 +74,18 @@ class Result:
     def row(self) -> dict:
         return {**asdict(self.case), "tokens": self.case.tokens, **{k: v for k, v in asdict(self).items()
                                                                       if k != "case"}}
+
+
+def grid(frames: list[int], sizes: list[int], ranks: list[int], methods: list[str],
+         checkpointing: list[bool]) -> list[Case]:
+    """Every configuration, grouped by model structure (method, rank, checkpointing), which is what
+    forces torch.compile to recompile. Within a group the second shape differs from the first in both
+    frames and size: after that recompile the compiled graph has symbolic token counts (dynamo's
+    automatic dynamic shapes) and serves the remaining shapes without compiling again."""
+    shapes = [(f, s) for f in frames for s in sizes]
+    shapes = shapes[:1] + shapes[-1:] + shapes[1:-1] if len(shapes) > 2 else shapes
+    return [Case(f, s, method, rank, ckpt) for method in methods for ckpt in checkpointing
+            for rank in (ranks if method == "lora" else [0]) for f, s in shapes]
 
 
 def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 50) -> float:
@@ -152,7 +175,9 @@ def build(config: dict, case: Case, device: torch.device, fast: bool):
 
 def measure(case: Case, fast: bool, peak: float, device: torch.device, config: dict = LTX_VIDEO_2B) -> Result:
     if device.type == "cuda":
-        gc.collect()  # the previous configuration's compiled graphs hold references in cycles
+        # the previous configuration's CUDA graphs hold its model's memory; the compiled code stays
+        reset_cudagraph_trees()
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model, params, (eager_step, step, sample_step) = build(config, case, device, fast)
@@ -201,6 +226,87 @@ def stage_loop(case: Case, compile: bool, device: torch.device, steps: int = 20,
     return {"tta_step_ms": 1e3 * stats["adapt_seconds"] / steps, "sample_seconds": sample_seconds}
 
 
+@torch.no_grad()
+def vae_seconds(frames: int, size: int, device: torch.device, config: dict = LTX_VIDEO_VAE) -> dict[str, float]:
+    """The LTX-Video VAE (random weights, bf16 on a GPU) at real size: encoding the context (the
+    first half of the clip, as the stages do) and decoding the whole clip, with the stages' calls."""
+    from .models.ltx_video import LTXVideoBackend
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.device(device):
+        vae = AutoencoderKLLTXVideo(**config).to(dtype)
+        latent = vae.config.latent_channels  # the backend needs a transformer for its patch size only
+        transformer = LTXVideoTransformer3DModel(num_layers=0, caption_channels=8, in_channels=latent,
+                                                 out_channels=latent)
+    backend = LTXVideoBackend(transformer, vae, torch.zeros(1, 1, 8), fps=25.0, device=device, dtype=dtype)
+    context = 8 * ((frames - 1) // 16) + 1
+    video = torch.rand(1, 3, frames, size, size) * 2 - 1
+    latents = backend.encode(video)
+    generator = torch.Generator(device).manual_seed(0)
+    encode = median_seconds(lambda: backend.encode(video[:, :, :context]), device, warmup=1, iters=3)
+    decode = median_seconds(lambda: backend.decode(latents, generator), device, warmup=1, iters=3)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return {"frames": frames, "size": size, "context": context, "encode_context_s": encode, "decode_clip_s": decode,
+            "peak_gb": peak}
+
+
+def stage_clips(workdir: Path, clips: int = 4, frames: int = 65, size: int = 256, steps: int = 20,
+                sampling_steps: int = 20, transformer_config: dict = LTX_VIDEO_2B,
+                vae_config: dict = LTX_VIDEO_VAE) -> dict[str, dict]:
+    """The baseline and adapt stages themselves at real size, MLflow store, mp4s and scoring included:
+    LTX-Video 2B and its VAE with random weights (bf16 and compiled on a GPU) on synthetic clips of
+    frames x size x size, the first half as context, LoRA r16 for `steps` steps, then sampling.
+    Returns each arm's mean time split per clip, leaving out the first clip (compilation)."""
+    import mlflow
+
+    from .config import load_config
+    from .data.preprocess import preprocess
+    from .models import default_device
+    from .models.ltx_video import LTXVideoBackend
+
+    device = default_device()
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32  # a CPU has no bf16 autocast here
+    config = load_config(None, {
+        "experiment": "stage-clips", "data.output_dir": str(workdir / "clips"), "data.frames": str(frames),
+        "data.context": str(8 * ((frames - 1) // 16) + 1), "data.height": str(size), "data.width": str(size),
+        "data.fps": "25", "data.train_clips": "0", "data.test_clips": str(clips), "data.num_clips": str(clips),
+        "model.dtype": str(dtype).removeprefix("torch."), "model.compile": str(cuda).lower(),
+        "sampling.steps": str(sampling_steps), "adaptation.steps": str(steps), "adaptation.lr": "2e-4"})
+    preprocess(config.data, config.seed)
+    with torch.device(device):
+        transformer = LTXVideoTransformer3DModel(**transformer_config).to(dtype)
+        vae = AutoencoderKLLTXVideo(**vae_config).to(dtype)
+    text = torch.randn(1, TEXT_TOKENS, transformer_config["caption_channels"])
+    backend = LTXVideoBackend(transformer, vae, text, fps=config.data.fps, sampling_steps=sampling_steps,
+                              device=device, dtype=dtype, compile=cuda)
+    previous_store = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    try:
+        return {stage: _time_split(config, stage, backend) for stage in ("baseline", "adapt")}
+    finally:
+        mlflow.set_tracking_uri(previous_store)
+
+
+def _time_split(config, stage: str, backend) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    from .stages.continuation import run_stage
+    from .tracking.runs import TAG_KIND, TAG_STAGE, search_all
+
+    run_stage(config, stage, backend)
+    experiment = MlflowClient().get_experiment_by_name(config.experiment).experiment_id
+    runs = search_all(experiment, f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_KIND}` = 'clip' "
+                                  f"and attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"])
+    if not runs:
+        raise RuntimeError(f"no clip of the {stage} stage finished (the messages above say why)")
+    timed = [r.data.metrics for r in runs[1:]] or [r.data.metrics for r in runs]
+    split = {key: statistics.mean(m[key] for m in timed) for key in TIME_SPLIT if key in timed[0]}
+    return {**split, "clips": len(timed)}
+
+
 def evaluation_seconds(clips: int, frames: int, size: int, device: torch.device, chunk: int = 512) -> dict:
     """Seconds to score clips x frames x size^2 RGB frames with PSNR, SSIM (gpu_metrics) and LPIPS.
     LPIPS runs with a randomly initialised AlexNet here: timing only (its values are never reported)."""
@@ -239,14 +345,18 @@ def format_table(results: list[Result], peak: float) -> str:
 
 def run_bench(cases: list[Case], paths: tuple[str, ...] = ("plain", "fast"), out: str | None = None) -> list[Result]:
     device = torch.device("cuda")
+    # one compiled forward per model structure and grad mode: more than dynamo's default limit of 8,
+    # past which it would fall back to eager without an error
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     peak = matmul_peak_tflops(device)
     results = []
     for case in cases:
         for path in paths:
             try:
                 result = measure(case, path == "fast", peak, device)
-            except torch.OutOfMemoryError as exc:
-                print(f"{case} {path}: out of memory ({str(exc).splitlines()[0]})", flush=True)
+            except Exception as exc:  # out of memory, above all: the other configurations still run
+                print(f"{case} {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}", flush=True)
                 continue
             results.append(result)
             print(json.dumps(result.row()), flush=True)

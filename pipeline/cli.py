@@ -180,24 +180,36 @@ def download_dataset(name: str, dest: str) -> None:
 @click.option("--out", default="", help="also append one JSON line per result to this file")
 @click.option("--stage-loop", is_flag=True, help="time the stages' own TTA loop and sampler, eager and compiled")
 @click.option("--evaluation", is_flag=True, help="time PSNR+SSIM+LPIPS of 100 clips x 37 frames x 256 px instead")
-def bench(frames, sizes, ranks, methods, checkpointing, paths, out, stage_loop, evaluation) -> None:
+@click.option("--stage-clips", default=0, help="instead: run the baseline and adapt stages on this many synthetic "
+                                               "clips (the first --frames and --sizes) and print their time split")
+@click.option("--vae", is_flag=True, help="instead: time the LTX-Video VAE (encode context, decode clip) per shape")
+def bench(frames, sizes, ranks, methods, checkpointing, paths, out, stage_loop, evaluation, stage_clips, vae) -> None:
     """Speed and memory of TTA steps on LTX-Video 2B with random weights (needs a GPU)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
     import torch
 
-    from .bench import Case, evaluation_seconds, run_bench, stage_loop as time_stage_loop
+    from .bench import evaluation_seconds, grid, run_bench, stage_loop as time_stage_loop, stage_clips as time_stages
+    from .bench import vae_seconds
 
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     if evaluation:
         click.echo(evaluation_seconds(100, 37, 256, torch.device("cuda")))
         return
-
-    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
-    flags = {"off": [False], "on": [True], "both": [False, True]}[checkpointing]
-    cases = []
-    for method in methods.split(","):
+    if vae:
         for f in ints(frames):
             for size in ints(sizes):
-                for gc in flags:
-                    cases += [Case(f, size, method, r, gc) for r in (ints(ranks) if method == "lora" else [0])]
+                click.echo(json.dumps(vae_seconds(f, size, torch.device("cuda"))))
+        return
+    if stage_clips:
+        with tempfile.TemporaryDirectory() as workdir:
+            split = time_stages(Path(workdir), stage_clips, ints(frames)[0], ints(sizes)[0])
+        click.echo(json.dumps(split, indent=1))
+        return
+    flags = {"off": [False], "on": [True], "both": [False, True]}[checkpointing]
+    cases = grid(ints(frames), ints(sizes), ints(ranks), methods.split(","), flags)
     if not stage_loop:
         run_bench(cases, tuple(paths.split(",")), out or None)
         return

@@ -1,4 +1,5 @@
 """The benchmark's FLOP counting and its table, on a tiny LTX-Video transformer on the CPU."""
+import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -6,6 +7,9 @@ from pipeline import bench
 
 TINY = dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
             cross_attention_dim=32, num_layers=2, caption_channels=16)
+# the LTX-Video VAE's architecture (blocks, down/upsampling, timestep conditioning) at a width a CPU runs quickly
+NARROW_VAE = {**bench.LTX_VIDEO_VAE, "block_out_channels": (8, 16, 32, 64, 128), "decoder_block_out_channels": (16, 32, 64),
+              "layers_per_block": (1,) * 5, "decoder_layers_per_block": (1,) * 4}
 
 
 def analytic_forward_flops(model, config: dict, tokens: int, text: int) -> int:
@@ -56,3 +60,35 @@ def test_stage_loop_times_the_stages_own_path():
 def test_evaluation_timing_runs_batched_metrics():
     timing = bench.evaluation_seconds(clips=2, frames=3, size=64, device=torch.device("cpu"), chunk=4)
     assert timing["seconds"] > 0 and (timing["clips"], timing["frames"], timing["size"]) == (2, 3, 64)
+
+
+def test_stage_clips_times_both_stages_with_tracking_and_video(tmp_path):
+    """The real stages (MLflow store, mp4 writing, scoring) with the LTX-Video VAE's architecture on
+    the CPU: every part of a clip's wall time is accounted for."""
+    transformer = {**TINY, "in_channels": 128, "out_channels": 128}
+    arms = bench.stage_clips(tmp_path, clips=2, frames=17, size=64, steps=2, sampling_steps=2,
+                             transformer_config=transformer, vae_config=NARROW_VAE)
+    for split in arms.values():
+        assert split["clips"] == 1  # the first clip is left out
+        model = sum(split[k] for k in ("encode_seconds", "adapt_seconds", "sample_seconds", "decode_seconds")
+                    if k in split)
+        rest = split["load_seconds"] + split["metrics_seconds"] + split["record_seconds"]
+        assert split["non_model_share"] == pytest.approx(rest / split["clip_seconds"], rel=1e-6)
+        assert model + rest <= split["clip_seconds"] * 1.01
+    assert "adapt_seconds" in arms["adapt"] and "adapt_seconds" not in arms["baseline"]
+    assert len(list((tmp_path / "clips").rglob("*.mp4"))) == 2
+
+
+def test_grid_lists_every_configuration_once_and_changes_both_dimensions_second():
+    cases = bench.grid([65, 97, 121], [256, 512], [16, 64], ["lora", "full"], [False, True])
+    keys = [(c.frames, c.size, c.method, c.rank, c.checkpointing) for c in cases]
+    assert len(keys) == len(set(keys)) == 6 * (2 * 2 + 2)
+    for start in range(0, len(cases), 6):  # one model structure per group of shapes
+        group = cases[start:start + 6]
+        assert len({(c.method, c.rank, c.checkpointing) for c in group}) == 1
+        assert group[0].frames != group[1].frames and group[0].size != group[1].size
+
+
+def test_vae_timing_encodes_the_context_and_decodes_the_clip():
+    timing = bench.vae_seconds(17, 64, torch.device("cpu"), config=NARROW_VAE)
+    assert timing["context"] == 9 and timing["encode_context_s"] > 0 and timing["decode_clip_s"] > 0
