@@ -8,8 +8,8 @@ from pipeline import bench
 TINY = dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
             cross_attention_dim=32, num_layers=2, caption_channels=16)
 # the LTX-Video VAE's architecture (blocks, down/upsampling, timestep conditioning) at a width a CPU runs quickly
-NARROW_VAE = {**bench.LTX_VIDEO_VAE, "block_out_channels": (8, 16, 32, 64, 128), "decoder_block_out_channels": (16, 32, 64),
-              "layers_per_block": (1,) * 5, "decoder_layers_per_block": (1,) * 4}
+NARROW_VAE = {**bench.LTX_VIDEO_VAE, "block_out_channels": (8, 16, 32, 64, 128),
+              "decoder_block_out_channels": (16, 32, 64), "layers_per_block": (1,) * 5, "decoder_layers_per_block": (1,) * 4}
 
 
 def analytic_forward_flops(model, config: dict, tokens: int, text: int) -> int:
