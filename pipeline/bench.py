@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel
-from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 from torch.utils.flop_counter import FlopCounterMode
+
+from .models.ltx_video import compile_blocks
 
 LTX_VIDEO_2B = dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
                     attention_head_dim=64, cross_attention_dim=2048, num_layers=28, caption_channels=4096)
@@ -70,6 +71,7 @@ class Result:
     peak_memory_gb: float
     sample_step_ms: float  # one forward pass of sampling (no grad)
     reset_ms: float
+    first_step_s: float  # the first call, compilation included
 
     def row(self) -> dict:
         return {**asdict(self.case), "tokens": self.case.tokens, **{k: v for k, v in asdict(self).items()
@@ -78,14 +80,10 @@ class Result:
 
 def grid(frames: list[int], sizes: list[int], ranks: list[int], methods: list[str],
          checkpointing: list[bool]) -> list[Case]:
-    """Every configuration, grouped by model structure (method, rank, checkpointing), which is what
-    forces torch.compile to recompile. Within a group the second shape differs from the first in both
-    frames and size: after that recompile the compiled graph has symbolic token counts (dynamo's
-    automatic dynamic shapes) and serves the remaining shapes without compiling again."""
-    shapes = [(f, s) for f in frames for s in sizes]
-    shapes = shapes[:1] + shapes[-1:] + shapes[1:-1] if len(shapes) > 2 else shapes
+    """Every configuration: each LoRA rank (full fine-tuning once), with and without checkpointing, at
+    every clip length and size."""
     return [Case(f, s, method, rank, ckpt) for method in methods for ckpt in checkpointing
-            for rank in (ranks if method == "lora" else [0]) for f, s in shapes]
+            for rank in (ranks if method == "lora" else [0]) for f in frames for s in sizes]
 
 
 def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 50) -> float:
@@ -125,7 +123,8 @@ def inputs(case: Case, device: torch.device, dtype: torch.dtype, channels: int =
 
 
 def build(config: dict, case: Case, device: torch.device, fast: bool):
-    """The transformer (random weights) with LoRA or all weights trainable, and its train step."""
+    """The transformer (random weights) with LoRA or all weights trainable, its train step and one
+    sampling forward. Eager: the fast path compiles after its FLOPs are counted."""
     from peft import LoraConfig
 
     from .models.ltx_video import ATTENTION_TARGETS
@@ -144,53 +143,50 @@ def build(config: dict, case: Case, device: torch.device, fast: bool):
     else:
         model.requires_grad_(True)
         params = list(model.parameters())
-    forward = torch.compile(model, mode="reduce-overhead") if fast else model
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fast or None)
     x = inputs(case, device, torch.bfloat16 if fast else torch.float32, config["in_channels"],
                config["caption_channels"])
     target = torch.randn_like(x["hidden_states"])
 
-    def train_step(module) -> Callable[[], None]:
-        def step():
-            if fast:
-                torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                out = module(**x)[0]
-            loss = torch.nn.functional.mse_loss(out.float(), target.float())
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
+    def train_step():
+        if fast:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model(**x)[0]
+        loss = torch.nn.functional.mse_loss(out.float(), target.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def sample_step():
         if fast:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            forward(**x)
+            model(**x)
 
-    # FLOPs are counted on the eager module: a dispatch mode around compiled code would force a fallback
-    return model, params, (train_step(model), train_step(forward), sample_step)
+    return model, params, train_step, sample_step
 
 
 def measure(case: Case, fast: bool, peak: float, device: torch.device, config: dict = LTX_VIDEO_2B) -> Result:
     if device.type == "cuda":
-        # the previous configuration's CUDA graphs hold its model's memory; the compiled code stays
-        reset_cudagraph_trees()
+        torch._dynamo.reset()  # the previous configuration's compiled code and CUDA graphs (and its memory)
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    model, params, (eager_step, step, sample_step) = build(config, case, device, fast)
-    flops = count_flops(eager_step)
+    model, params, step, sample_step = build(config, case, device, fast)
+    flops = count_flops(step)  # eager: a dispatch mode around compiled code would make it fall back
+    if fast:
+        compile_blocks(model)
+    first_step = median_seconds(step, device, warmup=0, iters=1)  # includes compilation
     seconds = median_seconds(step, device)
     sample_seconds = median_seconds(sample_step, device)
     snapshot = [p.detach().clone() for p in params]  # the trained weights' initial values, kept on the GPU
     reset = median_seconds(lambda: restore(params, snapshot), device)
     peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     achieved = flops / seconds / 1e12
-    result = Result(case, "fast" if fast else "plain", seconds * 1e3, flops, achieved, achieved / peak, peak_gb,
-                    sample_seconds * 1e3, reset * 1e3)
-    return result
+    return Result(case, "fast" if fast else "plain", seconds * 1e3, flops, achieved, achieved / peak, peak_gb,
+                  sample_seconds * 1e3, reset * 1e3, first_step)
 
 
 @torch.no_grad()
@@ -333,22 +329,18 @@ def evaluation_seconds(clips: int, frames: int, size: int, device: torch.device,
 def format_table(results: list[Result], peak: float) -> str:
     lines = [f"bf16 matmul peak measured in this run: {peak:.0f} TFLOP/s", "",
              "| frames | px | tokens | method | rank | ckpt | path | step ms | GFLOP/step | TFLOP/s | MFU | "
-             "peak GB | sample fwd ms | reset ms |", "|" + "---|" * 14]
+             "peak GB | sample fwd ms | reset ms | first step s |", "|" + "---|" * 15]
     for r in results:
         c = r.case
         lines.append(f"| {c.frames} | {c.size} | {c.tokens} | {c.method} | {c.rank if c.method == 'lora' else '-'} | "
                      f"{'yes' if c.checkpointing else 'no'} | {r.path} | {r.step_ms:.1f} | {r.flops_per_step / 1e9:.0f} "
                      f"| {r.tflops:.0f} | {100 * r.mfu:.1f}% | {r.peak_memory_gb:.1f} | {r.sample_step_ms:.1f} | "
-                     f"{r.reset_ms:.2f} |")
+                     f"{r.reset_ms:.2f} | {r.first_step_s:.1f} |")
     return "\n".join(lines)
 
 
 def run_bench(cases: list[Case], paths: tuple[str, ...] = ("plain", "fast"), out: str | None = None) -> list[Result]:
     device = torch.device("cuda")
-    # one compiled forward per model structure and grad mode: more than dynamo's default limit of 8,
-    # past which it would fall back to eager without an error
-    torch._dynamo.config.recompile_limit = 64
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
     peak = matmul_peak_tflops(device)
     results = []
     for case in cases:

@@ -110,3 +110,26 @@ def test_from_pretrained_loads_a_diffusers_directory(tmp_path):
     assert (backend.temporal_ratio, backend.spatial_ratio) == (4, 4)
     latents = backend.sample(backend.encode(torch.zeros(1, 3, 5, 16, 16)), 3, seed=0)
     assert backend.decode(latents, torch.Generator().manual_seed(0)).shape == (1, 3, 9, 16, 16)
+
+
+def test_compiled_blocks_match_eager_and_compile_once_for_all_blocks():
+    """model.compile: one graph serves every transformer block; same velocities and gradients as eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    backends = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        backends.append(LTXVideoBackend.small(None, patch_size=4, layers=3, heads=2, head_dim=32, fps=8.0,
+                                              sampling_steps=2, compile=compile))
+    context = torch.rand(1, 3, 2, 16, 16) * 2 - 1
+    eager, compiled = (b.sample(context, 4, seed=0) for b in backends)
+    assert counters["stats"]["unique_graphs"] == 1  # three blocks, one compiled graph
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    grads = []
+    for backend in backends:
+        backend.transformer.requires_grad_(True)
+        backend.training_loss(context, 1, torch.Generator().manual_seed(0)).backward()
+        grads.append(backend.transformer.transformer_blocks[1].attn1.to_q.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)
