@@ -39,6 +39,7 @@ def test_stages_log_parent_children_and_evaluate(prepared, store):
     parts = m["load_seconds"] + m["encode_seconds"] + m["sample_seconds"] + m["decode_seconds"] + \
         m["metrics_seconds"] + m["record_seconds"] + m.get("adapt_seconds", 0)
     assert 0 < m["non_model_share"] < 1 and parts <= m["clip_seconds"] * 1.001
+    assert all(r.data.metrics["video_write_seconds"] > 0 for r in children)  # encoded on a worker thread
     assert child.data.tags["tta.class"] and child.data.tags["tta.source"] == "synthetic"
     artifacts = {a.path for a in MlflowClient().list_artifacts(child.info.run_id, "clip")}
     assert artifacts == {"clip/context.mp4", "clip/target.mp4", "clip/output.mp4", "clip/frame_metrics.json"}
@@ -89,7 +90,8 @@ def test_kill_9_mid_clip_resumes_with_one_result_per_clip(prepared, store, tmp_p
     assert sorted(r.data.tags["tta.clip_id"] for r in finished) == sorted(c.clip_id for c in read_manifest(
         load_config(config_path).data.manifest) if c.split == "test")
     assert all(any(r.info.run_id == run_id for r in finished) for run_id in before.values())  # not redone
-    assert [r.info.status for r in runs].count("KILLED") == 1 and "RUNNING" not in [r.info.status for r in runs]
+    # redone: the clip on the GPU and, if its videos were still being written, the one before it
+    assert 1 <= [r.info.status for r in runs].count("KILLED") <= 2 and "RUNNING" not in [r.info.status for r in runs]
 
 
 def test_bad_clips_are_recorded_and_the_rest_goes_on(prepared, store, tmp_path):

@@ -52,7 +52,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 12)
         stream = container.add_stream("libx264", rate=_fraction(fps))
         stream.width, stream.height = width + width % 2, height + height % 2
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
+        stream.options = {"crf": str(crf), "preset": "veryfast"}  # half the encoding time of x264's default
         for image in frames:
             if width % 2 or height % 2:
                 image = np.pad(image, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")

@@ -44,12 +44,14 @@ def small_transformer(patch_size: int, layers: int, heads: int, head_dim: int) -
 
 
 def compile_blocks(transformer: LTXVideoTransformer3DModel) -> None:
-    """Regional compilation: each transformer block through torch.compile with CUDA graphs
-    ("reduce-overhead"). The blocks share one compiled graph (same code, weights as graph inputs), so
+    """Regional compilation: each transformer block through torch.compile, with CUDA graphs
+    ("reduce-overhead") unless gradient checkpointing is on (CUDA graphs cannot record its
+    recomputation). The blocks share one compiled graph (same code, weights as graph inputs), so
     compiling costs one block instead of the whole model; compilation happens at the first call, so
     adapters added before it are part of the graph. The few layers around the blocks stay eager."""
+    mode = "default" if transformer.gradient_checkpointing else "reduce-overhead"
     for block in transformer.transformer_blocks:
-        block.compile(mode="reduce-overhead", dynamic=False)
+        block.compile(mode=mode, dynamic=False)
 
 
 class LTXVideoBackend(VideoBackend):
@@ -218,6 +220,8 @@ class LTXVideoBackend(VideoBackend):
 
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
+        if self.compiled:
+            compile_blocks(self.transformer)  # again, now without CUDA graphs
 
 
 def frames_to_tensor(frames) -> torch.Tensor:

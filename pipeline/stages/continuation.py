@@ -5,17 +5,17 @@ adaptation's doing; with 0 adaptation steps the adapted arm reproduces the basel
 """
 from __future__ import annotations
 
-import json
 import resource
 import sys
-import tempfile
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
 from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 
 from .. import ranks
 from ..adaptation import make_adapter
@@ -23,12 +23,13 @@ from ..adaptation.trainer import adapt_to_clip
 from ..cluster import Shard, check_store_for_many_writers, preemptible
 from ..config import Config
 from ..data.manifest import ClipRecord, read_manifest, resolve_clip_path, select_clips
-from ..data.video_io import VideoError, read_video, write_video
+from ..data.video_io import VideoError, read_video
 from ..evaluation.metrics import LpipsUnavailable, frame_metrics, load_lpips
 from ..models import VideoBackend, load_backend
 from ..models.ltx_video import frames_to_tensor, tensor_to_frames
 from ..progress import Progress
-from ..tracking.runs import clip_run, finished_clips, stage_run
+from ..tracking.runs import end_clip_run, finished_clips, stage_run, start_clip_run
+from .recorder import Recorder
 
 STAGE_SECTIONS = {
     "baseline": ("data", "model", "sampling", "evaluation"),
@@ -130,20 +131,44 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
         if done:
             print(f"[{stage}] resuming: {len(clips) - len(todo)} of {len(clips)} clips already finished", flush=True)
         progress = Progress(stage, len(clips), done=len(clips) - len(todo), every_seconds=0)
-        failures = 0
-        for record in todo:
-            try:
-                with clip_run(stage, digest, record.clip_id, record.label, record.source):
-                    _run_clip(continuer, d.manifest, record)
-                progress.advance(record.clip_id)
-            except Exception as exc:  # recorded on the clip's run; the stage goes on
-                failures += 1
-                if isinstance(exc, torch.OutOfMemoryError):
-                    torch.cuda.empty_cache()
-                print(f"[{stage}] clip {record.clip_id} failed: {exc}", file=sys.stderr, flush=True)
-                progress.advance(record.clip_id, "FAILED")
+        failures = _run_clips(continuer, stage, digest, todo, progress)
         mlflow.log_metrics({"clips_total": len(clips), "clips_failed": failures})
         return parent.info.run_id
+
+
+def _run_clips(continuer: Continuer, stage: str, digest: str, todo: list[ClipRecord], progress: Progress) -> int:
+    """Each clip in its own run, the next clip's frames decoded ahead; returns how many failed."""
+    d = continuer.config.data
+    failures = 0
+
+    def report(clip_id: str, error: BaseException | None) -> None:
+        nonlocal failures
+        if error is not None:
+            failures += 1
+            print(f"[{stage}] clip {clip_id} failed: {error}", file=sys.stderr, flush=True)
+        progress.advance(clip_id, "FAILED" if error else "")
+
+    recorder = Recorder(d, on_end=report)
+    try:
+        ahead = recorder.submit(continuer.load_clip, d.manifest, todo[0]) if todo else None
+        for i, record in enumerate(todo):
+            frames = ahead
+            if i + 1 < len(todo):  # decoded while this clip runs on the GPU
+                ahead = recorder.submit(continuer.load_clip, d.manifest, todo[i + 1])
+            run_id = start_clip_run(stage, digest, record.clip_id, record.label, record.source)
+            try:
+                _run_clip(continuer, recorder, record.clip_id, run_id, frames)
+            except Exception as exc:  # recorded on the clip's run; the stage goes on
+                if isinstance(exc, torch.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+                end_clip_run(run_id, exc)
+                report(record.clip_id, exc)
+            except BaseException as exc:  # preempted or interrupted: the clip is KILLED, the stage stops
+                end_clip_run(run_id, exc)
+                raise
+    finally:
+        recorder.close()  # the last clip's videos, also when stopped
+    return failures
 
 
 def _follow_main_rank(continuer: Continuer, manifest: Path, clips: dict[str, ClipRecord]) -> None:
@@ -155,31 +180,28 @@ def _follow_main_rank(continuer: Continuer, manifest: Path, clips: dict[str, Cli
             print(f"[rank {ranks.rank()}] clip {clip_id} failed: {exc}", file=sys.stderr, flush=True)
 
 
-def _run_clip(continuer: Continuer, manifest: Path, record: ClipRecord) -> None:
+def _run_clip(continuer: Continuer, recorder: Recorder, clip_id: str, run_id: str, frames_ahead: Future) -> None:
     """One clip, with its wall time split: model compute (encode, adapt, sample, decode) against the
-    rest (loading, scoring, recording), logged as `non_model_share`."""
+    rest (waiting for the clip's frames, scoring, logging), logged as `non_model_share`. Its videos
+    are encoded in the background; clips whose videos are done by now are ended."""
     d = continuer.config.data
     start = time.perf_counter()
-    frames = continuer.load_clip(manifest, record)
+    frames = frames_ahead.result()  # decoded on a worker thread; a bad file raises its VideoError here
     load_seconds = time.perf_counter() - start
     output, metrics, per_frame = continuer.run(frames)
     recording = time.perf_counter()
+    recorder.finish()  # the previous clip's videos were encoded while this clip ran
     timestamp = int(time.time() * 1000)
-    mlflow.log_metrics(metrics)
     history = [Metric(f"{name}_frame", value, timestamp, d.context + i)
                for name, values in per_frame.items() for i, value in enumerate(values)]
-    mlflow.tracking.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=history)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        write_video(tmp / "context.mp4", frames[: d.context], d.fps)
-        write_video(tmp / "target.mp4", frames[d.context:], d.fps)
-        write_video(tmp / "output.mp4", output[d.context:], d.fps)
-        (tmp / "frame_metrics.json").write_text(json.dumps({"first_frame": d.context, **per_frame}))
-        mlflow.log_artifacts(str(tmp), artifact_path="clip")
+    client = MlflowClient()
+    client.log_batch(run_id, metrics=[Metric(k, v, timestamp, 0) for k, v in metrics.items()] + history)
+    recorder.write(clip_id, run_id, frames, output, per_frame)
     end = time.perf_counter()
     non_model = load_seconds + metrics["metrics_seconds"] + (end - recording)
-    mlflow.log_metrics({"load_seconds": load_seconds, "record_seconds": end - recording,
-                        "clip_seconds": end - start, "non_model_share": non_model / (end - start)})
+    timing = {"load_seconds": load_seconds, "record_seconds": end - recording, "clip_seconds": end - start,
+              "non_model_share": non_model / (end - start)}
+    client.log_batch(run_id, metrics=[Metric(k, v, timestamp, 0) for k, v in timing.items()])
 
 
 def arm_label(config: Config, stage: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from ..cluster import Preempted
 from ..config import Config
@@ -108,22 +109,23 @@ def _close_stale_runs(experiment_id: str, stage: str, digest: str, clip_id: str)
         MlflowClient().set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
 
 
-@contextmanager
-def clip_run(stage: str, digest: str, clip_id: str, label: str, source: str):
-    """A child run for one clip. An exception inside marks it FAILED with the reason as a tag and is
-    re-raised for the caller to record; the stage goes on with the next clip."""
+def start_clip_run(stage: str, digest: str, clip_id: str, label: str, source: str) -> str:
+    """A child run of the active stage run for one clip; returns its id. It is ended with
+    `end_clip_run`, possibly after the next clip has started (its videos are written meanwhile)."""
     parent = mlflow.active_run()
     experiment_id = parent.info.experiment_id
     _close_stale_runs(experiment_id, stage, digest, clip_id)
     tags = {TAG_STAGE: stage, TAG_DIGEST: digest, TAG_CLIP: clip_id, TAG_CLASS: label, TAG_SOURCE: source,
-            TAG_KIND: "clip"}
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=clip_id, nested=True, tags=tags)
-    try:
-        yield run
-    except BaseException as exc:
-        mlflow.set_tag(TAG_ERROR, str(exc)[:4000])
-        stopped = isinstance(exc, (KeyboardInterrupt, Preempted))
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if stopped else RunStatus.FAILED))
-        raise
-    else:
-        mlflow.end_run()
+            TAG_KIND: "clip", MLFLOW_PARENT_RUN_ID: parent.info.run_id}
+    return MlflowClient().create_run(experiment_id, tags=tags, run_name=clip_id).info.run_id
+
+
+def end_clip_run(run_id: str, error: BaseException | None = None) -> None:
+    """FINISHED, or FAILED (KILLED when the stage was stopped) with the reason as a tag."""
+    client = MlflowClient()
+    if error is None:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        return
+    client.set_tag(run_id, TAG_ERROR, str(error)[:4000])
+    stopped = isinstance(error, (KeyboardInterrupt, Preempted))
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED if stopped else RunStatus.FAILED))
