@@ -194,34 +194,6 @@ def restore(params: list[torch.nn.Parameter], snapshot: list[torch.Tensor]) -> N
     torch._foreach_copy_(params, snapshot)
 
 
-def stage_loop(case: Case, compile: bool, device: torch.device, steps: int = 20,
-               config: dict = LTX_VIDEO_2B) -> dict[str, float]:
-    """The stages' own code path at real size: LTXVideoBackend + LoraAdapter + adapt_to_clip on the
-    context window (half the latent frames, rounded up), then a 20-step continuation of the clip."""
-    from .adaptation.lora import LoraAdapter
-    from .adaptation.trainer import adapt_to_clip
-    from .config import AdaptationConfig
-    from .models.ltx_video import LTXVideoBackend
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # a CPU has no bf16 autocast here
-    with torch.device(device):
-        transformer = LTXVideoTransformer3DModel(**config).to(dtype)
-    text = torch.randn(1, TEXT_TOKENS, config["caption_channels"])
-    backend = LTXVideoBackend(transformer, None, text, fps=25.0, sampling_steps=20, device=device, dtype=dtype,
-                              compile=compile)
-    adaptation = AdaptationConfig(steps=steps, warmup=2, batch_size=1, lr=2e-4, rank=case.rank)
-    adapter = LoraAdapter(backend, adaptation)
-    f, h, w = case.latent_grid
-    latents = torch.randn(1, config["in_channels"], f, h, w, device=device, dtype=dtype)
-    window = latents[:, :, : f // 2 + 1]
-    adapt_to_clip(backend, adapter, window, adaptation, seed=0)  # warm-up, compilation
-    backend.sample(window, f, seed=0)
-    adapter.reset()
-    stats = adapt_to_clip(backend, adapter, window, adaptation, seed=0)
-    sample_seconds = median_seconds(lambda: backend.sample(window, f, seed=0), device, warmup=0, iters=1)
-    return {"tta_step_ms": 1e3 * stats["adapt_seconds"] / steps, "sample_seconds": sample_seconds}
-
-
 @torch.no_grad()
 def vae_seconds(frames: int, size: int, device: torch.device, config: dict = LTX_VIDEO_VAE) -> dict[str, float]:
     """The LTX-Video VAE (random weights, bf16 on a GPU) at real size: encoding the context (the

@@ -178,12 +178,11 @@ def download_dataset(name: str, dest: str) -> None:
 @click.option("--checkpointing", type=click.Choice(["off", "on", "both"]), default="both", show_default=True)
 @click.option("--paths", default="plain,fast", show_default=True, help="plain (the reference) and/or fast")
 @click.option("--out", default="", help="also append one JSON line per result to this file")
-@click.option("--stage-loop", is_flag=True, help="time the stages' own TTA loop and sampler, eager and compiled")
 @click.option("--evaluation", is_flag=True, help="time PSNR+SSIM+LPIPS of 100 clips x 37 frames x 256 px instead")
 @click.option("--stage-clips", default=0, help="instead: run the baseline and adapt stages on this many synthetic "
                                                "clips (the first --frames and --sizes) and print their time split")
 @click.option("--vae", is_flag=True, help="instead: time the LTX-Video VAE (encode context, decode clip) per shape")
-def bench(frames, sizes, ranks, methods, checkpointing, paths, out, stage_loop, evaluation, stage_clips, vae) -> None:
+def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, stage_clips, vae) -> None:
     """Speed and memory of TTA steps on LTX-Video 2B with random weights (needs a GPU)."""
     import json
     import tempfile
@@ -191,8 +190,8 @@ def bench(frames, sizes, ranks, methods, checkpointing, paths, out, stage_loop, 
 
     import torch
 
-    from .bench import evaluation_seconds, grid, run_bench, stage_loop as time_stage_loop, stage_clips as time_stages
-    from .bench import vae_seconds
+    from .bench import evaluation_seconds, grid, run_bench, vae_seconds
+    from .bench import stage_clips as time_stages  # the option of the same name is a clip count
 
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     if evaluation:
@@ -210,13 +209,7 @@ def bench(frames, sizes, ranks, methods, checkpointing, paths, out, stage_loop, 
         return
     flags = {"off": [False], "on": [True], "both": [False, True]}[checkpointing]
     cases = grid(ints(frames), ints(sizes), ints(ranks), methods.split(","), flags)
-    if not stage_loop:
-        run_bench(cases, tuple(paths.split(",")), out or None)
-        return
-    for case in [c for c in cases if c.method == "lora" and not c.checkpointing]:
-        for compiled in (False, True):
-            click.echo(f"{case.frames}x{case.size} rank {case.rank} compile={compiled}: "
-                       f"{time_stage_loop(case, compiled, torch.device('cuda'))}")
+    run_bench(cases, tuple(paths.split(",")), out or None)
 
 
 @main.command("bench-opensora")

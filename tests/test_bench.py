@@ -52,13 +52,6 @@ def test_table_lists_every_result():
     assert len(table) == 4 + len(results) and case.tokens == 9 * 8 * 8
 
 
-def test_stage_loop_times_the_stages_own_path():
-    config = {**TINY, "in_channels": 8, "out_channels": 8}
-    timing = bench.stage_loop(bench.Case(17, 64, rank=4), compile=False, device=torch.device("cpu"), steps=2,
-                              config=config)
-    assert timing["tta_step_ms"] > 0 and timing["sample_seconds"] > 0
-
-
 def test_evaluation_timing_runs_batched_metrics():
     timing = bench.evaluation_seconds(clips=2, frames=3, size=64, device=torch.device("cpu"), chunk=4)
     assert timing["seconds"] > 0 and (timing["clips"], timing["frames"], timing["size"]) == (2, 3, 64)
