@@ -14,8 +14,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
+from mlflow.entities import Run
 
 from .. import ranks
 from ..adaptation import make_adapter
@@ -28,7 +27,7 @@ from ..evaluation.metrics import LpipsUnavailable, frame_metrics, load_lpips
 from ..models import VideoBackend, load_backend
 from ..models.ltx_video import frames_to_tensor, tensor_to_frames
 from ..progress import Progress
-from ..tracking.runs import end_clip_run, finished_clips, stage_run, start_clip_run
+from ..tracking.runs import finished_clips, stage_run
 from .recorder import Recorder
 
 STAGE_SECTIONS = {
@@ -131,43 +130,43 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
         if done:
             print(f"[{stage}] resuming: {len(clips) - len(todo)} of {len(clips)} clips already finished", flush=True)
         progress = Progress(stage, len(clips), done=len(clips) - len(todo), every_seconds=0)
-        failures = _run_clips(continuer, stage, digest, todo, progress)
+        failures = _run_clips(continuer, stage, digest, todo, progress, parent)
         mlflow.log_metrics({"clips_total": len(clips), "clips_failed": failures})
         return parent.info.run_id
 
 
-def _run_clips(continuer: Continuer, stage: str, digest: str, todo: list[ClipRecord], progress: Progress) -> int:
-    """Each clip in its own run, the next clip's frames decoded ahead; returns how many failed."""
+def _run_clips(continuer: Continuer, stage: str, digest: str, todo: list[ClipRecord], progress: Progress,
+               parent: Run) -> int:
+    """Each clip in its own child run of `parent`; returns how many failed."""
     d = continuer.config.data
     failures = 0
 
-    def report(clip_id: str, error: BaseException | None) -> None:
+    def report(clip_id: str, error: BaseException | None) -> None:  # on the recorder's tracking thread
         nonlocal failures
         if error is not None:
             failures += 1
             print(f"[{stage}] clip {clip_id} failed: {error}", file=sys.stderr, flush=True)
         progress.advance(clip_id, "FAILED" if error else "")
 
-    recorder = Recorder(d, on_end=report)
+    recorder = Recorder(d, stage, digest, parent, on_end=report)
     try:
-        ahead = recorder.submit(continuer.load_clip, d.manifest, todo[0]) if todo else None
+        ahead = recorder.load(continuer.load_clip, d.manifest, todo[0]) if todo else None
         for i, record in enumerate(todo):
             frames = ahead
             if i + 1 < len(todo):  # decoded while this clip runs on the GPU
-                ahead = recorder.submit(continuer.load_clip, d.manifest, todo[i + 1])
-            run_id = start_clip_run(stage, digest, record.clip_id, record.label, record.source)
+                ahead = recorder.load(continuer.load_clip, d.manifest, todo[i + 1])
+            run = recorder.start(record)
             try:
-                _run_clip(continuer, recorder, record.clip_id, run_id, frames)
+                _run_clip(continuer, recorder, run, record.clip_id, frames)
             except Exception as exc:  # recorded on the clip's run; the stage goes on
                 if isinstance(exc, torch.OutOfMemoryError):
                     torch.cuda.empty_cache()
-                end_clip_run(run_id, exc)
-                report(record.clip_id, exc)
+                recorder.fail(run, record.clip_id, exc)
             except BaseException as exc:  # preempted or interrupted: the clip is KILLED, the stage stops
-                end_clip_run(run_id, exc)
+                recorder.fail(run, record.clip_id, exc)
                 raise
     finally:
-        recorder.close()  # the last clip's videos, also when stopped
+        recorder.close()  # every clip handed over is recorded, also when stopping
     return failures
 
 
@@ -180,28 +179,20 @@ def _follow_main_rank(continuer: Continuer, manifest: Path, clips: dict[str, Cli
             print(f"[rank {ranks.rank()}] clip {clip_id} failed: {exc}", file=sys.stderr, flush=True)
 
 
-def _run_clip(continuer: Continuer, recorder: Recorder, clip_id: str, run_id: str, frames_ahead: Future) -> None:
+def _run_clip(continuer: Continuer, recorder: Recorder, run: Future, clip_id: str, frames_ahead: Future) -> None:
     """One clip, with its wall time split: model compute (encode, adapt, sample, decode) against the
-    rest (waiting for the clip's frames, scoring, logging), logged as `non_model_share`. Its videos
-    are encoded in the background; clips whose videos are done by now are ended."""
-    d = continuer.config.data
+    rest on this thread (waiting for the clip's frames, scoring, handing the clip to the recorder),
+    logged as `non_model_share`."""
     start = time.perf_counter()
-    frames = frames_ahead.result()  # decoded on a worker thread; a bad file raises its VideoError here
+    frames = frames_ahead.result()  # decoded on an I/O thread; a bad file raises its VideoError here
     load_seconds = time.perf_counter() - start
     output, metrics, per_frame = continuer.run(frames)
     recording = time.perf_counter()
-    recorder.finish()  # the previous clip's videos were encoded while this clip ran
-    timestamp = int(time.time() * 1000)
-    history = [Metric(f"{name}_frame", value, timestamp, d.context + i)
-               for name, values in per_frame.items() for i, value in enumerate(values)]
-    client = MlflowClient()
-    client.log_batch(run_id, metrics=[Metric(k, v, timestamp, 0) for k, v in metrics.items()] + history)
-    recorder.write(clip_id, run_id, frames, output, per_frame)
+    recorder.wait_for_slot()
     end = time.perf_counter()
-    non_model = load_seconds + metrics["metrics_seconds"] + (end - recording)
-    timing = {"load_seconds": load_seconds, "record_seconds": end - recording, "clip_seconds": end - start,
-              "non_model_share": non_model / (end - start)}
-    client.log_batch(run_id, metrics=[Metric(k, v, timestamp, 0) for k, v in timing.items()])
+    metrics.update(load_seconds=load_seconds, record_seconds=end - recording, clip_seconds=end - start,
+                   non_model_share=(load_seconds + metrics["metrics_seconds"] + end - recording) / (end - start))
+    recorder.record(run, clip_id, frames, output, metrics, per_frame)
 
 
 def arm_label(config: Config, stage: str) -> str:

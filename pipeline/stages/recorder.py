@@ -1,8 +1,10 @@
-"""Clip I/O off the GPU's critical path: the next clip is decoded and the last clip's videos are
-encoded on worker threads while the model works on the current clip.
+"""Everything of a clip that is not model compute, off the main thread: the next clip is decoded
+and the last clip's videos encoded on I/O threads, and every MLflow call of the clips runs in order
+on one tracking thread, while the main thread keeps the GPU busy.
 
-A clip's run is FINISHED only once its videos are logged, so a stage killed meanwhile leaves it
-RUNNING and the clip is redone on resume. MLflow is called from the main thread only.
+A clip's run is FINISHED only once its metrics and videos are logged, so a stage killed meanwhile
+leaves it RUNNING and the clip is redone on resume. At most `in_flight` clips wait to be recorded;
+beyond that the main thread waits, and that wait counts as the clip's `record_seconds`.
 """
 from __future__ import annotations
 
@@ -10,53 +12,83 @@ import json
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from mlflow.entities import Metric, Run
 from mlflow.tracking import MlflowClient
 
 from ..config import DataConfig
+from ..data.manifest import ClipRecord
 from ..data.video_io import write_video
-from ..tracking.runs import end_clip_run
+from ..tracking.runs import end_clip_run, start_clip_run
 
 
 class Recorder:
-    def __init__(self, data: DataConfig, on_end: Callable[[str, BaseException | None], None], workers: int = 2):
-        self.data, self.on_end = data, on_end  # on_end(clip id, error or None) once a clip's run has ended
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clip-io")
-        self.pending: list[tuple[str, str, Future, Path]] = []  # clip id, run id, videos written, folder
+    def __init__(self, data: DataConfig, stage: str, digest: str, parent: Run,
+                 on_end: Callable[[str, BaseException | None], None], in_flight: int = 2):
+        self.data, self.stage, self.digest, self.parent = data, stage, digest, parent
+        self.on_end = on_end  # (clip id, error or None) on the tracking thread, once the clip's run has ended
+        self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="clip-io")
+        self.tracking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-tracking")
+        self.waiting: deque[Future] = deque()
+        self.in_flight = in_flight
 
-    def submit(self, fn, *args) -> Future:
-        return self.pool.submit(fn, *args)
+    def load(self, load_clip: Callable[..., np.ndarray], *args) -> Future:
+        return self.io.submit(load_clip, *args)
 
-    def write(self, clip_id: str, run_id: str, frames: np.ndarray, output: np.ndarray,
-              per_frame: dict[str, list[float]]) -> None:
-        """Encode the clip's context, target and output videos in the background."""
+    def start(self, record: ClipRecord) -> Future:
+        """The clip's run (its id, once created)."""
+        return self.tracking.submit(start_clip_run, self.parent.info.experiment_id, self.parent.info.run_id,
+                                    self.stage, self.digest, record.clip_id, record.label, record.source)
+
+    def wait_for_slot(self) -> None:
+        """Block while `in_flight` clips still wait to be recorded (their I/O is behind the GPU)."""
+        while len(self.waiting) >= self.in_flight:
+            self.waiting.popleft().result()
+
+    def record(self, run: Future, clip_id: str, frames: np.ndarray, output: np.ndarray, metrics: dict[str, float],
+               per_frame: dict[str, list[float]]) -> None:
+        """Encode the clip's videos and log them with its metrics in the background."""
         folder = Path(tempfile.mkdtemp(prefix="clip-videos-"))
-        written = self.pool.submit(write_clip_videos, folder, frames, output, per_frame, self.data)
-        self.pending.append((clip_id, run_id, written, folder))
+        videos = self.io.submit(write_clip_videos, folder, frames, output, per_frame, self.data)
+        self.waiting.append(self.tracking.submit(self._log, run, clip_id, videos, folder, metrics, per_frame))
 
-    def finish(self) -> None:
-        """Log every written clip's videos and end its run."""
-        client = MlflowClient()
-        while self.pending:
-            clip_id, run_id, written, folder = self.pending[0]
-            try:
-                client.log_metric(run_id, "video_write_seconds", written.result())
-                client.log_artifacts(run_id, str(folder), artifact_path="clip")
-                error = None
-            except Exception as exc:  # recorded on the clip's run; the stage goes on
-                error = exc
-            end_clip_run(run_id, error)
-            shutil.rmtree(folder, ignore_errors=True)
-            self.pending.pop(0)
-            self.on_end(clip_id, error)
+    def fail(self, run: Future, clip_id: str, error: BaseException) -> None:
+        self.waiting.append(self.tracking.submit(self._end, run, clip_id, error))
 
     def close(self) -> None:
-        self.finish()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """Record every clip handed over (also when the stage is stopping), then drop the prefetch."""
+        self.tracking.shutdown(wait=True)
+        self.io.shutdown(wait=True, cancel_futures=True)
+
+    def _log(self, run: Future, clip_id: str, videos: Future, folder: Path, metrics: dict[str, float],
+             per_frame: dict[str, list[float]]) -> None:
+        error = None
+        try:
+            run_id = run.result()
+            timestamp = int(time.time() * 1000)
+            history = [Metric(f"{name}_frame", value, timestamp, self.data.context + i)
+                       for name, values in per_frame.items() for i, value in enumerate(values)]
+            metrics = {**metrics, "video_write_seconds": videos.result()}
+            client = MlflowClient()
+            client.log_batch(run_id, metrics=[Metric(k, v, timestamp, 0) for k, v in metrics.items()] + history)
+            client.log_artifacts(run_id, str(folder), artifact_path="clip")
+        except Exception as exc:  # recorded on the clip's run; the stage goes on
+            error = exc
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._end(run, clip_id, error)
+
+    def _end(self, run: Future, clip_id: str, error: BaseException | None) -> None:
+        try:
+            end_clip_run(run.result(), error)
+        except Exception as exc:  # the run could not be created or ended: said here, counted as failed
+            error = error or exc
+        self.on_end(clip_id, error)
 
 
 def write_clip_videos(folder: Path, frames: np.ndarray, output: np.ndarray, per_frame: dict[str, list[float]],

@@ -109,14 +109,13 @@ def _close_stale_runs(experiment_id: str, stage: str, digest: str, clip_id: str)
         MlflowClient().set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
 
 
-def start_clip_run(stage: str, digest: str, clip_id: str, label: str, source: str) -> str:
-    """A child run of the active stage run for one clip; returns its id. It is ended with
-    `end_clip_run`, possibly after the next clip has started (its videos are written meanwhile)."""
-    parent = mlflow.active_run()
-    experiment_id = parent.info.experiment_id
+def start_clip_run(experiment_id: str, parent_run_id: str, stage: str, digest: str, clip_id: str, label: str,
+                   source: str) -> str:
+    """A child run of the stage run for one clip; returns its id. Ended with `end_clip_run` once the
+    clip is recorded (in the background, possibly after the next clip has started)."""
     _close_stale_runs(experiment_id, stage, digest, clip_id)
     tags = {TAG_STAGE: stage, TAG_DIGEST: digest, TAG_CLIP: clip_id, TAG_CLASS: label, TAG_SOURCE: source,
-            TAG_KIND: "clip", MLFLOW_PARENT_RUN_ID: parent.info.run_id}
+            TAG_KIND: "clip", MLFLOW_PARENT_RUN_ID: parent_run_id}
     return MlflowClient().create_run(experiment_id, tags=tags, run_name=clip_id).info.run_id
 
 
