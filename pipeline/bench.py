@@ -1,11 +1,12 @@
 """GPU cost of test-time adaptation at real size, with random weights (speed and memory do not
-depend on weight values): LTX-Video 2B (Lightricks/LTX-Video-0.9.5's transformer config).
+depend on weight values): LTX-Video 2B and its VAE (Lightricks/LTX-Video-0.9.5's configs).
 
 Every configuration measures the plain reference step (fp32 weights under bf16 autocast, eager,
-PyTorch AdamW) and the fast step (bf16 base weights, LoRA in fp32, the whole transformer compiled
-with CUDA graphs: torch.compile mode "reduce-overhead", fused AdamW) in the same process, against
-a bf16 matrix-product peak measured in the same run. At the seed shape the eager step is bound by
-the CPU issuing ~1,400 kernels per forward, which CUDA graphs replay without the CPU.
+PyTorch AdamW) and the fast step (bf16 base weights, LoRA in fp32, the transformer blocks compiled
+with CUDA graphs as `model.compile` does, fused AdamW) in the same process, against a bf16
+matrix-product peak measured in the same run. At the seed shape the eager step is bound by the CPU
+issuing ~1,400 kernels per forward, which CUDA graphs replay without the CPU. `stage_clips` times
+the baseline and adapt stages themselves, `vae_seconds` the VAE.
 
 FLOPs are counted by torch.utils.flop_counter.FlopCounterMode over one real step: every matmul and
 attention kernel of the forward and of the backward that autograd actually ran. Frozen weights get
