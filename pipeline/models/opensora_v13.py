@@ -124,15 +124,6 @@ class OpenSoraV13Backend(OpenSoraBackend):
     def frame_layout(self, frames: int, context: int, height: int, width: int) -> FrameLayout:
         return frame_layout(frames, context, height, width)
 
-    # --- latents -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(video.to(self.device, self.dtype), sample_posterior=False).float()
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.vae.decode(latents.to(self.dtype)).clamp(-1, 1).float()
-
     # --- the transformer ---------------------------------------------------------------------
     def _velocity(self, x: torch.Tensor, timestep: torch.Tensor, clean: int, caption: torch.Tensor,
                   cond: torch.Tensor | None) -> torch.Tensor:

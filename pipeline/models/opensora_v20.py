@@ -136,15 +136,6 @@ class OpenSoraV20Backend(OpenSoraBackend):
     def frame_layout(self, frames: int, context: int, height: int, width: int) -> FrameLayout:
         return frame_layout(frames, context, height, width)
 
-    # --- latents -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(video.to(self.device, self.dtype), sample_posterior=False).float()
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.vae.decode(latents.to(self.dtype)).clamp(-1, 1).float()
-
     # --- the transformer on packed tokens ----------------------------------------------------
     def _velocity(self, tokens: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, cond: torch.Tensor,
                   text: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:

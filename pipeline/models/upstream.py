@@ -38,10 +38,19 @@ class OpenSoraMissing(ImportError):
 
 
 class OpenSoraBackend(VideoBackend):
-    """What the two Open-Sora backends share: upstream's gradient checkpointing and guidance mix."""
+    """What the two Open-Sora backends share: the VAE calls (upstream's encode/decode signature),
+    upstream's gradient checkpointing and guidance mix."""
 
     guidance: float
     image_guidance: float
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(video.to(self.device, self.dtype), sample_posterior=False).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.dtype)).clamp(-1, 1).float()
 
     def guidance_passes(self) -> int:
         """3 (text+image, image only, neither) when either guidance is on, else 1."""
