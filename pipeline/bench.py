@@ -195,6 +195,11 @@ def restore(params: list[torch.nn.Parameter], snapshot: list[torch.Tensor]) -> N
     torch._foreach_copy_(params, snapshot)
 
 
+def context_frames(frames: int) -> int:
+    """The first half of a clip of 8k+1 frames, itself 8j+1 frames (whole latent frames)."""
+    return 8 * ((frames - 1) // 16) + 1
+
+
 @torch.no_grad()
 def vae_seconds(frames: int, size: int, device: torch.device, config: dict = LTX_VIDEO_VAE) -> dict[str, float]:
     """The LTX-Video VAE (random weights, bf16 on a GPU) at real size: encoding the context (the
@@ -210,7 +215,7 @@ def vae_seconds(frames: int, size: int, device: torch.device, config: dict = LTX
         transformer = LTXVideoTransformer3DModel(num_layers=0, caption_channels=8, in_channels=latent,
                                                  out_channels=latent)
     backend = LTXVideoBackend(transformer, vae, torch.zeros(1, 1, 8), fps=25.0, device=device, dtype=dtype)
-    context = 8 * ((frames - 1) // 16) + 1
+    context = context_frames(frames)
     video = torch.rand(1, 3, frames, size, size) * 2 - 1
     latents = backend.encode(video)
     generator = torch.Generator(device).manual_seed(0)
@@ -240,7 +245,7 @@ def stage_clips(workdir: Path, clips: int = 4, frames: int = 65, size: int = 256
     dtype = torch.bfloat16 if cuda else torch.float32  # a CPU has no bf16 autocast here
     config = load_config(None, {
         "experiment": "stage-clips", "data.output_dir": str(workdir / "clips"), "data.frames": str(frames),
-        "data.context": str(8 * ((frames - 1) // 16) + 1), "data.height": str(size), "data.width": str(size),
+        "data.context": str(context_frames(frames)), "data.height": str(size), "data.width": str(size),
         "data.fps": "25", "data.train_clips": "0", "data.test_clips": str(clips), "data.num_clips": str(clips),
         "model.dtype": str(dtype).removeprefix("torch."), "model.compile": str(cuda).lower(),
         "sampling.steps": str(sampling_steps), "adaptation.steps": str(steps), "adaptation.lr": "2e-4"})
