@@ -113,23 +113,30 @@ def test_from_pretrained_loads_a_diffusers_directory(tmp_path):
 
 
 def test_compiled_blocks_match_eager_and_compile_once_for_all_blocks():
-    """model.compile: one graph serves every transformer block; same velocities and gradients as eager."""
+    """model.compile: one graph serves every transformer block, with and without gradient checkpointing
+    (then the checkpoint sits inside the compiled region); same velocities and gradients as eager."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     backends = []
-    for compile in (False, True):
+    for compile, checkpointing in ((False, False), (True, False), (True, True)):
         torch.manual_seed(0)
         backends.append(LTXVideoBackend.small(None, patch_size=4, layers=3, heads=2, head_dim=32, fps=8.0,
                                               sampling_steps=2, compile=compile))
+        if checkpointing:
+            backends[-1].enable_gradient_checkpointing()
     context = torch.rand(1, 3, 2, 16, 16) * 2 - 1
-    eager, compiled = (b.sample(context, 4, seed=0) for b in backends)
+    eager, compiled, _ = (b.sample(context, 4, seed=0) for b in backends)
     assert counters["stats"]["unique_graphs"] == 1  # three blocks, one compiled graph
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
-    grads = []
+    grads, graphs = [], []
     for backend in backends:
         backend.transformer.requires_grad_(True)
+        before = counters["stats"]["unique_graphs"]
         backend.training_loss(context, 1, torch.Generator().manual_seed(0)).backward()
+        graphs.append(counters["stats"]["unique_graphs"] - before)
         grads.append(backend.transformer.transformer_blocks[1].attn1.to_q.weight.grad)
+    assert graphs == [0, 1, 1]  # the training graph, again one for all three blocks
     torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(grads[2], grads[0], atol=1e-4, rtol=1e-3)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
 from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXConditionPipeline
 
@@ -43,15 +44,27 @@ def small_transformer(patch_size: int, layers: int, heads: int, head_dim: int) -
     )
 
 
+def _checkpointed_block(block: torch.nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    return checkpoint(block.forward, *args, use_reentrant=False)
+
+
+# Gradient checkpointing inside the compiled region: the recomputation becomes part of the compiled
+# backward, so CUDA graphs can record it (checkpointing around a compiled block cannot: its
+# recomputation replays the block's forward graph in the middle of the backward).
+compiled_checkpointed_block = torch.compile(_checkpointed_block, mode="reduce-overhead", dynamic=False)
+
+
 def compile_blocks(transformer: LTXVideoTransformer3DModel) -> None:
-    """Regional compilation: each transformer block through torch.compile, with CUDA graphs
-    ("reduce-overhead") unless gradient checkpointing is on (CUDA graphs cannot record its
-    recomputation). The blocks share one compiled graph (same code, weights as graph inputs), so
-    compiling costs one block instead of the whole model; compilation happens at the first call, so
-    adapters added before it are part of the graph. The few layers around the blocks stay eager."""
-    mode = "default" if transformer.gradient_checkpointing else "reduce-overhead"
+    """Regional compilation: each transformer block through torch.compile with CUDA graphs
+    ("reduce-overhead"); with gradient checkpointing on, training steps go through
+    `compiled_checkpointed_block` instead. The blocks share one compiled graph (same code, weights as
+    graph inputs), so compiling costs one block instead of the whole model; compilation happens at the
+    first call, so adapters added before it are part of the graph. The few layers around the blocks
+    stay eager."""
     for block in transformer.transformer_blocks:
-        block.compile(mode=mode, dynamic=False)
+        block.compile(mode="reduce-overhead", dynamic=False)
+    if transformer.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing(compiled_checkpointed_block)
 
 
 class LTXVideoBackend(VideoBackend):
@@ -221,7 +234,7 @@ class LTXVideoBackend(VideoBackend):
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
         if self.compiled:
-            compile_blocks(self.transformer)  # again, now without CUDA graphs
+            compile_blocks(self.transformer)  # again, now with the checkpoint inside the compiled region
 
 
 def frames_to_tensor(frames) -> torch.Tensor:
