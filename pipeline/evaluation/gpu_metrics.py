@@ -12,9 +12,10 @@ import torch.nn.functional as F
 WINDOW = 7
 
 
-def to_float(frames) -> torch.Tensor:
-    """(N, H, W, 3) uint8 (numpy or tensor) -> (N, 3, H, W) float32."""
-    return torch.as_tensor(frames).permute(0, 3, 1, 2).float()
+def to_float(frames, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(N, H, W, 3) uint8 (numpy or tensor) -> (N, 3, H, W) float32 on `device`, converted there (a
+    quarter of the bytes to copy, and no float conversion on the host)."""
+    return torch.as_tensor(frames).to(device).permute(0, 3, 1, 2).float()
 
 
 def psnr(prediction: torch.Tensor, truth: torch.Tensor, data_range: float = 255.0) -> torch.Tensor:

@@ -51,7 +51,7 @@ def frame_metrics(prediction: np.ndarray, truth: np.ndarray, lpips_model=None,
     """Per-frame metrics of (N, H, W, 3) uint8 frames: {'psnr': [...], 'ssim': [...], 'lpips': [...]}."""
     if prediction.shape != truth.shape:
         raise ValueError(f"prediction {prediction.shape} and ground truth {truth.shape} differ in shape")
-    p, t = to_float(prediction).to(device), to_float(truth).to(device)
+    p, t = to_float(prediction, device), to_float(truth, device)
     result = {"psnr": psnr(p, t).clamp(max=PSNR_CAP).tolist(), "ssim": ssim(p, t).tolist()}
     if lpips_model is not None:
         result["lpips"] = lpips_distances(prediction, truth, lpips_model)
