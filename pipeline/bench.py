@@ -41,6 +41,7 @@ LTX_VIDEO_VAE = dict(  # Lightricks/LTX-Video-0.9.5's VAE: 32x space, 8x time, t
 TEXT_TOKENS = 128
 TIME_SPLIT = ("load_seconds", "encode_seconds", "adapt_seconds", "sample_seconds", "decode_seconds", "metrics_seconds",
               "record_seconds", "clip_seconds", "non_model_share")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
 @dataclass
@@ -278,7 +279,17 @@ def _time_split(config, stage: str, backend) -> dict[str, float]:
         raise RuntimeError(f"no clip of the {stage} stage finished (the messages above say why)")
     timed = [r.data.metrics for r in runs[1:]] or [r.data.metrics for r in runs]
     split = {key: statistics.mean(m[key] for m in timed) for key in TIME_SPLIT if key in timed[0]}
-    return {**split, "clips": len(timed)}
+    files = [f for r in runs for f in artifact_files(MlflowClient(), r.info.run_id)]
+    return {**split, "clips": len(timed), "bytes_per_clip": sum(f.file_size for f in files) / len(runs),
+            "weight_bytes_per_clip": sum(f.file_size for f in files if f.path.endswith(WEIGHT_SUFFIXES)) / len(runs)}
+
+
+def artifact_files(client, run_id: str, path: str | None = None) -> list:
+    """Every file a run logged (mlflow FileInfo: path, file_size), in sub-folders too."""
+    files = []
+    for info in client.list_artifacts(run_id, path):
+        files += artifact_files(client, run_id, info.path) if info.is_dir else [info]
+    return files
 
 
 def evaluation_seconds(clips: int, frames: int, size: int, device: torch.device, chunk: int = 512) -> dict:

@@ -101,6 +101,7 @@ class AdaptationConfig:
     zero_stage: int = 2  # 0-2
     offload: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
     seed: int = 0
+    save_weights: bool = False  # lora only: each clip's adapted LoRA weights as clip/lora.safetensors
 
 
 @dataclass
@@ -127,7 +128,8 @@ class Config:
     def digest(self, *selectors: str, exclude: tuple[str, ...] = ()) -> str:
         """A short hash of the values under the selectors (a section such as 'model' or a key such as
         'data.frames'): results with the same digest are interchangeable."""
-        excluded = {"data.num_clips", *exclude}  # which clips are selected does not change a clip's result
+        # which clips are selected, and whether adapted weights are kept, do not change a clip's result
+        excluded = {"data.num_clips", "adaptation.save_weights", *exclude}
         values = {k: v for k, v in self.flat().items()
                   if k not in excluded and any(k == s or k.startswith(s + ".") for s in selectors)}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
@@ -215,6 +217,9 @@ def _check(config: Config, source: str) -> None:
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{source}: '{key}' is {flat[key]!r}; choose one of {sorted(allowed)}")
+    if config.adaptation.save_weights and config.adaptation.method != "lora":
+        raise ConfigError(f"{source}: 'adaptation.save_weights' keeps LoRA weights; with adaptation.method="
+                          f"{config.adaptation.method!r} it would write every transformer weight per clip")
     d = config.data
     if not 0 < d.context < d.frames:
         raise ConfigError(f"{source}: 'data.context' ({d.context}) must be between 1 and data.frames-1 ({d.frames - 1})")

@@ -18,6 +18,7 @@ def test_presets_load_and_flatten(tmp_path):
     ("data: {frames: 8, context: 8}", "'data.context' (8)"),
     ("modle: {}", "unknown key 'modle'"),
     ("data: 3", "'data' must be a section"),
+    ("adaptation: {method: full, save_weights: true}", "'adaptation.save_weights' keeps LoRA weights"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -38,7 +39,9 @@ def test_digest_tracks_results_not_clip_selection():
     base = load_config("conf/demo.yaml")
     fewer = load_config("conf/demo.yaml", {"data.num_clips": "2"})
     other_rank = load_config("conf/demo.yaml", {"adaptation.rank": "4"})
+    keeping_weights = load_config("conf/demo.yaml", {"adaptation.save_weights": "true"})
     assert base.digest("data", "adaptation") == fewer.digest("data", "adaptation")
+    assert base.digest("data", "adaptation") == keeping_weights.digest("data", "adaptation")
     assert base.digest("data", "adaptation") != other_rank.digest("data", "adaptation")
     assert base.digest("data", "sampling") == other_rank.digest("data", "sampling")  # baseline unaffected
 

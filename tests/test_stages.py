@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -45,6 +46,7 @@ def test_stages_log_parent_children_and_evaluate(prepared, store):
     assert artifacts == {"clip/context.mp4", "clip/target.mp4", "clip/output.mp4", "clip/frame_metrics.json"}
     adapted = clip_runs("tiny", "adapt")
     assert set(adapted[0].data.metrics) >= set(child.data.metrics) | {"adapt_seconds", "adapt_steps_per_second"}
+    assert {a.path for a in MlflowClient().list_artifacts(adapted[0].info.run_id, "clip")} == artifacts  # no weights
     # evaluation: paired stats, per-frame curves over [K, T), artifacts
     psnr = summary["metrics"]["psnr"]
     assert psnr["n"] == 3 and psnr["ci_low"] <= psnr["diff_mean"] <= psnr["ci_high"]
@@ -61,6 +63,20 @@ def test_rerun_skips_finished_clips(prepared, store):
     first = {r.data.tags["tta.clip_id"]: r.info.run_id for r in clip_runs("tiny", "baseline")}
     run_stage(config, "baseline")
     assert {r.data.tags["tta.clip_id"]: r.info.run_id for r in clip_runs("tiny", "baseline")} == first
+
+
+def test_adapted_lora_weights_are_kept_when_asked(prepared, store):
+    from safetensors.torch import load_file
+
+    config = load_config(prepared, {"adaptation.save_weights": "true"})
+    run_stage(config, "adapt")
+    client = MlflowClient()
+    weights = [load_file(client.download_artifacts(r.info.run_id, "clip/lora.safetensors"))
+               for r in clip_runs("tiny", "adapt")]
+    assert len(weights) == 3 and all(w.keys() == weights[0].keys() for w in weights)
+    lora_b = [name for name in weights[0] if "lora_B" in name]
+    assert lora_b and all(weights[0][name].abs().sum() > 0 for name in lora_b)  # trained: lora_B starts at 0
+    assert any(not torch.equal(weights[0][name], weights[1][name]) for name in lora_b)  # each clip its own
 
 
 def test_kill_9_mid_clip_resumes_with_one_result_per_clip(prepared, store, tmp_path):

@@ -32,6 +32,10 @@ class LoraAdapter:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.transformer.named_parameters() if "lora_" in n]
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's current weights by parameter name, copied to the host."""
+        return {n: p.detach().cpu() for n, p in self.transformer.named_parameters() if "lora_" in n}
+
     @torch.no_grad()
     def reset(self) -> None:
         torch._foreach_copy_(self.parameters(), self.initial)

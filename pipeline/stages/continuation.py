@@ -187,12 +187,13 @@ def _run_clip(continuer: Continuer, recorder: Recorder, run: Future, clip_id: st
     frames = frames_ahead.result()  # decoded on an I/O thread; a bad file raises its VideoError here
     load_seconds = time.perf_counter() - start
     output, metrics, per_frame = continuer.run(frames)
+    weights = continuer.adapter.state_dict() if continuer.config.adaptation.save_weights and continuer.adapter else {}
     recording = time.perf_counter()
     recorder.wait_for_slot()
     end = time.perf_counter()
     metrics.update(load_seconds=load_seconds, record_seconds=end - recording, clip_seconds=end - start,
                    non_model_share=(load_seconds + metrics["metrics_seconds"] + end - recording) / (end - start))
-    recorder.record(run, clip_id, frames, output, metrics, per_frame)
+    recorder.record(run, clip_id, frames, output, metrics, per_frame, weights)
 
 
 def arm_label(config: Config, stage: str) -> str:

@@ -18,8 +18,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from mlflow.entities import Metric, Run
 from mlflow.tracking import MlflowClient
+from safetensors.torch import save_file
 
 from ..config import DataConfig
 from ..data.manifest import ClipRecord
@@ -51,11 +53,12 @@ class Recorder:
             self.waiting.popleft().result()
 
     def record(self, run: Future, clip_id: str, frames: np.ndarray, output: np.ndarray, metrics: dict[str, float],
-               per_frame: dict[str, list[float]]) -> None:
-        """Encode the clip's videos and log them with its metrics in the background."""
+               per_frame: dict[str, list[float]], weights: dict[str, torch.Tensor]) -> None:
+        """Encode the clip's videos and log them with its metrics (and adapted weights, if any) in the
+        background."""
         folder = Path(tempfile.mkdtemp(prefix="clip-videos-"))
-        videos = self.io.submit(write_clip_videos, folder, frames, output, per_frame, self.data)
-        self.waiting.append(self.tracking.submit(self._log, run, clip_id, videos, folder, metrics, per_frame))
+        files = self.io.submit(write_clip_files, folder, frames, output, per_frame, self.data, weights)
+        self.waiting.append(self.tracking.submit(self._log, run, clip_id, files, folder, metrics, per_frame))
 
     def fail(self, run: Future, clip_id: str, error: BaseException) -> None:
         self.waiting.append(self.tracking.submit(self._end, run, clip_id, error))
@@ -65,7 +68,7 @@ class Recorder:
         self.tracking.shutdown(wait=True)
         self.io.shutdown(wait=True, cancel_futures=True)
 
-    def _log(self, run: Future, clip_id: str, videos: Future, folder: Path, metrics: dict[str, float],
+    def _log(self, run: Future, clip_id: str, files: Future, folder: Path, metrics: dict[str, float],
              per_frame: dict[str, list[float]]) -> None:
         error = None
         try:
@@ -73,7 +76,7 @@ class Recorder:
             timestamp = int(time.time() * 1000)
             history = [Metric(f"{name}_frame", value, timestamp, self.data.context + i)
                        for name, values in per_frame.items() for i, value in enumerate(values)]
-            metrics = {**metrics, "video_write_seconds": videos.result()}
+            metrics = {**metrics, "video_write_seconds": files.result()}
             client = MlflowClient()
             client.log_batch(run_id, metrics=[Metric(k, v, timestamp, 0) for k, v in metrics.items()] + history)
             client.log_artifacts(run_id, str(folder), artifact_path="clip")
@@ -91,12 +94,14 @@ class Recorder:
         self.on_end(clip_id, error)
 
 
-def write_clip_videos(folder: Path, frames: np.ndarray, output: np.ndarray, per_frame: dict[str, list[float]],
-                      d: DataConfig) -> float:
+def write_clip_files(folder: Path, frames: np.ndarray, output: np.ndarray, per_frame: dict[str, list[float]],
+                     d: DataConfig, weights: dict[str, torch.Tensor]) -> float:
     """The files a clip's run keeps; returns the seconds it took."""
     start = time.perf_counter()
     write_video(folder / "context.mp4", frames[: d.context], d.fps)
     write_video(folder / "target.mp4", frames[d.context:], d.fps)
     write_video(folder / "output.mp4", output[d.context:], d.fps)
     (folder / "frame_metrics.json").write_text(json.dumps({"first_frame": d.context, **per_frame}))
+    if weights:
+        save_file(weights, folder / "lora.safetensors")
     return time.perf_counter() - start
