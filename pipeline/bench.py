@@ -280,7 +280,8 @@ def _time_split(config, stage: str, backend) -> dict[str, float]:
     timed = [r.data.metrics for r in runs[1:]] or [r.data.metrics for r in runs]
     split = {key: statistics.mean(m[key] for m in timed) for key in TIME_SPLIT if key in timed[0]}
     files = [f for r in runs for f in artifact_files(MlflowClient(), r.info.run_id)]
-    return {**split, "clips": len(timed), "bytes_per_clip": sum(f.file_size for f in files) / len(runs),
+    return {**split, "clips": len(timed), "context_cached": statistics.mean(m["context_cached"] for m in timed),
+            "bytes_per_clip": sum(f.file_size for f in files) / len(runs),
             "weight_bytes_per_clip": sum(f.file_size for f in files if f.path.endswith(WEIGHT_SUFFIXES)) / len(runs)}
 
 

@@ -64,6 +64,7 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16
     decode_timestep: float = 0.05
     compile: bool = False  # CUDA graphs via torch.compile(mode="reduce-overhead"): for GPUs (docs/benchmarks.md)
+    cache_latents: bool = True  # VAE latents of each clip's context kept on disk, shared by every arm
 
 
 @dataclass
@@ -128,8 +129,8 @@ class Config:
     def digest(self, *selectors: str, exclude: tuple[str, ...] = ()) -> str:
         """A short hash of the values under the selectors (a section such as 'model' or a key such as
         'data.frames'): results with the same digest are interchangeable."""
-        # which clips are selected, and whether adapted weights are kept, do not change a clip's result
-        excluded = {"data.num_clips", "adaptation.save_weights", *exclude}
+        # which clips are selected, and what is kept on disk, do not change a clip's result
+        excluded = {"data.num_clips", "adaptation.save_weights", "model.cache_latents", *exclude}
         values = {k: v for k, v in self.flat().items()
                   if k not in excluded and any(k == s or k.startswith(s + ".") for s in selectors)}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]

@@ -10,8 +10,16 @@ import mlflow
 import pytest
 import yaml
 
+from pipeline.bench import LTX_VIDEO_VAE
+
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "real"
+TINY = dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
+            cross_attention_dim=32, num_layers=2, caption_channels=16)
+# the LTX-Video VAE's architecture (blocks, down/upsampling, timestep conditioning) at a width a CPU runs quickly
+NARROW_VAE = {**LTX_VIDEO_VAE, "block_out_channels": (8, 16, 32, 64, 128),
+              "decoder_block_out_channels": (16, 32, 64), "layers_per_block": (1,) * 5,
+              "decoder_layers_per_block": (1,) * 4}
 
 
 def tiny_config(base: Path) -> dict:

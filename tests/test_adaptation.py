@@ -23,8 +23,8 @@ def test_zero_steps_reproduces_the_baseline_bitwise(prepared):
     baseline = Continuer(config, "baseline")
     adapted = Continuer(config, "adapt")  # a separate model with a LoRA adapter attached
     frames = _clip(config, baseline)
-    out_b, metrics_b, _ = baseline.run(frames)
-    out_a, metrics_a, _ = adapted.run(frames)
+    out_b, metrics_b, _ = baseline.run("clip0", frames)
+    out_a, metrics_a, _ = adapted.run("clip0", frames)
     assert np.array_equal(out_a, out_b)
     assert metrics_a["psnr"] == metrics_b["psnr"]
     assert len(adapted.adapter.parameters()) > 0
@@ -33,7 +33,7 @@ def test_zero_steps_reproduces_the_baseline_bitwise(prepared):
 def test_adaptation_changes_the_output(prepared):
     config = load_config(prepared, {"adaptation.steps": "3", "adaptation.lr": "0.01"})
     frames = _clip(config, Continuer(config, "baseline"))
-    assert not np.array_equal(Continuer(config, "baseline").run(frames)[0], Continuer(config, "adapt").run(frames)[0])
+    assert not np.array_equal(Continuer(config, "baseline").run("clip0", frames)[0], Continuer(config, "adapt").run("clip0", frames)[0])
 
 
 def test_reset_restores_base_and_adapter_exactly(prepared):
@@ -42,13 +42,13 @@ def test_reset_restores_base_and_adapter_exactly(prepared):
     transformer = continuer.backend.transformer
     snapshot = {k: v.clone() for k, v in transformer.state_dict().items()}
     frames = _clip(config, continuer, 0)
-    first, _, _ = continuer.run(frames)
+    first, _, _ = continuer.run("clip0", frames)
     changed = [k for k, v in transformer.state_dict().items() if not torch.equal(v, snapshot[k])]
     assert changed and all("lora_" in k for k in changed)  # only the adapter trained
-    continuer.run(_clip(config, continuer, 1))  # adapt to another clip in between
+    continuer.run("clip1", _clip(config, continuer, 1))  # adapt to another clip in between
     continuer.adapter.reset()
     assert all(torch.equal(v, snapshot[k]) for k, v in transformer.state_dict().items())
-    again, _, _ = continuer.run(frames)  # the same clip again gives the same result
+    again, _, _ = continuer.run("clip0", frames)  # the same clip again gives the same result
     assert np.array_equal(first, again)
 
 
@@ -56,13 +56,13 @@ def test_both_arms_use_the_configured_sampling_seed(prepared):
     config = load_config(prepared, {"adaptation.steps": "0"})
     other = load_config(prepared, {"adaptation.steps": "0", "sampling.seed": "7"})
     frames = _clip(config, Continuer(config, "baseline"))
-    assert not np.array_equal(Continuer(config, "baseline").run(frames)[0], Continuer(other, "adapt").run(frames)[0])
+    assert not np.array_equal(Continuer(config, "baseline").run("clip0", frames)[0], Continuer(other, "adapt").run("clip0", frames)[0])
 
 
 def test_oracle_mode_trains_on_the_whole_clip(prepared):
     config = load_config(prepared, {"adaptation.data": "oracle", "adaptation.steps": "2"})
     continuer = Continuer(config, "adapt")
-    out, metrics, _ = continuer.run(_clip(config, continuer))
+    out, metrics, _ = continuer.run("clip0", _clip(config, continuer))
     assert metrics["adapt_steps_per_second"] > 0 and out.shape[0] == config.data.frames
 
 
@@ -89,14 +89,14 @@ def test_full_finetuning_changes_the_output_and_reset_restores_every_weight(prep
     config = load_config(prepared, {"adaptation.method": "full", "adaptation.steps": "2", "adaptation.lr": "0.01"})
     baseline = Continuer(config, "baseline")
     frames = _clip(config, baseline)
-    out_b = baseline.run(frames)[0]
+    out_b = baseline.run("clip0", frames)[0]
     adapted = Continuer(config, "adapt")
     base = [p.detach().clone() for p in adapted.adapter.parameters()]
-    assert not np.array_equal(adapted.run(frames)[0], out_b)
+    assert not np.array_equal(adapted.run("clip0", frames)[0], out_b)
     adapted.adapter.reset()
     assert all(torch.equal(p, b) for p, b in zip(adapted.adapter.parameters(), base))
     zero = Continuer(load_config(prepared, {"adaptation.method": "full", "adaptation.steps": "0"}), "adapt")
-    assert np.array_equal(zero.run(frames)[0], out_b)
+    assert np.array_equal(zero.run("clip0", frames)[0], out_b)
 
 
 def test_gradient_accumulation_averages_micro_batches():

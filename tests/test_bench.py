@@ -3,14 +3,8 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from conftest import NARROW_VAE, TINY
 from pipeline import bench
-
-TINY = dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
-            cross_attention_dim=32, num_layers=2, caption_channels=16)
-# the LTX-Video VAE's architecture (blocks, down/upsampling, timestep conditioning) at a width a CPU runs quickly
-NARROW_VAE = {**bench.LTX_VIDEO_VAE, "block_out_channels": (8, 16, 32, 64, 128),
-              "decoder_block_out_channels": (16, 32, 64), "layers_per_block": (1,) * 5,
-              "decoder_layers_per_block": (1,) * 4}
 
 
 def analytic_forward_flops(model, config: dict, tokens: int, text: int) -> int:
@@ -72,6 +66,7 @@ def test_stage_clips_times_both_stages_with_tracking_and_video(tmp_path):
         assert model + rest <= split["clip_seconds"] * 1.01
         assert split["bytes_per_clip"] > 0 and split["weight_bytes_per_clip"] == 0  # videos, no weights
     assert "adapt_seconds" in arms["adapt"] and "adapt_seconds" not in arms["baseline"]
+    assert (arms["baseline"]["context_cached"], arms["adapt"]["context_cached"]) == (0, 1)  # encoded once
     assert len(list((tmp_path / "clips").rglob("*.mp4"))) == 2
 
 

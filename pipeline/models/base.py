@@ -26,7 +26,9 @@ class VideoBackend(ABC):
     """
 
     transformer: torch.nn.Module
+    vae: torch.nn.Module | None = None  # the latent encoder/decoder; None when the model works on pixels
     device: torch.device
+    dtype: torch.dtype
     attention_targets: list[str]  # module-name suffixes LoRA adapts in the 'attention' preset
     mlp_targets: list[str]  # added by 'attention+mlp'
 

@@ -28,6 +28,7 @@ from ..models import VideoBackend, load_backend
 from ..models.ltx_video import frames_to_tensor, tensor_to_frames
 from ..progress import Progress
 from ..tracking.runs import finished_clips, stage_run
+from .latent_cache import LatentCache
 from .recorder import Recorder
 
 STAGE_SECTIONS = {
@@ -49,6 +50,7 @@ class Continuer:
         d = config.data
         self.layout = self.backend.frame_layout(d.frames, d.context, d.height, d.width)
         self.adapter = make_adapter(self.backend, config.adaptation) if stage == "adapt" else None
+        self.latents = LatentCache.for_stage(config, self.backend, self.layout.conditioned_pixel_frames)
         self.lpips, self.lpips_note = None, ""
         if config.evaluation.lpips:
             try:
@@ -67,13 +69,15 @@ class Continuer:
                                    f"{d.width}x{d.height}; run preprocess with this config")
         return frames
 
-    def adapt(self, frames: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
-        """Encode the context and, in the adapt stage, fit the adapter to the clip (every rank)."""
+    def adapt(self, clip_id: str, frames: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        """Encode the context (or read it from the latent cache) and, in the adapt stage, fit the
+        adapter to the clip (every rank)."""
         cfg, backend = self.config, self.backend
         start = time.perf_counter()
         video = frames_to_tensor(frames)
-        context_latents = backend.encode(video[:, :, : self.layout.conditioned_pixel_frames])
-        timing = {"encode_seconds": _seconds_since(start, backend.device)}
+        context_latents, cached = self.latents.context(
+            clip_id, lambda: backend.encode(video[:, :, : self.layout.conditioned_pixel_frames]), backend.device)
+        timing = {"encode_seconds": _seconds_since(start, backend.device), "context_cached": float(cached)}
         _reset_peak_memory(backend.device)
         if self.adapter is None:
             return context_latents, timing
@@ -81,10 +85,10 @@ class Continuer:
         window = context_latents if cfg.adaptation.data == "context" else backend.encode(video)
         return context_latents, {**timing, **adapt_to_clip(backend, self.adapter, window, cfg.adaptation, cfg.seed)}
 
-    def run(self, frames: np.ndarray) -> tuple[np.ndarray, dict[str, float], dict[str, list[float]]]:
+    def run(self, clip_id: str, frames: np.ndarray) -> tuple[np.ndarray, dict[str, float], dict[str, list[float]]]:
         cfg, layout, backend = self.config, self.layout, self.backend
         K = cfg.data.context
-        context_latents, metrics = self.adapt(frames)
+        context_latents, metrics = self.adapt(clip_id, frames)
         start = time.perf_counter()
         latents = backend.sample(context_latents, layout.latent_frames, cfg.sampling.seed)
         metrics["sample_seconds"] = _seconds_since(start, backend.device)
@@ -174,7 +178,7 @@ def _follow_main_rank(continuer: Continuer, manifest: Path, clips: dict[str, Cli
     """A rank > 0: adapt to the clips rank 0 lists, in its order, adding noise draws to its batch."""
     for clip_id in ranks.broadcast(None):
         try:
-            continuer.adapt(continuer.load_clip(manifest, clips[clip_id]))
+            continuer.adapt(clip_id, continuer.load_clip(manifest, clips[clip_id]))
         except Exception as exc:  # rank 0 records the clip's failure
             print(f"[rank {ranks.rank()}] clip {clip_id} failed: {exc}", file=sys.stderr, flush=True)
 
@@ -186,7 +190,7 @@ def _run_clip(continuer: Continuer, recorder: Recorder, run: Future, clip_id: st
     start = time.perf_counter()
     frames = frames_ahead.result()  # decoded on an I/O thread; a bad file raises its VideoError here
     load_seconds = time.perf_counter() - start
-    output, metrics, per_frame = continuer.run(frames)
+    output, metrics, per_frame = continuer.run(clip_id, frames)
     weights = continuer.adapter.state_dict() if continuer.config.adaptation.save_weights and continuer.adapter else {}
     recording = time.perf_counter()
     recorder.wait_for_slot()

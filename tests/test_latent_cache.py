@@ -1,0 +1,53 @@
+"""The context-latent cache: encoded once per clip, keyed on the VAE's weights, whole files only."""
+import torch
+from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel
+
+from conftest import NARROW_VAE, TINY
+from pipeline.config import load_config
+from pipeline.models.ltx_video import LTXVideoBackend
+from pipeline.stages.latent_cache import LatentCache
+
+
+def narrow_backend() -> LTXVideoBackend:
+    torch.manual_seed(0)
+    transformer = LTXVideoTransformer3DModel(**{**TINY, "in_channels": 128, "out_channels": 128})
+    return LTXVideoBackend(transformer, AutoencoderKLLTXVideo(**NARROW_VAE), torch.randn(1, 4, 16), fps=25.0)
+
+
+def test_context_is_encoded_once_then_read_back(tmp_path):
+    backend = narrow_backend()
+    config = load_config(None, {"data.output_dir": str(tmp_path)})
+    cache = LatentCache.for_stage(config, backend, 9)
+    video = torch.rand(1, 3, 9, 64, 64) * 2 - 1
+    calls = []
+
+    def encode():
+        calls.append(1)
+        return backend.encode(video)
+
+    first, cached_first = cache.context("clip_a", encode, backend.device)
+    again, cached_again = LatentCache.for_stage(config, backend, 9).context("clip_a", encode, backend.device)
+    assert (cached_first, cached_again, len(calls)) == (False, True, 1)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    assert [p.name for p in cache.folder.iterdir()] == ["clip_a.safetensors"]  # no partial file left
+    (cache.folder / "clip_a.safetensors").write_bytes(b"damaged")
+    repaired, cached = cache.context("clip_a", encode, backend.device)
+    assert not cached and len(calls) == 2
+    torch.testing.assert_close(repaired, first, atol=0, rtol=0)
+    assert cache.context("clip_a", encode, backend.device)[1]  # the file was replaced
+
+
+def test_another_vae_or_layout_gets_its_own_cache_and_pixels_none(tmp_path):
+    backend = narrow_backend()
+    config = load_config(None, {"data.output_dir": str(tmp_path)})
+    folder = LatentCache.for_stage(config, backend, 9).folder
+    assert LatentCache.for_stage(config, backend, 17).folder != folder  # other frames encoded
+    other_size = load_config(None, {"data.output_dir": str(tmp_path), "data.height": "96"})
+    assert LatentCache.for_stage(other_size, backend, 9).folder != folder
+    with torch.no_grad():
+        next(backend.vae.parameters()).view(-1)[0] += 1e-3  # a retrained VAE at the same path
+    assert LatentCache.for_stage(config, backend, 9).folder != folder
+    off = load_config(None, {"data.output_dir": str(tmp_path), "model.cache_latents": "false"})
+    assert LatentCache.for_stage(off, backend, 9).folder is None
+    backend.vae = None  # the pixel-space default: nothing to cache
+    assert LatentCache.for_stage(config, backend, 9).folder is None
