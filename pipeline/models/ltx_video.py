@@ -237,9 +237,9 @@ class LTXVideoBackend(VideoBackend):
             compile_blocks(self.transformer)  # again, now with the checkpoint inside the compiled region
 
 
-def frames_to_tensor(frames) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (1, 3, T, H, W) float in [-1, 1]."""
-    video = torch.as_tensor(frames).permute(3, 0, 1, 2).float() / 127.5 - 1
+def frames_to_tensor(frames, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (1, 3, T, H, W) float in [-1, 1] on `device` (copied as uint8, converted there)."""
+    video = torch.as_tensor(frames).to(device).permute(3, 0, 1, 2).float() / 127.5 - 1
     return video[None]
 
 

@@ -74,15 +74,16 @@ class Continuer:
         adapter to the clip (every rank)."""
         cfg, backend = self.config, self.backend
         start = time.perf_counter()
-        video = frames_to_tensor(frames)
+        context = frames[: self.layout.conditioned_pixel_frames]
         context_latents, cached = self.latents.context(
-            clip_id, lambda: backend.encode(video[:, :, : self.layout.conditioned_pixel_frames]), backend.device)
+            clip_id, lambda: backend.encode(frames_to_tensor(context, backend.device)), backend.device)
         timing = {"encode_seconds": _seconds_since(start, backend.device), "context_cached": float(cached)}
         _reset_peak_memory(backend.device)
         if self.adapter is None:
             return context_latents, timing
         self.adapter.reset()
-        window = context_latents if cfg.adaptation.data == "context" else backend.encode(video)
+        window = context_latents if cfg.adaptation.data == "context" else backend.encode(
+            frames_to_tensor(frames, backend.device))
         return context_latents, {**timing, **adapt_to_clip(backend, self.adapter, window, cfg.adaptation, cfg.seed)}
 
     def run(self, clip_id: str, frames: np.ndarray) -> tuple[np.ndarray, dict[str, float], dict[str, list[float]]]:
