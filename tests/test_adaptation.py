@@ -33,7 +33,8 @@ def test_zero_steps_reproduces_the_baseline_bitwise(prepared):
 def test_adaptation_changes_the_output(prepared):
     config = load_config(prepared, {"adaptation.steps": "3", "adaptation.lr": "0.01"})
     frames = _clip(config, Continuer(config, "baseline"))
-    assert not np.array_equal(Continuer(config, "baseline").run("clip0", frames)[0], Continuer(config, "adapt").run("clip0", frames)[0])
+    baseline, adapted = (Continuer(config, stage).run("clip0", frames)[0] for stage in ("baseline", "adapt"))
+    assert not np.array_equal(baseline, adapted)
 
 
 def test_reset_restores_base_and_adapter_exactly(prepared):
@@ -56,7 +57,8 @@ def test_both_arms_use_the_configured_sampling_seed(prepared):
     config = load_config(prepared, {"adaptation.steps": "0"})
     other = load_config(prepared, {"adaptation.steps": "0", "sampling.seed": "7"})
     frames = _clip(config, Continuer(config, "baseline"))
-    assert not np.array_equal(Continuer(config, "baseline").run("clip0", frames)[0], Continuer(other, "adapt").run("clip0", frames)[0])
+    baseline = Continuer(config, "baseline").run("clip0", frames)[0]
+    assert not np.array_equal(baseline, Continuer(other, "adapt").run("clip0", frames)[0])
 
 
 def test_oracle_mode_trains_on_the_whole_clip(prepared):
