@@ -35,6 +35,15 @@ def init() -> None:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+def finish() -> None:
+    """Wait for every rank, then leave the process group: a rank that exits while another still
+    works can abort in the process group's teardown ("terminate called without an active exception").
+    A single process keeps its group (DeepSpeed's, for full fine-tuning) for later stages."""
+    if world_size() > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def broadcast(value):
     """Rank 0's `value` on every rank."""
     if world_size() == 1:

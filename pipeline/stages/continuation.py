@@ -121,6 +121,7 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
     continuer = Continuer(config, stage, backend)
     if not ranks.is_main():
         _follow_main_rank(continuer, d.manifest, {c.clip_id: c for c in clips})
+        ranks.finish()
         return ""
     with preemptible(), stage_run(config, stage, digest) as parent:
         mlflow.log_param("shard", str(shard))
@@ -137,7 +138,8 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
         progress = Progress(stage, len(clips), done=len(clips) - len(todo), every_seconds=0)
         failures = _run_clips(continuer, stage, digest, todo, progress, parent)
         mlflow.log_metrics({"clips_total": len(clips), "clips_failed": failures})
-        return parent.info.run_id
+    ranks.finish()
+    return parent.info.run_id
 
 
 def _run_clips(continuer: Continuer, stage: str, digest: str, todo: list[ClipRecord], progress: Progress,
