@@ -33,8 +33,9 @@ class LoraAdapter:
         return [p for n, p in self.transformer.named_parameters() if "lora_" in n]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter's current weights by parameter name, copied to the host."""
-        return {n: p.detach().cpu() for n, p in self.transformer.named_parameters() if "lora_" in n}
+        """The adapter's current weights by parameter name, copied (they are written after the next clip
+        has started changing them)."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.transformer.named_parameters() if "lora_" in n}
 
     @torch.no_grad()
     def reset(self) -> None:
