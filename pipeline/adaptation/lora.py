@@ -29,13 +29,16 @@ class LoraAdapter:
             p.data = p.data.float()  # adapter weights train in fp32 even on a bf16 base
         self.initial = [p.detach().clone() for p in self.parameters()]
 
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.transformer.named_parameters() if "lora_" in n}
+
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for n, p in self.transformer.named_parameters() if "lora_" in n]
+        return list(self.named_parameters().values())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter's current weights by parameter name, copied (they are written after the next clip
         has started changing them)."""
-        return {n: p.detach().to("cpu", copy=True) for n, p in self.transformer.named_parameters() if "lora_" in n}
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.named_parameters().items()}
 
     @torch.no_grad()
     def reset(self) -> None:

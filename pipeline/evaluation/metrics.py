@@ -61,8 +61,4 @@ def frame_metrics(prediction: np.ndarray, truth: np.ndarray, lpips_model=None,
 @torch.no_grad()
 def lpips_distances(prediction: np.ndarray, truth: np.ndarray, model) -> list[float]:
     device = next(model.parameters()).device
-
-    def to_tensor(frames: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(frames, device=device).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-    return model(to_tensor(prediction), to_tensor(truth)).flatten().tolist()
+    return model(to_float(prediction, device) / 127.5 - 1, to_float(truth, device) / 127.5 - 1).flatten().tolist()
