@@ -250,7 +250,7 @@ def stage_clips(workdir: Path, clips: int = 4, frames: int = 65, size: int = 256
         "data.fps": "25", "data.train_clips": "0", "data.test_clips": str(clips), "data.num_clips": str(clips),
         "model.dtype": str(dtype).removeprefix("torch."), "model.compile": str(cuda).lower(),
         "sampling.steps": str(sampling_steps), "adaptation.steps": str(steps), "adaptation.lr": "2e-4"})
-    preprocess(config.data, config.seed)
+    preprocess(config.data)
     with torch.device(device):
         transformer = LTXVideoTransformer3DModel(**transformer_config).to(dtype)
         vae = AutoencoderKLLTXVideo(**vae_config).to(dtype)

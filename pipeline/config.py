@@ -10,6 +10,7 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class DataConfig:
     test_fraction: float = 0.2  # folder source: share of videos held out as test
     split: str = "test"  # the split that baseline/adapt run on
     num_clips: int = 8  # 0 = every clip of the split
+    seed: int = 0  # synthetic clip generation and the per-class sample of videos (data.sample)
 
     @property
     def manifest(self) -> Path:
@@ -74,12 +76,14 @@ class PretrainConfig:
     lr: float = 1e-3
     warmup: int = 100
     unconditional_prob: float = 0.1  # share of steps trained with no clean prefix
+    seed: int = 0  # the small default's initial weights, batches and noise
 
 
 @dataclass
 class SamplingConfig:
     steps: int = 20
-    seed: int = 0
+    seed: int = 0  # sampling noise: each clip's sample n draws from a seed derived from (seed, clip id, n)
+    samples: int = 1  # continuations per clip, each from its own derived seed (the same in every arm)
     shift: float = 1.0
     guidance: float = 1.0  # text classifier-free guidance scale (1 = off)
     image_guidance: float = 1.0  # opensora: guidance on the video condition (1 = off)
@@ -88,7 +92,7 @@ class SamplingConfig:
 @dataclass
 class AdaptationConfig:
     method: str = "lora"  # lora | full (every transformer weight)
-    data: str = "context"  # context: frames [0, K) only | oracle: whole clip (upper bound)
+    data: str = "context"  # context: frames [0, K) | oracle: whole clip (upper bound) | other: another clip's context (sham control)
     objective: str = "continuation"  # continuation (random clean prefix) | v2v_head (first half clean) | denoising
     rank: int = 16
     alpha: float = 16.0
@@ -101,7 +105,8 @@ class AdaptationConfig:
     deepspeed: bool = True  # method full on a GPU: DeepSpeed ZeRO with bf16 and fp32 master weights
     zero_stage: int = 2  # 0-2
     offload: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
-    seed: int = 0
+    init_seed: int = 0  # the LoRA adapters' initial weights, the same for every clip
+    noise_seed: int = 0  # training noise and clean-prefix draws: per clip from (noise_seed, clip id)
     save_weights: bool = False  # lora only: each clip's adapted LoRA weights as clip/lora.safetensors
 
 
@@ -114,7 +119,6 @@ class EvaluationConfig:
 @dataclass
 class Config:
     experiment: str = "demo"
-    seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -126,15 +130,26 @@ class Config:
         """Every value as `section.key` -> value, for MLflow params."""
         return dict(_flatten(dataclasses.asdict(self)))
 
-    def digest(self, *selectors: str, exclude: tuple[str, ...] = ()) -> str:
+    def digest(self, *selectors: str, exclude: Iterable[str] = ()) -> str:
         """A short hash of the values under the selectors (a section such as 'model' or a key such as
-        'data.frames'): results with the same digest are interchangeable."""
-        # which clips are selected, and what is kept on disk, do not change a clip's result
-        excluded = {"data.num_clips", "adaptation.save_weights", "model.cache_latents", *exclude}
+        'data.frames'), leaving out the keys in `exclude`."""
+        excluded = set(exclude)
         values = {k: v for k, v in self.flat().items()
                   if k not in excluded and any(k == s or k.startswith(s + ".") for s in selectors)}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
+
+# The settings that cannot change a clip's result, and why; every other setting is part of the key of
+# the results it can change (tests/test_config.py walks every field).
+NOT_RESULT_SETTINGS = {
+    "experiment",  # the MLflow experiment's name: where results are stored
+    "data.num_clips",  # which clips are selected, not what a clip's result is
+    "adaptation.save_weights",  # whether the adapted weights are also written out
+    "model.cache_latents",  # the cached latents are the encoder's output, bit for bit (tests/test_latent_cache.py)
+    "model.weights",  # a path: the weights actually loaded are fingerprinted into the key instead
+    "pretrain.steps", "pretrain.batch_size", "pretrain.lr", "pretrain.warmup", "pretrain.unconditional_prob",
+    "pretrain.seed",  # pretraining reaches results only through the weights, which are fingerprinted
+}
 
 CHOICES = {
     "data.source": {"synthetic", "folder", "ucf101", "hmdb51"},
@@ -142,7 +157,7 @@ CHOICES = {
     "model.size": {"full", "tiny"},
     "model.dtype": {"float32", "bfloat16"},
     "adaptation.method": {"lora", "full"},
-    "adaptation.data": {"context", "oracle"},
+    "adaptation.data": {"context", "oracle", "other"},
     "adaptation.objective": {"continuation", "v2v_head", "denoising"},
     "adaptation.targets": {"attention", "attention+mlp"},
 }
@@ -227,7 +242,7 @@ def _check(config: Config, source: str) -> None:
     for key, value in flat.items():
         if key.endswith(("steps", "rank", "batch_size", "height", "width", "frames")) and value < 0:
             raise ConfigError(f"{source}: '{key}' must not be negative")
-        if key.endswith(("batch_size", "grad_accum")) and value < 1:
+        if key.endswith(("batch_size", "grad_accum", "samples")) and value < 1:
             raise ConfigError(f"{source}: '{key}' must be at least 1")
 
 

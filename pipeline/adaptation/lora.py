@@ -18,7 +18,7 @@ class LoraAdapter:
         self.transformer = backend.transformer
         self.transformer.requires_grad_(False)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)  # the same lora_A initialisation for every clip and arm
+            torch.manual_seed(config.init_seed)  # the same lora_A initialisation for every clip and arm
             # works on any nn.Module, diffusers or upstream Open-Sora alike
             inject_adapter_in_model(
                 LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=backend.lora_targets(config.targets),

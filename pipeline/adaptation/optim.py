@@ -49,8 +49,10 @@ class TorchAdamW(Optimizer):
 
 
 class DeepSpeedAdamW(Optimizer):
-    """AdamW through a DeepSpeed engine: ZeRO stage 0-2, optional optimizer offload to the CPU, bf16
-    with fp32 master weights. A new engine per clip starts from fresh optimizer state and masters."""
+    """AdamW through a DeepSpeed engine: ZeRO stage 0-2, optional optimizer offload to the CPU, in the
+    module's own dtype (bf16 weights get fp32 master weights; fp32 weights stay fp32, so the adapted
+    arm samples with weights of the same precision as the baseline). A new engine per clip starts
+    from fresh optimizer state and masters."""
 
     def __init__(self, module: torch.nn.Module, lr: float, warmup: int, accum: int, zero_stage: int, offload: bool,
                  micro_batch: int):
@@ -68,7 +70,8 @@ class DeepSpeedAdamW(Optimizer):
         config = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": accum,
-            "bf16": {"enabled": True},
+            # bf16 on an fp32 module would cast the live weights to bf16 in place
+            "bf16": {"enabled": next(module.parameters()).dtype == torch.bfloat16},
             "zero_optimization": zero,
             # torch's AdamW on DeepSpeed's fp32 partitions: no CUDA extension to compile on the cluster
             "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},

@@ -18,6 +18,7 @@ class ClipRecord:
     split: str
     source: str  # the original video, or "synthetic"
     start_frame: int = 0
+    content_hash: str = ""  # frames_hash of the decoded clip: results are keyed on it
 
 
 def write_manifest(path: str | Path, records: list[ClipRecord]) -> Path:

@@ -1,7 +1,9 @@
 """Clips from sources: the synthetic generator, or a folder of videos with one sub-folder per class.
 
-Every clip has exactly T frames at the target fps and HxW size (resized to cover, centre-cropped).
-Videos that cannot be used are listed with the reason in skipped.csv and left out of the manifest.
+Every clip has exactly T frames at the target fps and HxW size (resized to cover, centre-cropped),
+stored losslessly (`write_clip`) with its content hash in the manifest. The same inputs and config
+give byte-identical clip files. Videos that cannot be used are listed with the reason in skipped.csv
+and left out of the manifest.
 """
 from __future__ import annotations
 
@@ -17,30 +19,35 @@ from ..progress import Progress
 from .datasets import official_splits, stratified_sample
 from .manifest import ClipRecord, write_manifest
 from .synthetic import MOTION_CLASSES, render_clip
-from .video_io import VideoError, read_video, write_video
+from .video_io import VideoError, frames_hash, read_video, write_clip
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v"}
 
 
-def generate_synthetic(config: DataConfig, seed: int) -> tuple[list[ClipRecord], list[tuple[str, str]]]:
-    out = Path(config.output_dir)
+def store_clip(config: DataConfig, clip_id: str, label: str, frames: np.ndarray, split: str, source: str,
+               start_frame: int = 0) -> ClipRecord:
+    """Write one clip losslessly under `<output_dir>/clips/` and return its manifest row."""
+    path = f"clips/{clip_id}.mkv"
+    write_clip(Path(config.output_dir) / path, frames, config.fps)
+    return ClipRecord(clip_id, label, path, config.frames, config.fps, config.height, config.width, split, source,
+                      start_frame, frames_hash(frames))
+
+
+def generate_synthetic(config: DataConfig) -> tuple[list[ClipRecord], list[tuple[str, str]]]:
     records = []
     plan = [("train", i) for i in range(config.train_clips)] + [("test", i) for i in range(config.test_clips)]
     progress = Progress("preprocess", len(plan))
     for split, i in plan:
         label = MOTION_CLASSES[i % len(MOTION_CLASSES)]
         clip_id = f"{split}_{label}_{i:04d}"
-        path = out / "clips" / f"{clip_id}.mp4"
-        if not path.exists():  # generation is deterministic, so an existing file is this clip
-            rng = np.random.default_rng([seed, split == "test", i])
-            write_video(path, render_clip(label, config.frames, config.height, config.width, rng), config.fps)
-        records.append(ClipRecord(clip_id, label, str(path.relative_to(out)), config.frames, config.fps,
-                                  config.height, config.width, split, "synthetic"))
+        rng = np.random.default_rng([config.seed, split == "test", i])
+        frames = render_clip(label, config.frames, config.height, config.width, rng)
+        records.append(store_clip(config, clip_id, label, frames, split, "synthetic"))
         progress.advance(clip_id)
     return records, []
 
 
-def clips_from_folder(config: DataConfig, seed: int) -> tuple[list[ClipRecord], list[tuple[str, str]]]:
+def clips_from_folder(config: DataConfig) -> tuple[list[ClipRecord], list[tuple[str, str]]]:
     """Videos in class sub-folders (a plain folder, or the official UCF-101 / HMDB51 layout)."""
     root = Path(config.input_dir)
     if not root.is_dir():
@@ -49,8 +56,7 @@ def clips_from_folder(config: DataConfig, seed: int) -> tuple[list[ClipRecord], 
     if not videos:
         raise FileNotFoundError(f"data.input_dir={root} has no files in class sub-folders")
     splits, skipped = _assign_splits(config, root, videos)
-    chosen = [(key, split) for split in ("train", "test") for key in _sample(config, splits, split, seed)]
-    out = Path(config.output_dir)
+    chosen = [(key, split) for split in ("train", "test") for key in _sample(config, splits, split)]
     records = []
     progress = Progress("preprocess", len(chosen))
     for key, split in chosen:
@@ -60,10 +66,8 @@ def clips_from_folder(config: DataConfig, seed: int) -> tuple[list[ClipRecord], 
         try:
             if video.suffix.lower() not in VIDEO_SUFFIXES:
                 raise VideoError(video, f"not a video file suffix ({video.suffix or 'none'})")
-            frames = fit_clip(video, config)
-            write_video(out / "clips" / f"{clip_id}.mp4", frames, config.fps)
-            records.append(ClipRecord(clip_id, rel.parts[0], f"clips/{clip_id}.mp4", config.frames, config.fps,
-                                      config.height, config.width, split, str(video), config.start_frame))
+            records.append(store_clip(config, clip_id, rel.parts[0], fit_clip(video, config), split, str(video),
+                                      config.start_frame))
         except VideoError as exc:
             skipped.append((str(video), exc.reason))
             print(f"[preprocess] skipped {exc}", flush=True)
@@ -81,9 +85,9 @@ def _assign_splits(config: DataConfig, root: Path, videos: list[Path]):
     return {k: official[k] for k in keys if k in official}, skipped
 
 
-def _sample(config: DataConfig, splits: dict[str, str], split: str, seed: int) -> list[str]:
+def _sample(config: DataConfig, splits: dict[str, str], split: str) -> list[str]:
     items = [(k, Path(k).parts[0]) for k, s in splits.items() if s == split]
-    return [k for k, _ in stratified_sample(items, config.sample, seed)]
+    return [k for k, _ in stratified_sample(items, config.sample, config.seed)]
 
 
 def fit_clip(path: Path, config: DataConfig) -> np.ndarray:
@@ -113,11 +117,11 @@ def _split_of(key: str, test_fraction: float) -> str:
     return "test" if bucket < test_fraction else "train"
 
 
-def preprocess(config: DataConfig, seed: int) -> tuple[Path, list[ClipRecord], list[tuple[str, str]]]:
+def preprocess(config: DataConfig) -> tuple[Path, list[ClipRecord], list[tuple[str, str]]]:
     if config.source == "synthetic":
-        records, skipped = generate_synthetic(config, seed)
+        records, skipped = generate_synthetic(config)
     else:
-        records, skipped = clips_from_folder(config, seed)
+        records, skipped = clips_from_folder(config)
     manifest = write_manifest(config.manifest, records)
     with open(manifest.with_name("skipped.csv"), "w", newline="") as f:
         csv.writer(f).writerows([("video", "reason"), *skipped])

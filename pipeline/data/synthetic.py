@@ -19,7 +19,8 @@ def render_clip(label: str, frames: int, height: int, width: int, rng: np.random
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / SUPERSAMPLE
     background = _texture(yy, xx, rng)
     colour = rng.uniform(0, 255, 3).astype(np.float32)
-    shape = rng.choice(["disc", "square", "triangle"])
+    # a turning disc would look still: rotating clips turn a square or a triangle
+    shape = rng.choice(["square", "triangle"] if label == "rotate" else ["disc", "square", "triangle"])
     size = rng.uniform(0.12, 0.22) * min(height, width)
     path = _motion(label, frames, height, width, size, rng)
     out = np.empty((frames, height, width, 3), np.uint8)

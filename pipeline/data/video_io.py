@@ -1,6 +1,14 @@
-"""Reading and writing video files with PyAV. Frames are uint8 arrays of shape (T, H, W, 3)."""
+"""Reading and writing video files with PyAV. Frames are uint8 arrays of shape (T, H, W, 3).
+
+Clips are stored losslessly and intra-only (`write_clip`: FFV1 in Matroska, every frame a keyframe),
+so a decoded frame depends on that frame alone: no context frame can carry information from the
+target frames through the codec, and the same frames always give the same bytes. H.264
+(`write_video`) is for people only: the viewer and the clips' MLflow artifacts.
+"""
 from __future__ import annotations
 
+import hashlib
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -41,8 +49,33 @@ def read_video(path: str | Path, max_frames: int | None = None) -> tuple[np.ndar
     return np.stack(frames), fps
 
 
+def frames_hash(frames: np.ndarray) -> str:
+    """The content hash of a clip's decoded frames (shape and every pixel)."""
+    frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    return hashlib.sha256(repr(frames.shape).encode() + frames.tobytes()).hexdigest()[:16]
+
+
+def write_clip(path: str | Path, frames: np.ndarray, fps: float) -> Path:
+    """Store (T, H, W, 3) uint8 frames losslessly, each frame coded on its own (FFV1, .mkv), with
+    byte-identical output for identical frames (the muxer's bitexact mode writes no time or random ids)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    tmp = path.with_name(path.name + ".partial.mkv")
+    with av.open(str(tmp), mode="w", format="matroska", options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream("ffv1", rate=_fraction(fps))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "bgr0"  # FFV1's 8-bit RGB: lossless for rgb24 frames
+        stream.codec_context.gop_size = 1  # every frame a keyframe: coder state never carries over
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    tmp.replace(path)
+    return path
+
+
 def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 12) -> Path:
-    """Encode (T, H, W, 3) uint8 frames as H.264 mp4 (yuv420p, playable in browsers)."""
+    """Encode (T, H, W, 3) uint8 frames as H.264 mp4 (yuv420p, playable in browsers): lossy, for viewing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = np.ascontiguousarray(frames, dtype=np.uint8)
@@ -62,7 +95,5 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 12)
     return path
 
 
-def _fraction(fps: float):
-    from fractions import Fraction
-
+def _fraction(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001)

@@ -44,3 +44,27 @@ def per_frame_curve(rows: list[list[float]]) -> tuple[list[float], list[float]]:
     means = x.mean(0)
     se = x.std(0, ddof=1) / math.sqrt(len(x)) if len(x) > 1 else np.full_like(means, math.nan)
     return means.tolist(), se.tolist()
+
+
+def paired_frame_difference(baseline: list[list[float]], adapted: list[list[float]],
+                            confidence: float = 0.95) -> dict[str, list[float]]:
+    """Per frame index, the mean of adapted - baseline over clips with its t confidence interval."""
+    diff = np.asarray(adapted, dtype=float) - np.asarray(baseline, dtype=float)
+    n = len(diff)
+    mean = diff.mean(0)
+    if n < 2:
+        nan = np.full_like(mean, math.nan)
+        return {"mean": mean.tolist(), "ci_low": nan.tolist(), "ci_high": nan.tolist()}
+    half = stats.t.ppf(0.5 + confidence / 2, df=n - 1) * diff.std(0, ddof=1) / math.sqrt(n)
+    return {"mean": mean.tolist(), "ci_low": (mean - half).tolist(), "ci_high": (mean + half).tolist()}
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (NaN stays NaN and does not count as a test)."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        adjusted[i] = running
+    return adjusted

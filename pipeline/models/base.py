@@ -1,10 +1,24 @@
 """The interface every model family implements. Stages and the trainer only talk to this."""
 from __future__ import annotations
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of every parameter's name, shape and sum, and a strided sample of its values: results
+    are keyed on the weights actually loaded, not on a path."""
+    parts = []
+    with torch.no_grad():
+        for name, p in module.state_dict().items():
+            flat = p.detach().flatten()
+            sample = flat[:: max(1, flat.numel() // 64)].double().cpu().tolist()
+            parts.append([name, list(p.shape), flat.double().sum().item(), sample])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

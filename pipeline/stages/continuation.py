@@ -1,14 +1,18 @@
 """The baseline and adapt stages: continue every clip from its first K frames and score frames [K, T).
 
-Both arms share this code path and the sampling seed, so a difference between them is the
-adaptation's doing; with 0 adaptation steps the adapted arm reproduces the baseline exactly.
+Both arms share this code path and the per-clip sampling seeds, so a difference between them is the
+adaptation's doing; with 0 adaptation steps the adapted arm reproduces the baseline exactly. The
+baseline stage also scores the reference predictors (REFERENCES) on every clip.
 """
 from __future__ import annotations
 
+import random
 import resource
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -20,14 +24,17 @@ from .. import ranks
 from ..adaptation import make_adapter
 from ..adaptation.trainer import adapt_to_clip
 from ..cluster import Shard, check_store_for_many_writers, preemptible
-from ..config import Config
+from ..config import NOT_RESULT_SETTINGS, Config
 from ..data.manifest import ClipRecord, read_manifest, resolve_clip_path, select_clips
-from ..data.video_io import VideoError, read_video
-from ..evaluation.metrics import LpipsUnavailable, frame_metrics, load_lpips
+from ..data.video_io import VideoError, frames_hash, read_video
+from ..evaluation.metrics import LOWER_IS_BETTER, LpipsUnavailable, frame_metrics, load_lpips
 from ..models import VideoBackend, load_backend
+from ..models.base import weights_fingerprint
 from ..models.ltx_video import frames_to_tensor, tensor_to_frames
 from ..progress import Progress
-from ..tracking.runs import finished_clips, stage_run
+from ..seeds import derive_seed
+from ..tracking.runs import (TAG_CLASS, TAG_INPUTS, TAG_PARTNER, TAG_SOURCE, TAG_WEIGHTS, finished_clips,
+                             stage_run)
 from .latent_cache import LatentCache
 from .recorder import Recorder
 
@@ -35,10 +42,61 @@ STAGE_SECTIONS = {
     "baseline": ("data", "model", "sampling", "evaluation"),
     "adapt": ("data", "model", "sampling", "evaluation", "adaptation"),
 }
+REFERENCES = ("repeat_last", "vae_recon")  # scored in the baseline stage: a floor and, with a VAE, a ceiling
 
 
 def stage_digest(config: Config, stage: str) -> str:
-    return config.digest(*STAGE_SECTIONS[stage])
+    """The config part of a result's key (the clip's inputs and the model weights complete it)."""
+    return config.digest(*STAGE_SECTIONS[stage], exclude=NOT_RESULT_SETTINGS)
+
+
+def sham_partners(records: list[ClipRecord], seed: int) -> dict[str, ClipRecord]:
+    """adaptation.data=other: each clip of a split -> the clip whose context its sham arm adapts on.
+    One seeded cycle through the whole split (not just the selected clips), so no clip is its own
+    partner and the pairing does not depend on num_clips or the shard."""
+    if len(records) < 2:
+        raise ValueError("adaptation.data=other adapts on another clip's context: the split needs at least 2 clips")
+    order = sorted(records, key=lambda r: r.clip_id)
+    random.Random(derive_seed(seed, "sham")).shuffle(order)
+    return {r.clip_id: order[(i + 1) % len(order)] for i, r in enumerate(order)}
+
+
+def partners_for(config: Config, stage: str, split: list[ClipRecord]) -> dict[str, ClipRecord]:
+    """The sham arm's partners (see sham_partners); none in every other arm."""
+    if stage == "adapt" and config.adaptation.data == "other":
+        return sham_partners(split, config.adaptation.noise_seed)
+    return {}
+
+
+def clip_inputs(config: Config, stage: str, clips: list[ClipRecord], split: list[ClipRecord]) -> dict[str, str]:
+    """clip id -> the hash of every frame its result depends on: the clip's own content hash, and in
+    the sham arm its partner's too. A result made from other frames never matches."""
+    partners = partners_for(config, stage, split)
+    inputs = {}
+    for c in clips:
+        if not c.content_hash:
+            raise ValueError(f"{config.data.manifest}: clip {c.clip_id} has no content hash (a manifest from an "
+                             "older version): run the preprocess stage again")
+        inputs[c.clip_id] = c.content_hash + (f"+{partners[c.clip_id].content_hash}" if partners else "")
+    return inputs
+
+
+@dataclass
+class ClipFrames:
+    """A clip's decoded frames and, in the sham arm, its partner's whose context it adapts on."""
+
+    record: ClipRecord
+    frames: np.ndarray
+    partner: ClipRecord | None = None
+    partner_frames: np.ndarray | None = None
+
+
+@dataclass
+class ClipOutput:
+    first: np.ndarray  # the first sample's frames [0, T), for the videos
+    metrics: dict[str, float]  # per clip: mean over samples, best-of-N, spread, references, costs
+    per_frame: dict[str, list[float]]  # per frame of [K, T): mean over samples; references
+    per_sample: dict[str, list[float]]  # per sample: its clip mean
 
 
 class Continuer:
@@ -47,6 +105,9 @@ class Continuer:
     def __init__(self, config: Config, stage: str, backend: VideoBackend | None = None):
         self.config, self.stage = config, stage
         self.backend = backend or load_backend(config)
+        # of the weights as loaded, before any adapter is attached: part of every result's key
+        self.weights = weights_fingerprint(self.backend.transformer) + (
+            f"+{weights_fingerprint(self.backend.vae)}" if self.backend.vae is not None else "")
         d = config.data
         self.layout = self.backend.frame_layout(d.frames, d.context, d.height, d.width)
         self.adapter = make_adapter(self.backend, config.adaptation) if stage == "adapt" else None
@@ -59,6 +120,7 @@ class Continuer:
                 self.lpips_note = str(exc)
 
     def load_clip(self, manifest: Path, record: ClipRecord) -> np.ndarray:
+        """The clip's T frames, checked against its shape and the manifest's content hash."""
         d = self.config.data
         path = resolve_clip_path(manifest, record)
         frames, _ = read_video(path, max_frames=d.frames)
@@ -67,42 +129,93 @@ class Continuer:
         if frames.shape[1:3] != (d.height, d.width):
             raise VideoError(path, f"frame size {frames.shape[2]}x{frames.shape[1]} differs from the configured "
                                    f"{d.width}x{d.height}; run preprocess with this config")
+        if frames_hash(frames) != record.content_hash:
+            raise VideoError(path, f"content differs from the manifest's hash {record.content_hash} (the file "
+                                   "changed after preprocessing): run the preprocess stage again")
         return frames
 
-    def adapt(self, clip_id: str, frames: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+    def load_inputs(self, manifest: Path, record: ClipRecord, partner: ClipRecord | None) -> ClipFrames:
+        frames = self.load_clip(manifest, record)
+        if partner is None:
+            return ClipFrames(record, frames)
+        return ClipFrames(record, frames, partner, self.load_clip(manifest, partner))
+
+    def _context_latents(self, record: ClipRecord, frames: np.ndarray) -> tuple[torch.Tensor, bool]:
+        backend = self.backend
+        context = frames[: self.layout.conditioned_pixel_frames]
+        return self.latents.context(record.clip_id, record.content_hash,
+                                    lambda: backend.encode(frames_to_tensor(context, backend.device)), backend.device)
+
+    def adapt(self, clip: ClipFrames) -> tuple[torch.Tensor, dict[str, float]]:
         """Encode the context (or read it from the latent cache) and, in the adapt stage, fit the
-        adapter to the clip (every rank)."""
+        adapter to the clip (every rank): on its context, the whole clip (oracle) or another clip's
+        context (sham)."""
         cfg, backend = self.config, self.backend
         start = time.perf_counter()
-        context = frames[: self.layout.conditioned_pixel_frames]
-        context_latents, cached = self.latents.context(
-            clip_id, lambda: backend.encode(frames_to_tensor(context, backend.device)), backend.device)
+        context_latents, cached = self._context_latents(clip.record, clip.frames)
         timing = {"encode_seconds": _seconds_since(start, backend.device), "context_cached": float(cached)}
         _reset_peak_memory(backend.device)
         if self.adapter is None:
             return context_latents, timing
         self.adapter.reset()
-        window = context_latents if cfg.adaptation.data == "context" else backend.encode(
-            frames_to_tensor(frames, backend.device))
-        return context_latents, {**timing, **adapt_to_clip(backend, self.adapter, window, cfg.adaptation, cfg.seed)}
+        if cfg.adaptation.data == "context":
+            window = context_latents
+        elif cfg.adaptation.data == "other":
+            window = self._context_latents(clip.partner, clip.partner_frames)[0]
+        else:
+            window = backend.encode(frames_to_tensor(clip.frames, backend.device))
+        noise_seed = derive_seed(cfg.adaptation.noise_seed, clip.record.clip_id)
+        return context_latents, {**timing, **adapt_to_clip(backend, self.adapter, window, cfg.adaptation, noise_seed)}
 
-    def run(self, clip_id: str, frames: np.ndarray) -> tuple[np.ndarray, dict[str, float], dict[str, list[float]]]:
+    def run(self, clip: ClipFrames) -> ClipOutput:
+        """Adapt (adapt stage), then `sampling.samples` continuations, each from the seed derived from
+        (sampling.seed, clip id, sample): the same noise in every arm."""
         cfg, layout, backend = self.config, self.layout, self.backend
-        K = cfg.data.context
-        context_latents, metrics = self.adapt(clip_id, frames)
-        start = time.perf_counter()
-        latents = backend.sample(context_latents, layout.latent_frames, cfg.sampling.seed)
-        metrics["sample_seconds"] = _seconds_since(start, backend.device)
-        start = time.perf_counter()
-        generator = torch.Generator(backend.device).manual_seed(cfg.sampling.seed)
-        output = tensor_to_frames(backend.decode(latents, generator))[: cfg.data.frames]  # some decode more than T
-        metrics["decode_seconds"] = time.perf_counter() - start
+        K, frames = cfg.data.context, clip.frames
+        context_latents, metrics = self.adapt(clip)
+        samples, first = [], None
+        metrics.update(sample_seconds=0.0, decode_seconds=0.0, metrics_seconds=0.0)
+        for n in range(cfg.sampling.samples):
+            seed = derive_seed(cfg.sampling.seed, clip.record.clip_id, n)
+            start = time.perf_counter()
+            latents = backend.sample(context_latents, layout.latent_frames, seed)
+            metrics["sample_seconds"] += _seconds_since(start, backend.device)
+            start = time.perf_counter()
+            output = self._decode(latents, seed)
+            metrics["decode_seconds"] += time.perf_counter() - start
+            start = time.perf_counter()
+            samples.append(frame_metrics(output[K:], frames[K:], self.lpips, backend.device))
+            metrics["metrics_seconds"] += time.perf_counter() - start
+            first = output if first is None else first
         metrics.update(_peak_memory(backend.device))
-        start = time.perf_counter()
-        per_frame = frame_metrics(output[K:], frames[K:], self.lpips, backend.device)
-        metrics["metrics_seconds"] = time.perf_counter() - start
-        metrics.update({name: float(np.mean(values)) for name, values in per_frame.items()})
-        return output, metrics, per_frame
+        per_frame = {name: np.mean([s[name] for s in samples], axis=0).tolist() for name in samples[0]}
+        per_sample = {name: [float(np.mean(s[name])) for s in samples] for name in samples[0]}
+        for name, values in per_sample.items():
+            best = min(values) if name in LOWER_IS_BETTER else max(values)
+            metrics.update({name: float(np.mean(values)), f"{name}_best": best,
+                            f"{name}_sample_sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0})
+        if self.stage == "baseline":
+            start = time.perf_counter()
+            references = self._references(clip)
+            metrics["reference_seconds"] = time.perf_counter() - start
+            per_frame.update(references)
+            metrics.update({name: float(np.mean(values)) for name, values in references.items()})
+        return ClipOutput(first, metrics, per_frame, per_sample)
+
+    def _decode(self, latents: torch.Tensor, seed: int) -> np.ndarray:
+        generator = torch.Generator(self.backend.device).manual_seed(seed)
+        return tensor_to_frames(self.backend.decode(latents, generator))[: self.config.data.frames]  # some decode more
+
+    def _references(self, clip: ClipFrames) -> dict[str, list[float]]:
+        """Predictors scored like an arm, per frame of [K, T): the last context frame repeated (no
+        model: a floor), and with a VAE the target encoded and decoded (what the VAE alone allows)."""
+        K, frames, device = self.config.data.context, clip.frames, self.backend.device
+        predictions = {"repeat_last": np.repeat(frames[K - 1: K], len(frames) - K, axis=0)}
+        if self.backend.vae is not None:
+            latents = self.backend.encode(frames_to_tensor(frames, device))
+            predictions["vae_recon"] = self._decode(latents, derive_seed(self.config.sampling.seed, "vae_recon"))[K:]
+        return {f"{ref}_{name}": values for ref, prediction in predictions.items()
+                for name, values in frame_metrics(prediction, frames[K:], self.lpips, device).items()}
 
 
 def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, shard: Shard = Shard()) -> str:
@@ -114,93 +227,106 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
     ranks.init()
     if ranks.is_main():
         check_store_for_many_writers(shard)
-    clips = shard.select(select_clips(read_manifest(d.manifest), d.split, d.num_clips))
+    split = select_clips(read_manifest(d.manifest), d.split, 0)
+    clips = shard.select(select_clips(split, d.split, d.num_clips))
     if not clips:
         raise ValueError(f"{d.manifest} has no clips in split '{d.split}' for shard {shard}")
+    inputs = clip_inputs(config, stage, clips, split)
+    partners = partners_for(config, stage, split)
     digest = stage_digest(config, stage)
     continuer = Continuer(config, stage, backend)
     if not ranks.is_main():
-        _follow_main_rank(continuer, d.manifest, {c.clip_id: c for c in clips})
+        _follow_main_rank(continuer, d.manifest, {c.clip_id: c for c in clips}, partners)
         ranks.finish()
         return ""
     with preemptible(), stage_run(config, stage, digest) as parent:
         mlflow.log_param("shard", str(shard))
-        mlflow.set_tags({"tta.arm": arm_label(config, stage), "tta.conditioned_pixel_frames":
-                         continuer.layout.conditioned_pixel_frames})
+        mlflow.set_tags({"tta.arm": arm_label(config, stage), TAG_WEIGHTS: continuer.weights,
+                         "tta.baseline_digest": stage_digest(config, "baseline"),
+                         "tta.conditioned_pixel_frames": continuer.layout.conditioned_pixel_frames})
         if continuer.lpips_note:
             mlflow.set_tag("tta.lpips", continuer.lpips_note)
             print(f"[{stage}] {continuer.lpips_note}", file=sys.stderr, flush=True)
-        done = finished_clips(parent.info.experiment_id, stage, digest)
+        done = finished_clips(parent.info.experiment_id, stage, digest, inputs, continuer.weights)
         todo = [c for c in clips if c.clip_id not in done]
         ranks.broadcast([c.clip_id for c in todo])
         if done:
             print(f"[{stage}] resuming: {len(clips) - len(todo)} of {len(clips)} clips already finished", flush=True)
         progress = Progress(stage, len(clips), done=len(clips) - len(todo), every_seconds=0)
-        failures = _run_clips(continuer, stage, digest, todo, progress, parent)
-        mlflow.log_metrics({"clips_total": len(clips), "clips_failed": failures})
+        recorder = Recorder(d, stage, digest, parent, on_end=_reporter(stage, progress))
+        try:
+            _run_clips(continuer, recorder, todo, partners, inputs)
+        finally:
+            recorder.close()  # every clip handed over is recorded, also when stopping
+        mlflow.log_metrics({"clips_total": len(clips), "clips_failed": recorder.failures})
     ranks.finish()
     return parent.info.run_id
 
 
-def _run_clips(continuer: Continuer, stage: str, digest: str, todo: list[ClipRecord], progress: Progress,
-               parent: Run) -> int:
-    """Each clip in its own child run of `parent`; returns how many failed."""
-    d = continuer.config.data
-    failures = 0
-
+def _reporter(stage: str, progress: Progress) -> Callable[[str, BaseException | None], None]:
     def report(clip_id: str, error: BaseException | None) -> None:  # on the recorder's tracking thread
-        nonlocal failures
         if error is not None:
-            failures += 1
             print(f"[{stage}] clip {clip_id} failed: {error}", file=sys.stderr, flush=True)
         progress.advance(clip_id, "FAILED" if error else "")
-
-    recorder = Recorder(d, stage, digest, parent, on_end=report)
-    try:
-        ahead = recorder.load(continuer.load_clip, d.manifest, todo[0]) if todo else None
-        for i, record in enumerate(todo):
-            frames = ahead
-            if i + 1 < len(todo):  # decoded while this clip runs on the GPU
-                ahead = recorder.load(continuer.load_clip, d.manifest, todo[i + 1])
-            run = recorder.start(record)
-            try:
-                _run_clip(continuer, recorder, run, record.clip_id, frames)
-            except Exception as exc:  # recorded on the clip's run; the stage goes on
-                if isinstance(exc, torch.OutOfMemoryError):
-                    torch.cuda.empty_cache()
-                recorder.fail(run, record.clip_id, exc)
-            except BaseException as exc:  # preempted or interrupted: the clip is KILLED, the stage stops
-                recorder.fail(run, record.clip_id, exc)
-                raise
-    finally:
-        recorder.close()  # every clip handed over is recorded, also when stopping
-    return failures
+    return report
 
 
-def _follow_main_rank(continuer: Continuer, manifest: Path, clips: dict[str, ClipRecord]) -> None:
+def _run_clips(continuer: Continuer, recorder: Recorder, todo: list[ClipRecord], partners: dict[str, ClipRecord],
+               inputs: dict[str, str]) -> None:
+    """Each clip in its own child run, tagged with what its result was made from."""
+    manifest = continuer.config.data.manifest
+
+    def load(record: ClipRecord) -> Future:  # decoded on an I/O thread while the previous clip runs
+        return recorder.load(continuer.load_inputs, manifest, record, partners.get(record.clip_id))
+
+    ahead = load(todo[0]) if todo else None
+    for i, record in enumerate(todo):
+        clip = ahead
+        if i + 1 < len(todo):
+            ahead = load(todo[i + 1])
+        tags = {TAG_CLASS: record.label, TAG_SOURCE: record.source, TAG_INPUTS: inputs[record.clip_id],
+                TAG_WEIGHTS: continuer.weights}
+        if record.clip_id in partners:
+            tags[TAG_PARTNER] = partners[record.clip_id].clip_id
+        run = recorder.start(record.clip_id, tags)
+        try:
+            _run_clip(continuer, recorder, run, record.clip_id, clip)
+        except Exception as exc:  # recorded on the clip's run; the stage goes on
+            if isinstance(exc, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            recorder.fail(run, record.clip_id, exc)
+        except BaseException as exc:  # preempted or interrupted: the clip is KILLED, the stage stops
+            recorder.fail(run, record.clip_id, exc)
+            raise
+
+
+def _follow_main_rank(continuer: Continuer, manifest: Path, clips: dict[str, ClipRecord],
+                      partners: dict[str, ClipRecord]) -> None:
     """A rank > 0: adapt to the clips rank 0 lists, in its order, adding noise draws to its batch."""
     for clip_id in ranks.broadcast(None):
         try:
-            continuer.adapt(clip_id, continuer.load_clip(manifest, clips[clip_id]))
+            continuer.adapt(continuer.load_inputs(manifest, clips[clip_id], partners.get(clip_id)))
         except Exception as exc:  # rank 0 records the clip's failure
             print(f"[rank {ranks.rank()}] clip {clip_id} failed: {exc}", file=sys.stderr, flush=True)
 
 
-def _run_clip(continuer: Continuer, recorder: Recorder, run: Future, clip_id: str, frames_ahead: Future) -> None:
+def _run_clip(continuer: Continuer, recorder: Recorder, run: Future, clip_id: str, clip_ahead: Future) -> None:
     """One clip, with its wall time split: model compute (encode, adapt, sample, decode) against the
     rest on this thread (waiting for the clip's frames, scoring, handing the clip to the recorder),
     logged as `non_model_share`."""
     start = time.perf_counter()
-    frames = frames_ahead.result()  # decoded on an I/O thread; a bad file raises its VideoError here
+    clip = clip_ahead.result()  # decoded on an I/O thread; a bad file raises its VideoError here
     load_seconds = time.perf_counter() - start
-    output, metrics, per_frame = continuer.run(clip_id, frames)
+    out = continuer.run(clip)
     weights = continuer.adapter.state_dict() if continuer.config.adaptation.save_weights and continuer.adapter else {}
     recording = time.perf_counter()
     recorder.wait_for_slot()
     end = time.perf_counter()
+    metrics = out.metrics
+    scoring = metrics["metrics_seconds"] + metrics.get("reference_seconds", 0.0)
     metrics.update(load_seconds=load_seconds, record_seconds=end - recording, clip_seconds=end - start,
-                   non_model_share=(load_seconds + metrics["metrics_seconds"] + end - recording) / (end - start))
-    recorder.record(run, clip_id, frames, output, metrics, per_frame, weights)
+                   non_model_share=(load_seconds + scoring + end - recording) / (end - start))
+    recorder.record(run, clip_id, clip.frames, out.first, metrics, out.per_frame, out.per_sample, weights)
 
 
 def arm_label(config: Config, stage: str) -> str:
@@ -209,7 +335,9 @@ def arm_label(config: Config, stage: str) -> str:
     a = config.adaptation
     method = f"lora r{a.rank}" if a.method == "lora" else "full fine-tuning"
     label = f"{method} {a.steps} steps on {a.data}"
-    return label + " (ORACLE: sees the target frames, upper bound)" if a.data == "oracle" else label
+    if a.data == "oracle":
+        return label + " (ORACLE: sees the target frames, upper bound)"
+    return label + " (SHAM: another clip's context)" if a.data == "other" else label
 
 
 def _seconds_since(start: float, device: torch.device) -> float:

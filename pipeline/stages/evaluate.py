@@ -1,40 +1,89 @@
-"""The evaluate stage: pair the baseline and adapted arms of one config by clip and compare them."""
+"""The evaluate stage: the arms of one config paired by clip, with their controls and failures.
+
+Arms: the baseline, the adapted arm the config names, its sham control (the same settings with
+adaptation.data=other) when that has been run, and the reference predictors the baseline stage
+scored on every clip (the last context frame repeated; with a VAE, the target's VAE reconstruction).
+
+Intention to treat: the primary comparisons keep every clip the baseline scored; a clip whose
+adaptation failed is scored as the baseline's own continuation (no change) and counted as a failure.
+The complete-case comparison (clips finished in both arms) is shown beside it. Every clip metric is
+the mean over the clip's samples; best-of-N (the sample closest to the ground truth, as much of the
+video-prediction literature reports) is a labelled secondary comparison.
+"""
 from __future__ import annotations
 
 import json
 import math
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
-from mlflow.tracking import MlflowClient
+from mlflow.entities import Run
 
 from ..config import Config
 from ..data.manifest import read_manifest, select_clips
+from ..evaluation.metrics import LOWER_IS_BETTER
 from ..evaluation.plots import summary_figure, write_html
-from ..evaluation.stats import mean_se, paired_comparison
-from ..tracking.runs import TAG_CLIP, TAG_DIGEST, TAG_ERROR, finished_clips, frame_curve, stage_run
-from .continuation import arm_label, stage_digest
+from ..evaluation.stats import holm, mean_se, paired_comparison, paired_frame_difference, per_frame_curve
+from ..tracking.runs import (TAG_ERROR, TAG_STAGE, TAG_WEIGHTS, finished_clips, frame_history, search_all,
+                             stage_run)
+from .continuation import arm_label, clip_inputs, stage_digest
 
-METRICS = ("psnr", "ssim", "lpips")  # higher is better for PSNR and SSIM, lower for LPIPS
+METRICS = ("psnr", "ssim", "lpips")
 COSTS = ("adapt_seconds", "sample_seconds", "adapt_steps_per_second", "non_model_share", "peak_gpu_memory_mb",
          "peak_rss_mb")
+REFERENCE_LABELS = {"repeat_last": "repeat the last context frame (no model: a floor)",
+                    "vae_recon": "VAE reconstruction of the target (the VAE's ceiling)"}
+
+
+@dataclass
+class Arm:
+    """One arm's finished clip runs, their metrics by name, and its failures (clip -> reason)."""
+
+    name: str
+    label: str
+    runs: dict[str, Run]
+    failed: dict[str, str]
+
+    @property
+    def scored(self) -> dict[str, dict[str, float]]:
+        return {c: r.data.metrics for c, r in self.runs.items()}
 
 
 def evaluate(config: Config) -> dict:
+    d = config.data
+    split = select_clips(read_manifest(d.manifest), d.split, 0)
+    clips = select_clips(split, d.split, d.num_clips)
+    sham_config = replace(config, adaptation=replace(config.adaptation, data="other"))
     digests = {"baseline": stage_digest(config, "baseline"), "adapt": stage_digest(config, "adapt")}
     with stage_run(config, "evaluate", digests["adapt"]) as parent:
         experiment_id = parent.info.experiment_id
-        arms = {stage: finished_clips(experiment_id, stage, digest) for stage, digest in digests.items()}
-        d = config.data
-        clip_ids = [c.clip_id for c in select_clips(read_manifest(d.manifest), d.split, d.num_clips)]
-        paired = [c for c in clip_ids if c in arms["baseline"] and c in arms["adapt"]]
-        if not paired:
-            raise ValueError(f"no clip has finished results in both arms (baseline digest {digests['baseline']}, "
-                             f"adapt digest {digests['adapt']}): run the baseline and adapt stages with this config")
-        summary = _summarise(config, arms, paired, clip_ids, experiment_id, digests)
-        mlflow.set_tags({"tta.baseline_digest": digests["baseline"], "tta.adapt_digest": digests["adapt"]})
-        mlflow.log_metrics(_flat_metrics(summary))
+        weights = _weights_of_newest(experiment_id, "adapt", digests["adapt"], config)
+        inputs = clip_inputs(config, "baseline", clips, split)
+
+        def load(name: str, stage: str, cfg: Config, label: str) -> Arm:
+            digest, arm_inputs = stage_digest(cfg, stage), clip_inputs(cfg, stage, clips, split)
+            done = finished_clips(experiment_id, stage, digest, arm_inputs, weights)
+            failed = finished_clips(experiment_id, stage, digest, arm_inputs, weights, status="FAILED")
+            return Arm(name, label, done,
+                       {c: r.data.tags.get(TAG_ERROR, "failed") for c, r in failed.items() if c not in done})
+
+        baseline = load("baseline", "baseline", config, "baseline")
+        if not baseline.scored:
+            raise ValueError(f"experiment '{config.experiment}' has no finished baseline clip for this config "
+                             f"(baseline digest {digests['baseline']}, model weights {weights}): run the baseline "
+                             "stage with the same config and experiment")
+        arms = [baseline, load("adapted", "adapt", config, arm_label(config, "adapt"))]
+        if config.adaptation.data != "other":
+            sham = load("sham", "adapt", sham_config, arm_label(sham_config, "adapt"))
+            if sham.scored or sham.failed:
+                arms.append(sham)
+        summary = summarise(config, arms, [c.clip_id for c in clips], inputs)
+        summary["per_frame"] = per_frame(arms, summary)
+        mlflow.set_tags({"tta.baseline_digest": digests["baseline"], "tta.adapt_digest": digests["adapt"],
+                         TAG_WEIGHTS: weights})
+        mlflow.log_metrics(flat_metrics(summary))
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "metrics.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
             write_html(summary_figure(summary), Path(tmp) / "plots.html")
@@ -44,84 +93,195 @@ def evaluate(config: Config) -> dict:
     return summary
 
 
-def _summarise(config: Config, arms: dict, paired: list[str], clip_ids: list[str], experiment_id: str,
-               digests: dict[str, str]) -> dict:
-    base, adapted = arms["baseline"], arms["adapt"]
-    names = [m for m in METRICS if all(m in base[c].data.metrics and m in adapted[c].data.metrics for c in paired)]
+def _weights_of_newest(experiment_id: str, stage: str, digest: str, config: Config) -> str:
+    """The model weights of the newest stage run of this arm: the results evaluated are those made
+    with them (older results of other weights are never mixed in)."""
+    runs = search_all(experiment_id, f"tags.`{TAG_STAGE}` = '{stage}' and tags.`tta.digest` = '{digest}' "
+                                     "and tags.`tta.kind` = 'stage'", order_by=["attributes.start_time DESC"])
+    if not runs:
+        raise ValueError(f"experiment '{config.experiment}' has no {stage} run with this config (digest {digest}): "
+                         f"run the {stage} stage with the same config and experiment first")
+    return runs[0].data.tags.get(TAG_WEIGHTS, "")
+
+
+def summarise(config: Config, arms: list[Arm], clip_ids: list[str], inputs: dict[str, str]) -> dict:
+    """Arms, failures and paired comparisons over the clips the baseline scored (`clip_ids` in order)."""
+    baseline = arms[0]
+    itt = [c for c in clip_ids if c in baseline.scored]
+    names = [m for m in METRICS if all(m in baseline.scored[c] for c in itt)]
+    references = [ref for ref in REFERENCE_LABELS if all(f"{ref}_psnr" in baseline.scored[c] for c in itt)]
     summary = {
-        "title": f"{config.experiment}: {arm_label(config, 'adapt')} vs baseline, {len(paired)} clips",
-        "arms": {"baseline": "baseline", "adapted": arm_label(config, "adapt")},
+        "title": f"{config.experiment}: {arms[1].label} vs baseline, {len(itt)} clips the baseline scored",
         "oracle": config.adaptation.data == "oracle",
-        "clips": paired,
-        "excluded": _excluded(clip_ids, paired, arms, experiment_id, digests),
-        "metrics": {},
+        "samples": config.sampling.samples,
+        "clips": itt,
+        "arms": {},
+        "comparisons": [],
+        "excluded": {c: _why_excluded(c, baseline) for c in clip_ids if c not in baseline.scored},
         "cost": {},
     }
-    for name in names:
-        values = {arm: [runs[c].data.metrics[name] for c in paired] for arm, runs in (("baseline", base),
-                                                                                     ("adapted", adapted))}
-        stats = paired_comparison(values["baseline"], values["adapted"])
-        stats["differences"] = [a - b for a, b in zip(values["adapted"], values["baseline"])]
-        stats["per_frame"] = {arm: frame_curve([runs[c] for c in paired], name)
-                              for arm, runs in (("baseline", base), ("adapted", adapted))}
-        summary["metrics"][name] = stats
-    for arm, runs in (("baseline", base), ("adapted", adapted)):
+    for arm in arms:
+        summary["arms"][arm.name] = {
+            "label": arm.label, "scored": sum(c in arm.scored for c in itt), "failed": sum(c in arm.failed for c in itt),
+            "not_run": sum(c not in arm.scored and c not in arm.failed for c in itt),
+            "failures": {c: arm.failed[c] for c in itt if c in arm.failed},
+            "means": {m: mean_se([_itt_value(arm, baseline, c, m) for c in itt if _itt_value(arm, baseline, c, m)
+                                  is not None]) for m in names}}
+        summary["arms"][arm.name]["failure_rate"] = summary["arms"][arm.name]["failed"] / max(1, len(itt))
+    for ref in references:
+        summary["arms"][ref] = {"label": REFERENCE_LABELS[ref], "scored": len(itt), "failed": 0, "not_run": 0,
+                                "failures": {}, "failure_rate": 0.0,
+                                "means": {m: mean_se([baseline.scored[c][f"{ref}_{m}"] for c in itt]) for m in names}}
+    treated = arms[1:]
+    rows = []
+    for arm in treated:
+        rows.append((arm.name, "baseline", "ITT: a failed clip counts as no change", lambda a, c, m, arm=arm:
+                     (_itt_value(arm, baseline, c, m), baseline.scored[c][m])))
+        rows.append((arm.name, "baseline", "complete case", lambda a, c, m, arm=arm:
+                     (arm.scored[c][m], baseline.scored[c][m]) if c in arm.scored else (None, None)))
+    if len(treated) == 2:
+        adapted, sham = treated
+        rows.append(("adapted", "sham", "ITT: a failed clip counts as no change", lambda a, c, m:
+                     (_itt_value(adapted, baseline, c, m), _itt_value(sham, baseline, c, m))))
+    for ref in references:
+        for arm in (baseline, treated[0]):
+            rows.append((arm.name, ref, "ITT: a failed clip counts as no change", lambda a, c, m, arm=arm, ref=ref:
+                         (_itt_value(arm, baseline, c, m), baseline.scored[c][f"{ref}_{m}"])))
+    if config.sampling.samples > 1:
+        arm = treated[0]
+        rows.append((arm.name, "baseline", f"best of {config.sampling.samples} samples, picked with the ground "
+                     "truth; complete case", lambda a, c, m, arm=arm:
+                     (arm.scored[c].get(f"{m}_best"), baseline.scored[c].get(f"{m}_best")) if c in arm.scored
+                     else (None, None)))
+    for a, b, analysis, values in rows:
+        for m in names:
+            pairs = [values(a, c, m) for c in itt]
+            kept = [(c, x, y) for c, (x, y) in zip(itt, pairs) if x is not None and y is not None]
+            stats = paired_comparison([y for _, _, y in kept], [x for _, x, _ in kept])
+            stats.update(a=a, b=b, analysis=analysis, metric=m, clips=[c for c, _, _ in kept],
+                         differences=[x - y for _, x, y in kept], better=_better(m, stats["diff_mean"]))
+            summary["comparisons"].append(stats)
+    for row, p in zip(summary["comparisons"], holm([r["t_p_value"] for r in summary["comparisons"]])):
+        row["holm_p_value"] = p
+    for arm in arms:
         for cost in COSTS:
-            values = [runs[c].data.metrics[cost] for c in paired if cost in runs[c].data.metrics]
+            values = [arm.scored[c][cost] for c in itt if c in arm.scored and cost in arm.scored[c]]
             if values:
-                summary["cost"][f"{arm}.{cost}"] = mean_se(values)[0]
+                summary["cost"][f"{arm.name}.{cost}"] = mean_se(values)[0]
     return summary
 
 
-def _excluded(clip_ids: list[str], paired: list[str], arms: dict, experiment_id: str,
-              digests: dict[str, str]) -> dict[str, str]:
-    """Why each selected clip is missing from the comparison (the error recorded on its run, if any)."""
-    reasons = {}
-    for clip in set(clip_ids) - set(paired):
-        missing = [stage for stage in arms if clip not in arms[stage]]
-        errors = []
-        for stage in missing:
-            failed = MlflowClient().search_runs(
-                [experiment_id], f"tags.`{TAG_CLIP}` = '{clip}' and tags.`{TAG_DIGEST}` = '{digests[stage]}' and "
-                                 f"attributes.status = 'FAILED'", max_results=1)
-            errors += [failed[0].data.tags.get(TAG_ERROR, "")] if failed else []
-        reasons[clip] = f"no finished {' and '.join(missing)} result" + (f": {errors[0]}" if errors else "")
-    return reasons
+def _itt_value(arm: Arm, baseline: Arm, clip: str, metric: str) -> float | None:
+    """The arm's value for a clip the baseline scored; the baseline's when the arm failed on it (no
+    change); None when the arm has not run it yet."""
+    if clip in arm.scored:
+        return arm.scored[clip][metric]
+    return baseline.scored[clip][metric] if clip in arm.failed else None
 
 
-def _flat_metrics(summary: dict) -> dict[str, float]:
+def _why_excluded(clip: str, baseline: Arm) -> str:
+    if clip in baseline.failed:
+        return f"the baseline failed on it: {baseline.failed[clip]}"
+    return "no finished baseline result (not run yet, or made from other frames or weights)"
+
+
+def _better(metric: str, diff: float) -> str:
+    if math.isnan(diff) or diff == 0:
+        return "no change"
+    return "better" if (diff < 0) == (metric in LOWER_IS_BETTER) else "worse"
+
+
+def per_frame(arms: list[Arm], summary: dict) -> dict:
+    """Per metric: each arm's mean ± SE per frame, and the paired per-frame difference of every
+    treated arm minus the baseline (ITT, 95% CI), so a user sees at which horizon adaptation helps or
+    hurts."""
+    baseline, itt = arms[0], summary["clips"]
     out = {}
-    for name, s in summary["metrics"].items():
-        for key in ("baseline_mean", "baseline_se", "adapted_mean", "adapted_se", "diff_mean", "ci_low", "ci_high",
-                    "t_p_value", "wilcoxon_p_value"):
-            if not math.isnan(s[key]):
-                out[f"{name}_{key}"] = s[key]
-    out.update({k.replace(".", "_"): v for k, v in summary["cost"].items()})
-    out["clips_paired"] = len(summary["clips"])
+    for m in next(iter(summary["arms"].values()))["means"]:
+        histories = {c: frame_history(baseline.runs[c].info.run_id, m) for c in itt}
+        frames = sorted(next(iter(histories.values())))
+        rows = {"baseline": [[histories[c][f] for f in frames] for c in itt]}
+        for ref in (r for r in REFERENCE_LABELS if r in summary["arms"]):
+            rows[ref] = [[frame_history(baseline.runs[c].info.run_id, f"{ref}_{m}")[f] for f in frames] for c in itt]
+        differences = {}
+        for arm in arms[1:]:
+            paired = [c for c in itt if c in arm.runs or c in arm.failed]
+            treated = {c: frame_history(arm.runs[c].info.run_id, m) if c in arm.runs else histories[c] for c in paired}
+            rows[arm.name] = [[treated[c][f] for f in frames] for c in paired]
+            differences[f"{arm.name} - baseline"] = {
+                "frame": frames, "n": len(paired), **paired_frame_difference(
+                    [[histories[c][f] for f in frames] for c in paired], rows[arm.name])}
+        curves = {}
+        for name, values in rows.items():
+            mean, se = per_frame_curve(values) if values else ([], [])
+            curves[name] = {"frame": frames, "mean": mean, "se": se}
+        out[m] = {"arms": curves, "differences": differences}
     return out
 
 
+def flat_metrics(summary: dict) -> dict[str, float]:
+    """The summary as MLflow metrics: each arm's means and failures, each comparison's statistics."""
+    out = {}
+    for name, arm in summary["arms"].items():
+        out.update({f"{name}.clips_failed": arm["failed"], f"{name}.failure_rate": arm["failure_rate"],
+                    f"{name}.clips_not_run": arm["not_run"]})
+        for m, (mean, se) in arm["means"].items():
+            out.update({f"{name}.{m}_mean": mean, f"{name}.{m}_se": se})
+    for row in summary["comparisons"]:
+        key = f"{row['a']}-{row['b']}.{_analysis_key(row['analysis'])}.{row['metric']}"
+        for stat in ("n", "diff_mean", "ci_low", "ci_high", "t_p_value", "holm_p_value", "wilcoxon_p_value"):
+            out[f"{key}.{stat}"] = row[stat]
+    out.update({k: v for k, v in summary["cost"].items()})
+    out["clips_scored_by_baseline"] = len(summary["clips"])
+    return {k: float(v) for k, v in out.items() if not math.isnan(v)}
+
+
+def _analysis_key(analysis: str) -> str:
+    return "itt" if analysis.startswith("ITT") else "best_of_n" if analysis.startswith("best") else "complete_case"
+
+
 def format_table(summary: dict) -> str:
-    lines = [summary["title"] + (" [ORACLE upper bound]" if summary["oracle"] else ""), ""]
-    header = f"{'metric':<7}{'baseline':>20}{'adapted':>20}{'adapted - baseline [95% CI]':>38}{'t-test p':>10}{'Wilcoxon p':>12}"
-    lines.append(header)
-    for name, s in summary["metrics"].items():
-        lines.append(f"{name:<7}{_pm(s['baseline_mean'], s['baseline_se']):>20}{_pm(s['adapted_mean'], s['adapted_se']):>20}"
-                     f"{s['diff_mean']:>+14.4f} [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}]"
-                     f"{s['t_p_value']:>10.3g}{s['wilcoxon_p_value']:>12.3g}")
-    if "lpips" not in summary["metrics"]:
-        lines.append("lpips  unavailable (see the stage runs' tta.lpips tag; `python -m pipeline fetch-weights`)")
+    metrics = list(next(iter(summary["arms"].values()))["means"])
+    lines = [summary["title"] + (" [ORACLE upper bound]" if summary["oracle"] else ""),
+             f"each clip's metric is the mean over its {summary['samples']} sample(s); ± is the SE over clips", ""]
+    lines.append(f"{'arm':<58}{'scored':>7}{'failed':>8}" + "".join(f"{m:>19}" for m in metrics))
+    for name, arm in summary["arms"].items():
+        failed = f"{arm['failed']} ({arm['failure_rate']:.0%})" if name not in REFERENCE_LABELS else "-"
+        lines.append(f"{_short(name + ': ' + arm['label'], 58):<58}{arm['scored']:>7}{failed:>8}"
+                     + "".join(f"{_pm(*arm['means'][m]):>19}" for m in metrics))
+    if "lpips" not in metrics:
+        lines.append("lpips unavailable (see the stage runs' tta.lpips tag; `python -m pipeline fetch-weights`)")
+    lines += ["", f"{'paired comparison':<44}{'analysis':<16}{'metric':<7}{'n':>4}{'mean [95% CI]':>32}"
+                  f"{'t p':>9}{'Holm p':>9}{'Wilcoxon p':>11}"]
+    for row in summary["comparisons"]:
+        if row["n"] < 2:
+            lines.append(f"{row['a'] + ' - ' + row['b']:<44}{_analysis_key(row['analysis']):<16}{row['metric']:<7}"
+                         f"{row['n']:>4}  fewer than 2 paired clips: no statistics")
+            continue
+        lines.append(f"{row['a'] + ' - ' + row['b']:<44}{_analysis_key(row['analysis']):<16}{row['metric']:<7}"
+                     f"{row['n']:>4}{row['diff_mean']:>+12.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
+                     f"{row['t_p_value']:>9.3g}{row['holm_p_value']:>9.3g}{row['wilcoxon_p_value']:>11.3g}")
+    lines.append("itt: every clip the baseline scored, a failed adaptation counted as no change; "
+                 "complete_case: clips finished in both arms; best_of_n: oracle selection, not a prediction")
     lines.append("")
     cost = summary["cost"]
     lines.append(f"seconds per clip: adaptation {cost.get('adapted.adapt_seconds', 0):.2f}, sampling baseline "
-                 f"{cost.get('baseline.sample_seconds', math.nan):.2f} / adapted {cost.get('adapted.sample_seconds', math.nan):.2f}")
+                 f"{cost.get('baseline.sample_seconds', math.nan):.2f} / adapted "
+                 f"{cost.get('adapted.sample_seconds', math.nan):.2f} (all samples)")
     lines.append(f"share of a clip's wall time outside the model (loading, scoring, recording): baseline "
                  f"{cost.get('baseline.non_model_share', math.nan):.1%} / adapted "
                  f"{cost.get('adapted.non_model_share', math.nan):.1%}")
+    for name, arm in summary["arms"].items():
+        for clip, reason in sorted(arm["failures"].items()):
+            lines.append(f"{name} failed on {clip}: {reason}")
     for clip, reason in sorted(summary["excluded"].items()):
         lines.append(f"excluded {clip}: {reason}")
     return "\n".join(lines)
 
 
+def _short(text: str, width: int) -> str:
+    return text if len(text) < width else text[: width - 2] + "…"
+
+
 def _pm(mean: float, se: float) -> str:
-    return f"{mean:.4f} ± {se:.4f}"
+    return f"{mean:.4f} ± {se:.4f}" if not math.isnan(se) else f"{mean:.4f}"

@@ -1,5 +1,8 @@
-"""A whole experiment in one command: every stage a child run of one experiment run."""
+"""A whole experiment in one command: every stage a child run of one experiment run, with the sham
+control (the same adaptation on another clip's context) beside the adapted arm."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 from ..config import Config
 from ..tracking.runs import stage_run
@@ -13,7 +16,10 @@ def run_experiment(config: Config) -> dict:
     with stage_run(config, "experiment", config.digest("data", "model", "sampling", "adaptation", "evaluation")):
         run_preprocess(config)
         if not config.model.pretrained:
-            pretrain(config)
+            weights = pretrain(config)
+            config = replace(config, model=replace(config.model, weights=str(weights)))
         run_stage(config, "baseline")
         run_stage(config, "adapt")
+        if config.adaptation.data != "other":
+            run_stage(replace(config, adaptation=replace(config.adaptation, data="other")), "adapt")
         return evaluate(config)

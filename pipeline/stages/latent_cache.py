@@ -1,8 +1,9 @@
 """Each clip's context latents, VAE-encoded once and shared by the baseline and every adapted arm.
 
-Files live under `<data.output_dir>/latents/<key>/<clip id>.safetensors`. The key covers what the
-latents depend on: the data settings, the pixel frames encoded, the VAE's dtype and a fingerprint of
-its weights (so a different or retrained VAE never reads another one's latents). Writes go through a
+Files live under `<data.output_dir>/latents/<key>/<clip id>-<content hash>.safetensors`: the folder's
+key covers the pixel frames encoded, the VAE's dtype and a fingerprint of its weights (so a different
+or retrained VAE never reads another one's latents), the name the clip's content (so a clip changed
+by preprocessing is encoded again). Writes go through a
 temporary file and a rename, so concurrent tasks and killed runs leave only whole files.
 """
 from __future__ import annotations
@@ -18,18 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import Config
-from ..models.base import VideoBackend
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A hash of every parameter's name, shape and sum, and a strided sample of its values."""
-    parts = []
-    with torch.no_grad():
-        for name, p in module.state_dict().items():
-            flat = p.detach().flatten()
-            sample = flat[:: max(1, flat.numel() // 64)].double().cpu().tolist()
-            parts.append([name, list(p.shape), flat.double().sum().item(), sample])
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+from ..models.base import VideoBackend, weights_fingerprint
 
 
 class LatentCache:
@@ -41,16 +31,15 @@ class LatentCache:
         """Off when model.cache_latents is false or the backend has no VAE (nothing costly to save)."""
         if not config.model.cache_latents or backend.vae is None:
             return cls(None)
-        key = json.dumps([config.digest("data"), conditioned_pixel_frames, str(backend.dtype),
-                          weights_fingerprint(backend.vae)])
+        key = json.dumps([conditioned_pixel_frames, str(backend.dtype), weights_fingerprint(backend.vae)])
         return cls(Path(config.data.output_dir) / "latents" / hashlib.sha256(key.encode()).hexdigest()[:16])
 
-    def context(self, clip_id: str, encode: Callable[[], torch.Tensor],
+    def context(self, clip_id: str, content_hash: str, encode: Callable[[], torch.Tensor],
                 device: torch.device) -> tuple[torch.Tensor, bool]:
         """The clip's context latents and whether they came from the cache."""
         if self.folder is None:
             return encode(), False
-        path = self.folder / f"{clip_id}.safetensors"
+        path = self.folder / f"{clip_id}-{content_hash}.safetensors"
         if path.exists():
             try:
                 return load_file(path, device=str(device))["latents"], True

@@ -9,8 +9,8 @@ from ..tracking.runs import stage_run
 
 
 def run_preprocess(config: Config):
-    with stage_run(config, "preprocess", config.digest("data", "seed")):
-        manifest, records, skipped = preprocess(config.data, config.seed)
+    with stage_run(config, "preprocess", config.digest("data")):
+        manifest, records, skipped = preprocess(config.data)
         splits = {s: sum(r.split == s for r in records) for s in ("train", "test")}
         mlflow.log_metrics({"clips_kept": len(records), "videos_skipped": len(skipped),
                             **{f"clips_{s}": n for s, n in splits.items()}})

@@ -1,7 +1,10 @@
 """Pretrain the small default model on the train split so that it can continue clips at all.
 
 Rectified-flow training with a random clean prefix (and sometimes none), the same objective the
-backend uses at test time. The result is a safetensors file; a rerun with the same settings skips.
+backend uses at test time. The result is a safetensors file that records the digest of its settings;
+a rerun with the same settings skips. Weights are never overwritten (results refer to them): new
+settings write `<name>.<digest>.safetensors` beside `model.weights`, and later stages of the same
+`experiment` command use that file.
 """
 from __future__ import annotations
 
@@ -27,30 +30,43 @@ from ..tracking.runs import stage_run
 # (not the output path, nor data settings that only later stages read)
 INPUTS = ("data.source", "data.input_dir", "data.splits_dir", "data.split_id", "data.sample", "data.start_frame",
           "data.test_fraction", "data.frames", "data.height", "data.width", "data.fps", "data.train_clips",
-          "model.backend", "model.pretrained", "model.patch_size", "model.layers", "model.heads", "model.head_dim",
-          "model.prompt", "model.dtype", "model.decode_timestep", "pretrain", "seed")
+          "data.seed", "model.backend", "model.pretrained", "model.patch_size", "model.layers", "model.heads",
+          "model.head_dim", "model.prompt", "model.dtype", "model.decode_timestep", "pretrain")
 
 
 def weights_digest(config: Config) -> str:
     return config.digest(*INPUTS, exclude=("model.weights",))
 
 
+def weights_path(config: Config) -> Path:
+    """Where the weights for this config live: `model.weights` when it is free or holds exactly these
+    settings' weights, else a file named by the digest beside it."""
+    weights = Path(config.model.weights)
+    if not weights.exists() or _digest_of(weights) == weights_digest(config):
+        return weights
+    return weights.with_name(f"{weights.stem}.{weights_digest(config)}{weights.suffix}")
+
+
 def pretrain(config: Config) -> Path:
     if config.model.pretrained:
         raise ValueError("pretrain trains the small default model; model.pretrained is set, so there is nothing to do")
-    weights = Path(config.model.weights)
+    weights = weights_path(config)
     digest = weights_digest(config)
     if weights.exists() and _digest_of(weights) == digest:
         print(f"[pretrain] {weights} is up to date (digest {digest}); skipping", flush=True)
         return weights
+    if weights != Path(config.model.weights):
+        print(f"[pretrain] {config.model.weights} holds weights of other settings; writing {weights} beside it "
+              f"(use it with --set model.weights={weights})", flush=True)
     with stage_run(config, "pretrain", digest):
-        torch.manual_seed(config.seed)
+        seed = config.pretrain.seed
+        torch.manual_seed(seed)
         backend = load_backend(config, random_weights=True)
         videos = _load_split(config, "train").to(backend.device)
         latents = backend.encode(videos)
         frames = latents.shape[2]
-        rng = random.Random(config.seed)
-        generator = torch.Generator(backend.device).manual_seed(config.seed)
+        rng = random.Random(seed)
+        generator = torch.Generator(backend.device).manual_seed(seed)
         p = config.pretrain
         progress = Progress("pretrain", p.steps, every_seconds=10)
 
@@ -68,7 +84,9 @@ def pretrain(config: Config) -> Path:
         train(optimizer, loss_fn, p.steps, on_step, log_every=25)
         weights.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().cpu().contiguous() for k, v in backend.transformer.state_dict().items()}
-        save_file(state, str(weights), metadata={"digest": digest})
+        partial = weights.with_name(weights.name + ".partial")
+        save_file(state, str(partial), metadata={"digest": digest})
+        partial.replace(weights)
         mlflow.log_metric("weights_mb", weights.stat().st_size / 2**20)
     return weights
 

@@ -24,7 +24,6 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 
 from ..config import DataConfig
-from ..data.manifest import ClipRecord
 from ..data.video_io import write_video
 from ..tracking.runs import end_clip_run, start_clip_run
 
@@ -38,14 +37,15 @@ class Recorder:
         self.tracking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-tracking")
         self.waiting: deque[Future] = deque()
         self.in_flight = in_flight
+        self.failures = 0  # clips whose run ended FAILED or KILLED
 
     def load(self, load_clip: Callable[..., np.ndarray], *args) -> Future:
         return self.io.submit(load_clip, *args)
 
-    def start(self, record: ClipRecord) -> Future:
+    def start(self, clip_id: str, tags: dict[str, str]) -> Future:
         """The clip's run (its id, once created)."""
         return self.tracking.submit(start_clip_run, self.parent.info.experiment_id, self.parent.info.run_id,
-                                    self.stage, self.digest, record.clip_id, record.label, record.source)
+                                    self.stage, self.digest, clip_id, tags)
 
     def wait_for_slot(self) -> None:
         """Block while `in_flight` clips still wait to be recorded (their I/O is behind the GPU)."""
@@ -53,12 +53,14 @@ class Recorder:
             self.waiting.popleft().result()
 
     def record(self, run: Future, clip_id: str, frames: np.ndarray, output: np.ndarray, metrics: dict[str, float],
-               per_frame: dict[str, list[float]], weights: dict[str, torch.Tensor]) -> None:
+               per_frame: dict[str, list[float]], per_sample: dict[str, list[float]],
+               weights: dict[str, torch.Tensor]) -> None:
         """Encode the clip's videos and log them with its metrics (and adapted weights, if any) in the
         background."""
         folder = Path(tempfile.mkdtemp(prefix="clip-videos-"))
         files = self.io.submit(write_clip_files, folder, frames, output, per_frame, self.data, weights)
-        self.waiting.append(self.tracking.submit(self._log, run, clip_id, files, folder, metrics, per_frame))
+        self.waiting.append(self.tracking.submit(self._log, run, clip_id, files, folder, metrics, per_frame,
+                                                 per_sample))
 
     def fail(self, run: Future, clip_id: str, error: BaseException) -> None:
         self.waiting.append(self.tracking.submit(self._end, run, clip_id, error))
@@ -69,13 +71,15 @@ class Recorder:
         self.io.shutdown(wait=True, cancel_futures=True)
 
     def _log(self, run: Future, clip_id: str, files: Future, folder: Path, metrics: dict[str, float],
-             per_frame: dict[str, list[float]]) -> None:
+             per_frame: dict[str, list[float]], per_sample: dict[str, list[float]]) -> None:
         error = None
         try:
             run_id = run.result()
             timestamp = int(time.time() * 1000)
             history = [Metric(f"{name}_frame", value, timestamp, self.data.context + i)
                        for name, values in per_frame.items() for i, value in enumerate(values)]
+            history += [Metric(f"{name}_sample", value, timestamp, n)
+                        for name, values in per_sample.items() for n, value in enumerate(values)]
             metrics = {**metrics, "video_write_seconds": files.result()}
             client = MlflowClient()
             client.log_batch(run_id, metrics=[Metric(k, v, timestamp, 0) for k, v in metrics.items()] + history)
@@ -91,6 +95,7 @@ class Recorder:
             end_clip_run(run.result(), error)
         except Exception as exc:  # the run could not be created or ended: said here, counted as failed
             error = error or exc
+        self.failures += error is not None
         self.on_end(clip_id, error)
 
 
@@ -100,7 +105,7 @@ def write_clip_files(folder: Path, frames: np.ndarray, output: np.ndarray, per_f
     start = time.perf_counter()
     write_video(folder / "context.mp4", frames[: d.context], d.fps)
     write_video(folder / "target.mp4", frames[d.context:], d.fps)
-    write_video(folder / "output.mp4", output[d.context:], d.fps)
+    write_video(folder / "output.mp4", output[d.context:], d.fps)  # the clip's first sample
     (folder / "frame_metrics.json").write_text(json.dumps({"first_frame": d.context, **per_frame}))
     if weights:
         save_file(weights, folder / "lora.safetensors")

@@ -1,11 +1,13 @@
 """MLflow runs: one parent run per stage invocation, one child run per clip, and resume.
 
-A clip's result is identified by (stage, config digest, clip id). Rerunning a stage skips clips that
-already have a FINISHED child run with the same digest; child runs left RUNNING by a killed process
-are marked KILLED when their clip is redone, so each clip ends with exactly one finished result.
+A clip's result is identified by (stage, config digest, clip id, the content hash of the frames it
+was made from, the fingerprint of the model weights loaded). Rerunning a stage skips clips that
+already have a FINISHED child run with that key; child runs left RUNNING by a killed process are
+marked KILLED when their clip is redone, so each clip ends with exactly one finished result.
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from contextlib import contextmanager
@@ -22,8 +24,11 @@ from ..evaluation.stats import per_frame_curve
 
 TAG_STAGE, TAG_DIGEST, TAG_CLIP = "tta.stage", "tta.digest", "tta.clip_id"
 TAG_CLASS, TAG_SOURCE, TAG_ERROR, TAG_KIND = "tta.class", "tta.source", "tta.error", "tta.kind"
+TAG_INPUTS, TAG_WEIGHTS = "tta.inputs", "tta.weights"  # content hash of the clip's frames used; model fingerprint
+TAG_PARTNER = "tta.partner"  # the sham arm: the clip whose context was adapted on
 
 
+@functools.cache
 def git_commit() -> str:
     root = Path(__file__).resolve().parents[2]
     try:
@@ -67,11 +72,15 @@ def stage_run(config: Config, stage: str, digest: str):
             raise
 
 
-def finished_clips(experiment_id: str, stage: str, digest: str) -> dict:
-    """clip id -> the FINISHED child run (mlflow Run) of this stage and digest."""
+def finished_clips(experiment_id: str, stage: str, digest: str, inputs: dict[str, str] | None = None,
+                   weights: str | None = None, status: str = "FINISHED") -> dict:
+    """clip id -> the child run (mlflow Run) of this stage and digest with that status, keeping only
+    runs made from the given inputs (clip id -> input hash) and weights fingerprint when given."""
     runs = search_all(experiment_id, f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_DIGEST}` = '{digest}' "
-                                  f"and tags.`{TAG_KIND}` = 'clip' and attributes.status = 'FINISHED'")
-    return {r.data.tags[TAG_CLIP]: r for r in runs}
+                                  f"and tags.`{TAG_KIND}` = 'clip' and attributes.status = '{status}'")
+    return {r.data.tags[TAG_CLIP]: r for r in runs
+            if (inputs is None or inputs.get(r.data.tags[TAG_CLIP]) == r.data.tags.get(TAG_INPUTS))
+            and (weights is None or r.data.tags.get(TAG_WEIGHTS) == weights)}
 
 
 def search_all(experiment_id: str, filter_string: str, order_by: list[str] | None = None) -> list:
@@ -109,13 +118,14 @@ def _close_stale_runs(experiment_id: str, stage: str, digest: str, clip_id: str)
         MlflowClient().set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
 
 
-def start_clip_run(experiment_id: str, parent_run_id: str, stage: str, digest: str, clip_id: str, label: str,
-                   source: str) -> str:
-    """A child run of the stage run for one clip; returns its id. Ended with `end_clip_run` once the
-    clip is recorded (in the background, possibly after the next clip has started)."""
+def start_clip_run(experiment_id: str, parent_run_id: str, stage: str, digest: str, clip_id: str,
+                   tags: dict[str, str]) -> str:
+    """A child run of the stage run for one clip (with its class, source, inputs and weights among
+    `tags`); returns its id. Ended with `end_clip_run` once the clip is recorded (in the background,
+    possibly after the next clip has started)."""
     _close_stale_runs(experiment_id, stage, digest, clip_id)
-    tags = {TAG_STAGE: stage, TAG_DIGEST: digest, TAG_CLIP: clip_id, TAG_CLASS: label, TAG_SOURCE: source,
-            TAG_KIND: "clip", MLFLOW_PARENT_RUN_ID: parent_run_id}
+    tags = {**tags, TAG_STAGE: stage, TAG_DIGEST: digest, TAG_CLIP: clip_id, TAG_KIND: "clip",
+            "git_commit": git_commit(), MLFLOW_PARENT_RUN_ID: parent_run_id}
     return MlflowClient().create_run(experiment_id, tags=tags, run_name=clip_id).info.run_id
 
 
