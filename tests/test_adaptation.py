@@ -1,5 +1,8 @@
-"""The protocol's guarantees: 0 steps = baseline bitwise; reset restores base and adapter exactly;
-both arms sample with the same seeds."""
+"""The protocol's guarantees: 0 steps = baseline bitwise; nothing in context mode depends on the
+target frames; per-clip, per-sample seeds shared by the arms; the sham arm adapts on its partner's
+context; reset restores base and adapter exactly."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,30 +13,115 @@ from pipeline.adaptation.trainer import NonFiniteLoss, adapt_to_clip, train
 from pipeline.config import load_config
 from pipeline.data.manifest import read_manifest, select_clips
 from pipeline.models import load_backend
-from pipeline.stages.continuation import Continuer
+from pipeline.evaluation.metrics import frame_metrics
+from pipeline.stages.continuation import ClipFrames, Continuer, sham_partners
 
 
-def _clip(config, continuer, index=0):
-    records = select_clips(read_manifest(config.data.manifest), "test", 0)
-    return continuer.load_clip(config.data.manifest, records[index])
+def _records(config):
+    return select_clips(read_manifest(config.data.manifest), "test", 0)
+
+
+def _clip(config, continuer, index=0, partner=None) -> ClipFrames:
+    records = _records(config)
+    return continuer.load_inputs(config.data.manifest, records[index],
+                                 None if partner is None else records[partner])
+
+
+def _with_frames(clip: ClipFrames, frames=None, partner_frames=None) -> ClipFrames:
+    return dataclasses.replace(clip, frames=clip.frames if frames is None else frames,
+                               partner_frames=clip.partner_frames if partner_frames is None else partner_frames)
+
+
+def _noise_after(frames, K):
+    """The clip with its target frames [K, T) replaced by noise."""
+    changed = frames.copy()
+    changed[K:] = np.random.default_rng(1).integers(0, 256, changed[K:].shape, dtype=np.uint8)
+    return changed
 
 
 def test_zero_steps_reproduces_the_baseline_bitwise(prepared):
-    config = load_config(prepared, {"adaptation.steps": "0"})
+    config = load_config(prepared, {"adaptation.steps": "0", "sampling.samples": "2"})
     baseline = Continuer(config, "baseline")
     adapted = Continuer(config, "adapt")  # a separate model with a LoRA adapter attached
-    frames = _clip(config, baseline)
-    out_b, metrics_b, _ = baseline.run("clip0", frames)
-    out_a, metrics_a, _ = adapted.run("clip0", frames)
-    assert np.array_equal(out_a, out_b)
-    assert metrics_a["psnr"] == metrics_b["psnr"]
+    clip = _clip(config, baseline)
+    out_b, out_a = baseline.run(clip), adapted.run(clip)
+    assert np.array_equal(out_a.first, out_b.first)
+    assert out_a.per_sample == out_b.per_sample and out_a.metrics["psnr"] == out_b.metrics["psnr"]
     assert len(adapted.adapter.parameters()) > 0
+
+
+def test_context_mode_never_sees_the_target_frames(prepared):
+    """In context mode, replacing the target frames [K, T) changes nothing the model produces (adapted
+    and sampled); in oracle mode it does, which shows the check can fail."""
+    config = load_config(prepared, {"adaptation.steps": "3", "adaptation.lr": "0.01"})
+    K = config.data.context
+    continuer = Continuer(config, "adapt")
+    clip = _clip(config, continuer)
+    changed = _with_frames(clip, _noise_after(clip.frames, K))
+    assert np.array_equal(continuer.run(clip).first, continuer.run(changed).first)
+    oracle = Continuer(load_config(prepared, {"adaptation.steps": "3", "adaptation.lr": "0.01",
+                                              "adaptation.data": "oracle"}), "adapt")
+    assert not np.array_equal(oracle.run(clip).first, oracle.run(changed).first)
+
+
+def test_sampling_seeds_are_derived_per_clip_and_sample(prepared):
+    """Clips start from their own noise, each of N samples from its own; sample 0 is the same with
+    N=1 or N=2; sampling.seed changes every draw."""
+    config = load_config(prepared, {"sampling.samples": "2"})
+    continuer = Continuer(config, "baseline")
+    two = continuer.run(_clip(config, continuer))
+    one = Continuer(load_config(prepared), "baseline").run(_clip(config, continuer))
+    assert np.array_equal(two.first, one.first) and two.per_sample["psnr"][0] == one.per_sample["psnr"][0]
+    assert two.per_sample["psnr"][0] != two.per_sample["psnr"][1]
+    assert two.metrics["psnr"] == pytest.approx(np.mean(two.per_sample["psnr"]))
+    assert two.metrics["psnr_best"] == max(two.per_sample["psnr"]) and two.metrics["psnr_sample_sd"] > 0
+    same_frames = _clip(config, continuer, 1)
+    same_frames = dataclasses.replace(same_frames, frames=_clip(config, continuer, 0).frames)
+    assert not np.array_equal(continuer.run(same_frames).first, two.first)  # another clip id: other noise
+    reseeded = Continuer(load_config(prepared, {"sampling.seed": "7"}), "baseline")
+    assert not np.array_equal(reseeded.run(_clip(config, continuer)).first, one.first)
+
+
+def test_sham_arm_adapts_on_its_partners_context_only(prepared):
+    config = load_config(prepared, {"adaptation.data": "other", "adaptation.steps": "3", "adaptation.lr": "0.01"})
+    K = config.data.context
+    continuer = Continuer(config, "adapt")
+    clip = _clip(config, continuer, 0, partner=1)
+    out = continuer.run(clip).first
+    assert np.array_equal(out, continuer.run(_with_frames(clip, partner_frames=_noise_after(clip.partner_frames, K))).first)
+    context_changed = clip.partner_frames.copy()
+    context_changed[:K] = 255 - context_changed[:K]
+    assert not np.array_equal(out, continuer.run(_with_frames(clip, partner_frames=context_changed)).first)
+
+
+def test_sham_partners_are_a_fixed_derangement_of_the_split(prepared):
+    config = load_config(prepared)
+    split = _records(config)
+    partners = sham_partners(split, seed=0)
+    assert all(partners[c.clip_id].clip_id != c.clip_id for c in split)
+    assert sorted(p.clip_id for p in partners.values()) == sorted(c.clip_id for c in split)  # one cycle
+    assert {k: v.clip_id for k, v in sham_partners(list(reversed(split)), 0).items()} == \
+        {k: v.clip_id for k, v in partners.items()}  # independent of order and selection
+    with pytest.raises(ValueError, match="at least 2 clips"):
+        sham_partners(split[:1], 0)
+
+
+def test_baseline_scores_the_repeat_last_frame_reference(prepared):
+    config = load_config(prepared)
+    continuer = Continuer(config, "baseline")
+    clip = _clip(config, continuer)
+    out = continuer.run(clip)
+    K = config.data.context
+    expected = frame_metrics(np.repeat(clip.frames[K - 1:K], config.data.frames - K, axis=0), clip.frames[K:])
+    assert out.per_frame["repeat_last_psnr"] == pytest.approx(expected["psnr"])
+    assert out.metrics["repeat_last_ssim"] == pytest.approx(np.mean(expected["ssim"]))
+    assert "vae_recon_psnr" not in out.metrics  # the pixel-space default has no VAE
 
 
 def test_adaptation_changes_the_output(prepared):
     config = load_config(prepared, {"adaptation.steps": "3", "adaptation.lr": "0.01"})
-    frames = _clip(config, Continuer(config, "baseline"))
-    baseline, adapted = (Continuer(config, stage).run("clip0", frames)[0] for stage in ("baseline", "adapt"))
+    clip = _clip(config, Continuer(config, "baseline"))
+    baseline, adapted = (Continuer(config, stage).run(clip).first for stage in ("baseline", "adapt"))
     assert not np.array_equal(baseline, adapted)
 
 
@@ -42,30 +130,21 @@ def test_reset_restores_base_and_adapter_exactly(prepared):
     continuer = Continuer(config, "adapt")
     transformer = continuer.backend.transformer
     snapshot = {k: v.clone() for k, v in transformer.state_dict().items()}
-    frames = _clip(config, continuer, 0)
-    first, _, _ = continuer.run("clip0", frames)
+    clip = _clip(config, continuer, 0)
+    first = continuer.run(clip).first
     changed = [k for k, v in transformer.state_dict().items() if not torch.equal(v, snapshot[k])]
     assert changed and all("lora_" in k for k in changed)  # only the adapter trained
-    continuer.run("clip1", _clip(config, continuer, 1))  # adapt to another clip in between
+    continuer.run(_clip(config, continuer, 1))  # adapt to another clip in between
     continuer.adapter.reset()
     assert all(torch.equal(v, snapshot[k]) for k, v in transformer.state_dict().items())
-    again, _, _ = continuer.run("clip0", frames)  # the same clip again gives the same result
-    assert np.array_equal(first, again)
-
-
-def test_both_arms_use_the_configured_sampling_seed(prepared):
-    config = load_config(prepared, {"adaptation.steps": "0"})
-    other = load_config(prepared, {"adaptation.steps": "0", "sampling.seed": "7"})
-    frames = _clip(config, Continuer(config, "baseline"))
-    baseline = Continuer(config, "baseline").run("clip0", frames)[0]
-    assert not np.array_equal(baseline, Continuer(other, "adapt").run("clip0", frames)[0])
+    assert np.array_equal(first, continuer.run(clip).first)  # the same clip again gives the same result
 
 
 def test_oracle_mode_trains_on_the_whole_clip(prepared):
     config = load_config(prepared, {"adaptation.data": "oracle", "adaptation.steps": "2"})
     continuer = Continuer(config, "adapt")
-    out, metrics, _ = continuer.run("clip0", _clip(config, continuer))
-    assert metrics["adapt_steps_per_second"] > 0 and out.shape[0] == config.data.frames
+    out = continuer.run(_clip(config, continuer))
+    assert out.metrics["adapt_steps_per_second"] > 0 and out.first.shape[0] == config.data.frames
 
 
 def test_nan_loss_is_reported_with_its_steps():
@@ -90,15 +169,15 @@ def test_full_finetuning_changes_the_output_and_reset_restores_every_weight(prep
     baseline, training changes the continuation, the next clip starts from the base weights again."""
     config = load_config(prepared, {"adaptation.method": "full", "adaptation.steps": "2", "adaptation.lr": "0.01"})
     baseline = Continuer(config, "baseline")
-    frames = _clip(config, baseline)
-    out_b = baseline.run("clip0", frames)[0]
+    clip = _clip(config, baseline)
+    out_b = baseline.run(clip).first
     adapted = Continuer(config, "adapt")
     base = [p.detach().clone() for p in adapted.adapter.parameters()]
-    assert not np.array_equal(adapted.run("clip0", frames)[0], out_b)
+    assert not np.array_equal(adapted.run(clip).first, out_b)
     adapted.adapter.reset()
     assert all(torch.equal(p, b) for p, b in zip(adapted.adapter.parameters(), base))
     zero = Continuer(load_config(prepared, {"adaptation.method": "full", "adaptation.steps": "0"}), "adapt")
-    assert np.array_equal(zero.run("clip0", frames)[0], out_b)
+    assert np.array_equal(zero.run(clip).first, out_b)
 
 
 def test_gradient_accumulation_averages_micro_batches():

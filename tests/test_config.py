@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from conftest import ROOT
@@ -8,7 +10,7 @@ def test_presets_load_and_flatten(tmp_path):
     config = load_config("conf/demo.yaml")
     flat = config.flat()
     assert flat["adaptation.rank"] == 16 and flat["data.frames"] == 16
-    assert all("." in k for k in flat if k not in ("experiment", "seed"))
+    assert all("." in k for k in flat if k != "experiment")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -35,15 +37,35 @@ def test_overrides_apply_and_empty_means_unset():
         load_config("conf/demo.yaml", {"adaptation.rnak": "3"})
 
 
-def test_digest_tracks_results_not_clip_selection():
+def _changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    return str(value) + "x"
+
+
+def test_every_setting_is_in_the_result_key_or_listed_as_unable_to_change_results():
+    """Each config field, changed alone, changes the adapt stage's key, unless it is one of the
+    commented NOT_RESULT_SETTINGS; adaptation settings never change the baseline's key."""
+    from pipeline.config import NOT_RESULT_SETTINGS
+    from pipeline.stages.continuation import stage_digest
+
     base = load_config("conf/demo.yaml")
-    fewer = load_config("conf/demo.yaml", {"data.num_clips": "2"})
-    other_rank = load_config("conf/demo.yaml", {"adaptation.rank": "4"})
-    keeping_weights = load_config("conf/demo.yaml", {"adaptation.save_weights": "true"})
-    assert base.digest("data", "adaptation") == fewer.digest("data", "adaptation")
-    assert base.digest("data", "adaptation") == keeping_weights.digest("data", "adaptation")
-    assert base.digest("data", "adaptation") != other_rank.digest("data", "adaptation")
-    assert base.digest("data", "sampling") == other_rank.digest("data", "sampling")  # baseline unaffected
+    flat = base.flat()
+    assert NOT_RESULT_SETTINGS <= set(flat), "a listed setting no longer exists"
+    missing = []
+    for key, value in flat.items():
+        section, _, leaf = key.rpartition(".")
+        changed = dataclasses.replace(getattr(base, section), **{leaf: _changed(value)}) if section else None
+        other = dataclasses.replace(base, **({section: changed} if section else {key: _changed(value)}))
+        in_key = stage_digest(other, "adapt") != stage_digest(base, "adapt")
+        if in_key == (key in NOT_RESULT_SETTINGS):
+            missing.append(key)
+        if key.startswith("adaptation."):
+            assert stage_digest(other, "baseline") == stage_digest(base, "baseline"), key
+    assert not missing, f"neither in the key nor listed (or listed but in the key): {missing}"
+    assert {"sampling.seed", "sampling.samples", "adaptation.noise_seed", "adaptation.init_seed"} <= set(flat)
 
 
 def test_committed_weights_are_up_to_date_for_the_demo():

@@ -9,12 +9,13 @@ from pipeline.config import DataConfig
 from pipeline.data.manifest import read_manifest, resolve_clip_path
 from pipeline.data.preprocess import preprocess, resize_crop
 from pipeline.data.synthetic import MOTION_CLASSES
-from pipeline.data.video_io import read_video, write_video
+from pipeline.data.video_io import read_video, write_clip, write_video
 
 
 def test_synthetic_clips_are_real_deterministic_videos(tmp_path):
-    cfg = DataConfig(output_dir=str(tmp_path / "a"), frames=10, height=24, width=32, train_clips=8, test_clips=4)
-    manifest, records, skipped = preprocess(cfg, seed=1)
+    cfg = DataConfig(output_dir=str(tmp_path / "a"), frames=10, height=24, width=32, train_clips=8, test_clips=4,
+                     seed=1)
+    manifest, records, skipped = preprocess(cfg)
     assert skipped == [] and len(records) == 12
     assert {r.label for r in records} == set(MOTION_CLASSES)
     assert [r.split for r in records].count("test") == 4
@@ -22,11 +23,61 @@ def test_synthetic_clips_are_real_deterministic_videos(tmp_path):
     assert frames.shape == (10, 24, 32, 3) and fps == pytest.approx(cfg.fps)
     assert frames.std(axis=0).mean() > 1  # something moves
     again = DataConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "b")})
-    manifest_b, records_b, _ = preprocess(again, seed=1)
+    manifest_b, records_b, _ = preprocess(again)
     first_a = read_video(resolve_clip_path(manifest, records[5]))[0]
     first_b = read_video(resolve_clip_path(manifest_b, records_b[5]))[0]
     assert np.array_equal(first_a, first_b)
     assert read_manifest(manifest) == records
+    assert all(r.content_hash for r in records) and records == records_b  # the same hashes
+
+
+def test_preprocess_twice_writes_byte_identical_clips(tmp_path):
+    """Same inputs and config, same bytes: clip files and manifest (hashes included)."""
+    cfg = DataConfig(output_dir=str(tmp_path / "out"), frames=10, height=24, width=32, train_clips=4, test_clips=4)
+    manifest, records, _ = preprocess(cfg)
+    first = {p.name: p.read_bytes() for p in (tmp_path / "out" / "clips").iterdir()}
+    first_manifest = manifest.read_bytes()
+    preprocess(cfg)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out" / "clips").iterdir()} == first
+    assert manifest.read_bytes() == first_manifest
+    assert len({r.content_hash for r in records}) == len(records)
+
+
+def test_changing_a_sources_target_frames_leaves_its_context_bitwise_unchanged(tmp_path):
+    """Clips are stored intra-only and losslessly: no decoded context frame depends on frames >= K
+    (an inter-frame codec such as x264 with B-frames fails this)."""
+    K, T = 8, 16
+    rng = np.random.default_rng(0)
+    source = rng.integers(0, 256, (T, 32, 32, 3), np.uint8)
+    source = np.cumsum(source // 32, axis=0, dtype=np.uint8)  # frames that resemble each other
+    changed = source.copy()
+    changed[K:] = rng.integers(0, 256, changed[K:].shape, np.uint8)
+    contexts = []
+    for name, frames in (("a", source), ("b", changed)):
+        root = tmp_path / name / "videos" / "walk"
+        root.mkdir(parents=True)
+        write_clip(root / "v.mkv", frames, fps=8)
+        cfg = DataConfig(source="folder", input_dir=str(root.parent), output_dir=str(tmp_path / name / "out"),
+                         frames=T, context=K, fps=8, height=32, width=32, test_fraction=1.0)
+        manifest, records, _ = preprocess(cfg)
+        decoded = read_video(resolve_clip_path(manifest, records[0]))[0]
+        assert np.array_equal(decoded, frames)  # lossless
+        contexts.append(decoded[:K])
+    assert np.array_equal(*contexts)
+
+
+def test_every_synthetic_clip_moves(tmp_path):
+    """No clip is (nearly) still: at most 2 of its consecutive frame pairs may be identical (a shape
+    that scales can pause at its largest size; a turning disc would never change)."""
+    cfg = DataConfig(output_dir=str(tmp_path / "out"), frames=16, train_clips=96, test_clips=16)
+    manifest, records, _ = preprocess(cfg)
+    still = []
+    for r in records:
+        frames = read_video(resolve_clip_path(manifest, r))[0].astype(int)
+        identical = int((np.abs(np.diff(frames, axis=0)).reshape(len(frames) - 1, -1).max(1) == 0).sum())
+        if identical > 2:
+            still.append((r.clip_id, identical))
+    assert not still
 
 
 def test_resize_crop_covers_and_centres():
@@ -55,7 +106,7 @@ def test_folder_preprocess_keeps_good_and_lists_bad(tmp_path):
                                            ("run", "notes.txt", b"hello"), ("run", "broken.mp4", b"garbage")])
     cfg = DataConfig(source="folder", input_dir=str(root), output_dir=str(tmp_path / "out"), frames=12, fps=15,
                      height=32, width=32, test_fraction=0.5)
-    manifest, records, skipped = preprocess(cfg, seed=0)
+    manifest, records, skipped = preprocess(cfg)
     assert [r.clip_id for r in records] == ["walk_a"] and records[0].label == "walk"
     reasons = dict(skipped)
     assert "too short" in reasons[str(root / "walk" / "short.mp4")]
@@ -74,7 +125,7 @@ def test_real_videos_through_preprocess(tmp_path):
                                            ("misc", "short.mp4", REAL_DATA / "short_32frames.mp4")])
     cfg = DataConfig(source="folder", input_dir=str(root), output_dir=str(tmp_path / "out"), frames=45, fps=25,
                      height=64, width=64)
-    _, records, skipped = preprocess(cfg, seed=0)
+    _, records, skipped = preprocess(cfg)
     assert sorted(r.label for r in records) == ["bikes", "makeup"]
     assert len(skipped) == 1 and "too short" in skipped[0][1]
 
@@ -96,14 +147,14 @@ def test_ucf101_layout_follows_the_official_split_and_samples_by_class(tmp_path)
     (lists / "trainlist01.txt").write_text("".join(f"{k} {i % 3 + 1}\n" for i, k in enumerate(train)))
     (lists / "testlist01.txt").write_text("".join(f"{k}\n" for k in test))
     cfg = DataConfig(source="ucf101", input_dir=str(root), splits_dir=str(lists), output_dir=str(tmp_path / "out"),
-                     frames=10, fps=25, height=32, width=32, sample=3)
-    _, records, skipped = preprocess(cfg, seed=5)
+                     frames=10, fps=25, height=32, width=32, sample=3, seed=5)
+    _, records, skipped = preprocess(cfg)
     assert skipped == []
     for split, keys in (("train", train), ("test", test)):
         chosen = [r for r in records if r.split == split]
         assert len(chosen) == 3 and {r.label for r in chosen} == {"ApplyEyeMakeup", "Biking", "Diving"}
         assert all(r.source.endswith(tuple(keys)) for r in chosen)
-    again = preprocess(DataConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "again")}), seed=5)[1]
+    again = preprocess(DataConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "again")}))[1]
     assert [r.clip_id for r in again] == [r.clip_id for r in records]
 
 
@@ -120,7 +171,7 @@ def test_hmdb51_layout_leaves_out_unused_videos(tmp_path):
     (lists / "wave_test_split1.txt").write_text((lists / "wave_test_split1.txt").read_text() + "short.avi 2\n")
     cfg = DataConfig(source="hmdb51", input_dir=str(root), splits_dir=str(lists), output_dir=str(tmp_path / "out"),
                      frames=12, fps=25, height=32, width=32, start_frame=2)
-    _, records, skipped = preprocess(cfg, seed=0)
+    _, records, skipped = preprocess(cfg)
     assert sorted((r.clip_id, r.split) for r in records) == [
         ("brush_hair_brush_hair_0", "train"), ("brush_hair_brush_hair_1", "test"), ("wave_wave_0", "train"),
         ("wave_wave_1", "test")]

@@ -1,8 +1,9 @@
+import av
 import numpy as np
 import pytest
 
 from conftest import REAL_DATA
-from pipeline.data.video_io import VideoError, read_video, write_video
+from pipeline.data.video_io import VideoError, frames_hash, read_video, write_clip, write_video
 
 
 def test_round_trip_keeps_frames_size_and_fps(tmp_path):
@@ -13,6 +14,18 @@ def test_round_trip_keeps_frames_size_and_fps(tmp_path):
     assert decoded.shape == frames.shape and fps == pytest.approx(12)
     assert np.abs(decoded.astype(int) - frames).mean() < 3  # lossy, but close
     assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_clips_are_lossless_intra_only_and_byte_deterministic(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, (7, 20, 33, 3), np.uint8)  # odd width too
+    first = write_clip(tmp_path / "a.mkv", frames, fps=29.97)
+    second = write_clip(tmp_path / "b.mkv", frames, fps=29.97)
+    assert first.read_bytes() == second.read_bytes()
+    decoded, fps = read_video(first)
+    assert np.array_equal(decoded, frames) and fps == pytest.approx(29.97, abs=1e-2)
+    assert frames_hash(decoded) == frames_hash(frames) != frames_hash(frames[:-1])
+    with av.open(str(first)) as container:
+        assert all(packet.is_keyframe for packet in container.demux(video=0) if packet.size)
 
 
 @pytest.mark.parametrize("content, reason", [
