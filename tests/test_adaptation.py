@@ -197,3 +197,12 @@ def test_gradient_accumulation_averages_micro_batches():
         return param.grad
 
     assert torch.allclose(grad_after_one_step(2), grad_after_one_step(1))
+
+
+def test_deepspeed_trains_in_the_models_own_precision():
+    """bf16 for a bf16 model only: an fp32 model's live weights must not be rounded to bf16."""
+    from pipeline.adaptation.optim import deepspeed_config
+
+    fp32, bf16 = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16)
+    assert not deepspeed_config(fp32, 1e-4, 1, 2, False, 1)["bf16"]["enabled"]
+    assert deepspeed_config(bf16, 1e-4, 1, 2, False, 1)["bf16"]["enabled"]

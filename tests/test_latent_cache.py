@@ -25,16 +25,18 @@ def test_context_is_encoded_once_then_read_back(tmp_path):
         calls.append(1)
         return backend.encode(video)
 
-    first, cached_first = cache.context("clip_a", encode, backend.device)
-    again, cached_again = LatentCache.for_stage(config, backend, 9).context("clip_a", encode, backend.device)
+    first, cached_first = cache.context("clip_a", "hash1", encode, backend.device)
+    again, cached_again = LatentCache.for_stage(config, backend, 9).context("clip_a", "hash1", encode,
+                                                                            backend.device)
     assert (cached_first, cached_again, len(calls)) == (False, True, 1)
     torch.testing.assert_close(again, first, atol=0, rtol=0)
-    assert [p.name for p in cache.folder.iterdir()] == ["clip_a.safetensors"]  # no partial file left
-    (cache.folder / "clip_a.safetensors").write_bytes(b"damaged")
-    repaired, cached = cache.context("clip_a", encode, backend.device)
+    assert [p.name for p in cache.folder.iterdir()] == ["clip_a-hash1.safetensors"]  # no partial file left
+    (cache.folder / "clip_a-hash1.safetensors").write_bytes(b"damaged")
+    repaired, cached = cache.context("clip_a", "hash1", encode, backend.device)
     assert not cached and len(calls) == 2
     torch.testing.assert_close(repaired, first, atol=0, rtol=0)
-    assert cache.context("clip_a", encode, backend.device)[1]  # the file was replaced
+    assert cache.context("clip_a", "hash1", encode, backend.device)[1]  # the file was replaced
+    assert not cache.context("clip_a", "hash2", encode, backend.device)[1]  # the clip's content changed
 
 
 def test_another_vae_or_layout_gets_its_own_cache_and_pixels_none(tmp_path):
@@ -42,8 +44,6 @@ def test_another_vae_or_layout_gets_its_own_cache_and_pixels_none(tmp_path):
     config = load_config(None, {"data.output_dir": str(tmp_path)})
     folder = LatentCache.for_stage(config, backend, 9).folder
     assert LatentCache.for_stage(config, backend, 17).folder != folder  # other frames encoded
-    other_size = load_config(None, {"data.output_dir": str(tmp_path), "data.height": "96"})
-    assert LatentCache.for_stage(other_size, backend, 9).folder != folder
     with torch.no_grad():
         next(backend.vae.parameters()).view(-1)[0] += 1e-3  # a retrained VAE at the same path
     assert LatentCache.for_stage(config, backend, 9).folder != folder

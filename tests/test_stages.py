@@ -1,6 +1,8 @@
 """Stages end to end against a real SQLite MLflow store: runs, resume after kill -9, bad input."""
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
@@ -15,9 +18,9 @@ from mlflow.tracking import MlflowClient
 from conftest import ROOT, cli, write_config
 from pipeline.config import load_config
 from pipeline.data.manifest import ClipRecord, read_manifest, write_manifest
-from pipeline.data.video_io import write_video
+from pipeline.data.video_io import frames_hash, read_video, write_clip, write_video
 from pipeline.stages.continuation import run_stage, stage_digest
-from pipeline.stages.evaluate import evaluate
+from pipeline.stages.evaluate import evaluate, format_table
 
 
 def clip_runs(experiment: str, stage: str):
@@ -45,16 +48,122 @@ def test_stages_log_parent_children_and_evaluate(prepared, store):
     artifacts = {a.path for a in MlflowClient().list_artifacts(child.info.run_id, "clip")}
     assert artifacts == {"clip/context.mp4", "clip/target.mp4", "clip/output.mp4", "clip/frame_metrics.json"}
     adapted = clip_runs("tiny", "adapt")
-    assert set(adapted[0].data.metrics) >= set(child.data.metrics) | {"adapt_seconds", "adapt_steps_per_second"}
+    model_metrics = {k for k in child.data.metrics if not k.startswith(("repeat_last", "reference"))}
+    assert set(adapted[0].data.metrics) >= model_metrics | {"adapt_seconds", "adapt_steps_per_second"}
     assert {a.path for a in MlflowClient().list_artifacts(adapted[0].info.run_id, "clip")} == artifacts  # no weights
-    # evaluation: paired stats, per-frame curves over [K, T), artifacts
-    psnr = summary["metrics"]["psnr"]
+    assert child.data.tags["tta.inputs"] == {r.clip_id: r.content_hash for r in read_manifest(
+        config.data.manifest)}[child.data.tags["tta.clip_id"]]
+    assert child.data.tags["tta.weights"] == parent.data.tags["tta.weights"] and child.data.tags["git_commit"]
+    assert "repeat_last_psnr" in child.data.metrics and "repeat_last_psnr" not in adapted[0].data.metrics
+    # evaluation: paired stats, per-frame curves over [K, T), the reference beside the arms, artifacts
+    psnr = primary(summary, "psnr")
     assert psnr["n"] == 3 and psnr["ci_low"] <= psnr["diff_mean"] <= psnr["ci_high"]
-    assert psnr["per_frame"]["baseline"]["frame"] == [3, 4, 5]
+    assert set(summary["arms"]) == {"baseline", "adapted", "repeat_last"}
+    assert summary["arms"]["adapted"]["failed"] == 0
+    curve = summary["per_frame"]["psnr"]["differences"]["adapted - baseline"]
+    assert curve["frame"] == [3, 4, 5] and all(lo <= m <= hi for lo, m, hi in zip(curve["ci_low"], curve["mean"],
+                                                                                   curve["ci_high"]))
     eval_artifacts = {a.path for a in MlflowClient().list_artifacts(summary["run_id"])}
     assert {"metrics.json", "plots.html"} <= eval_artifacts
     path = MlflowClient().download_artifacts(summary["run_id"], "metrics.json")
-    assert json.loads(Path(path).read_text())["metrics"]["ssim"]["n"] == 3
+    assert primary(json.loads(Path(path).read_text()), "ssim")["n"] == 3
+    logged = mlflow.get_run(summary["run_id"]).data.metrics
+    assert logged["adapted.clips_failed"] == 0 and "adapted-baseline.itt.psnr.holm_p_value" in logged
+
+
+def primary(summary: dict, metric: str, a: str = "adapted", b: str = "baseline", analysis: str = "ITT") -> dict:
+    return next(c for c in summary["comparisons"] if (c["a"], c["b"], c["metric"]) == (a, b, metric)
+                and c["analysis"].startswith(analysis))
+
+
+def test_failed_adaptation_counts_as_no_change_beside_the_complete_case(prepared, store):
+    config = load_config(prepared)
+    run_stage(config, "baseline")
+    run_stage(config, "adapt")
+    failed = clip_runs("tiny", "adapt")[0]
+    clip = failed.data.tags["tta.clip_id"]
+    client = MlflowClient()
+    client.set_tag(failed.info.run_id, "tta.error", "loss became nan within steps 1-3")
+    client.set_terminated(failed.info.run_id, "FAILED")
+    summary = evaluate(config)
+    arm = summary["arms"]["adapted"]
+    assert (arm["scored"], arm["failed"], arm["failure_rate"]) == (2, 1, pytest.approx(1 / 3))
+    assert "nan" in arm["failures"][clip]
+    itt, complete = primary(summary, "psnr"), primary(summary, "psnr", analysis="complete")
+    assert itt["n"] == 3 and complete["n"] == 2 and clip not in complete["clips"]
+    assert itt["differences"][itt["clips"].index(clip)] == 0  # scored as the baseline's own continuation
+    assert itt["diff_mean"] == pytest.approx(sum(complete["differences"]) / 3)
+    table = format_table(summary)
+    assert "adapted failed on" in table and "1 (33%)" in table
+
+
+def test_sham_arm_sits_beside_the_adapted_arm(prepared, store):
+    config = load_config(prepared)
+    run_stage(config, "baseline")
+    run_stage(config, "adapt")
+    sham_config = load_config(prepared, {"adaptation.data": "other"})
+    run_stage(sham_config, "adapt")
+    sham_runs = [r for r in clip_runs("tiny", "adapt") if r.data.tags["tta.digest"] == stage_digest(sham_config,
+                                                                                                    "adapt")]
+    assert len(sham_runs) == 3 and all(r.data.tags["tta.partner"] != r.data.tags["tta.clip_id"] for r in sham_runs)
+    summary = evaluate(config)
+    assert "SHAM" in summary["arms"]["sham"]["label"]
+    assert primary(summary, "psnr", "adapted", "sham")["n"] == 3
+    assert all(not math.isnan(c["holm_p_value"]) and c["holm_p_value"] >= c["t_p_value"]
+               for c in summary["comparisons"] if not math.isnan(c["t_p_value"]))
+
+
+def test_fewer_than_two_paired_clips_are_said_in_words(prepared, store):
+    config = load_config(prepared, {"data.num_clips": "1"})
+    run_stage(config, "baseline")
+    run_stage(config, "adapt")
+    table = format_table(evaluate(config))
+    assert "fewer than 2 paired clips: no statistics" in table and "nan" not in table
+
+
+def test_a_changed_clip_is_redone_alone_and_stale_frames_are_refused(prepared, store, tmp_path):
+    shutil.copytree(Path(load_config(prepared).data.manifest).parent, tmp_path / "data")
+    config = load_config(prepared, {"data.output_dir": str(tmp_path / "data")})
+    run_stage(config, "baseline")
+    before = {r.data.tags["tta.clip_id"]: r.info.run_id for r in clip_runs("tiny", "baseline")}
+    # one clip's target frames change, as preprocessing a changed source video writes them
+    records = read_manifest(config.data.manifest)
+    changed = next(r for r in records if r.split == "test")
+    path = tmp_path / "data" / changed.path
+    frames = read_video(path)[0]
+    frames[config.data.context:] = 255 - frames[config.data.context:]
+    write_clip(path, frames, 8)
+    write_manifest(config.data.manifest, [ClipRecord(**{**r.__dict__, "content_hash": frames_hash(frames)})
+                                          if r == changed else r for r in records])
+    run_stage(config, "baseline")
+    after = {r.info.run_id: r.data.tags["tta.clip_id"] for r in clip_runs("tiny", "baseline")}
+    assert set(before.values()) < set(after) and [after[r] for r in set(after) - set(before.values())] == [
+        changed.clip_id]
+    # a clip file changed behind the manifest's back is refused, naming the file
+    frames[:config.data.context] = 0
+    write_clip(path, frames, 8)
+    run_stage(load_config(prepared, {"data.output_dir": str(tmp_path / "data"), "sampling.steps": "2"}), "baseline")
+    refused = [r for r in clip_runs("tiny", "baseline") if r.info.status == "FAILED"]
+    assert len(refused) == 1 and refused[0].data.tags["tta.clip_id"] == changed.clip_id
+    assert "content differs from the manifest's hash" in refused[0].data.tags["tta.error"]
+    assert str(path) in refused[0].data.tags["tta.error"]
+
+
+def test_results_of_other_weights_are_never_reused(prepared, store, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    config = load_config(prepared)
+    run_stage(config, "baseline")
+    state = load_file(config.model.weights)
+    first = next(iter(state))
+    state[first] = state[first] + 1e-3
+    retrained = tmp_path / "retrained.safetensors"
+    save_file(state, str(retrained))
+    other = load_config(prepared, {"model.weights": str(retrained)})
+    assert stage_digest(other, "baseline") == stage_digest(config, "baseline")  # a path is not the key
+    run_stage(other, "baseline")
+    finished = [r for r in clip_runs("tiny", "baseline") if r.info.status == "FINISHED"]
+    assert len(finished) == 6 and len({r.data.tags["tta.weights"] for r in finished}) == 2
 
 
 def test_rerun_skips_finished_clips(prepared, store):
@@ -139,7 +248,7 @@ def test_bad_clips_are_recorded_and_the_rest_goes_on(prepared, store, tmp_path):
         assert run.info.status == "FAILED"
         assert reason in run.data.tags["tta.error"] and str(tmp_path) in run.data.tags["tta.error"]
     summary = evaluate(config)
-    assert summary["metrics"]["psnr"]["n"] == len(good)
+    assert primary(summary, "psnr")["n"] == len(good)
     assert set(summary["excluded"]) == set(expected) and "too short" in summary["excluded"]["short"]
 
 

@@ -13,7 +13,8 @@ import mlflow  # noqa: E402
 import streamlit as st  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from pipeline.tracking.runs import frame_history  # noqa: E402
+from pipeline.evaluation.stats import mean_se  # noqa: E402
+from pipeline.tracking.runs import frame_curve, frame_history  # noqa: E402
 from viewer import compose, data, figures  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "tta-viewer-cache"
@@ -34,78 +35,107 @@ def main() -> None:
         st.info("No experiments yet. Run `make demo` (or any baseline/adapt stage) to fill the store.")
         return
     experiment = st.sidebar.selectbox("Experiment", experiments, format_func=lambda e: e.name)
-    arms = data.list_arms(client, experiment.experiment_id)
+    arms = data.list_arms(experiment.experiment_id)
     baselines = [a for a in arms if a.stage == "baseline"]
     adapted_all = [a for a in arms if a.stage == "adapt"]
     if not baselines or not adapted_all:
         st.info("This experiment needs a baseline and at least one adapt run to compare.")
         return
-    label = {a.key: f"{a.label} · {len(a.clips)} clips · {a.digest[:8]}" for a in arms}
-    baseline = st.sidebar.selectbox("Baseline run", baselines, format_func=lambda a: label[a.key])
-    adapted = st.sidebar.multiselect("Adapted runs", adapted_all, default=adapted_all[:1],
-                                     format_func=lambda a: label[a.key])
+    reasons = {(b.key, a.key): data.why_not_comparable(b, a) for b in baselines for a in adapted_all}
+    # open on the newest baseline that some adapted arm was made against
+    first = next((i for i, b in enumerate(baselines) if any(not reasons[b.key, a.key] for a in adapted_all)), 0)
+    baseline = st.sidebar.selectbox("Baseline run", baselines, index=first, format_func=data.Arm.describe)
+    comparable = [a for a in adapted_all if not reasons[baseline.key, a.key]]
+    others = [a for a in adapted_all if reasons[baseline.key, a.key]]
+    if others:
+        st.sidebar.markdown("**Not comparable with this baseline** (setting: this baseline's value vs the arm's):\n"
+                            + "\n".join(f"- {a.label} · {a.digest[:8]} — {reasons[baseline.key, a.key]}"
+                                         for a in others))
+    if not comparable:
+        st.warning("No adapted run was made against this baseline with the same model weights; the sidebar "
+                   "says why each is not comparable.")
+        return
+    adapted = st.sidebar.multiselect("Adapted runs", comparable, default=comparable[:1], format_func=data.Arm.describe)
     if not adapted:
         st.info("Choose at least one adapted run in the sidebar.")
         return
-    names = {f"A{i}": a.label for i, a in enumerate(adapted, start=1)}
-    for short, name in names.items():
-        st.sidebar.markdown(f"**{short}**: {name}" + (" — :red[ORACLE: saw the target frames]" if "ORACLE" in name
-                                                      else ""))
+    names = {f"A{i}": a for i, a in enumerate(adapted, start=1)}
+    for short, arm in names.items():
+        mark = (" — :red[ORACLE: saw the target frames]" if arm.oracle else
+                " — :orange[SHAM: adapted on another clip's context, a control]" if arm.sham else "")
+        st.sidebar.markdown(f"**{short}**: {arm.label}{mark}  \nfailed clips: {len(arm.failed)} "
+                            f"({arm.failure_rate:.0%} of {len(arm.clips) + len(arm.failed)})")
     rows = data.clip_rows(baseline, adapted)
     if not rows:
-        st.warning("The chosen runs have no finished clip in common.")
+        st.warning("The chosen baseline has no finished clip.")
         return
     measured = [m for m in data.METRICS if any(not math.isnan(r[f"baseline {m}"]) for r in rows)]
     metric = st.sidebar.radio("Metric", measured)
-    rows = clip_table(rows, metric)
+    rows, shown = clip_table(rows, metric)
     if rows:
-        plots(client, baseline, adapted, names, rows, metric)
-        clip_view(client, baseline, adapted, names, rows)
+        summary_and_plots(baseline, names, rows, metric)
+    if shown:
+        clip_view(client, baseline, names, shown)
 
 
-def clip_table(rows: list[dict], metric: str) -> list[dict]:
+def clip_table(rows: list[dict], metric: str) -> tuple[list[dict], list[dict]]:
+    """The clips of the chosen classes (what the statistics cover) and those of them shown (also by outcome)."""
     st.header("Clips")
     left, right = st.columns(2)
     classes = sorted({r["class"] for r in rows})
     chosen = left.multiselect("Classes", classes, default=classes)
     outcome = right.radio(f"Outcome (A1, {metric})", ["all", "helped", "hurt"], horizontal=True)
-    shown = [r for r in rows if r["class"] in chosen and
-             (outcome == "all" or data.helped(r, 1, metric) == (outcome == "helped"))]
-    st.dataframe(shown, hide_index=True, use_container_width=True)
-    st.caption(f"{len(shown)} of {len(rows)} clips; click a column header to sort. Δ = adapted − baseline.")
-    return shown
+    rows = [r for r in rows if r["class"] in chosen]
+    shown = [r for r in rows if outcome == "all" or data.outcome(r, 1, metric) == outcome]
+    st.dataframe(shown, hide_index=True)
+    st.caption(f"{len(shown)} of {len(rows)} clips the baseline scored; click a column header to sort. Δ = adapted "
+               "− baseline. The outcome filter narrows this table and the clip below, not the statistics.")
+    return rows, shown
 
 
-def plots(client, baseline, adapted, names, rows, metric) -> None:
-    st.header("Plots")
+def summary_and_plots(baseline: data.Arm, names: dict[str, data.Arm], rows: list[dict], metric: str) -> None:
+    st.header("Summary")
     clips = [r["clip"] for r in rows]
-    stats = {short: data.arm_statistics(rows, i, metric) for i, short in enumerate(names, start=1)}
-    means = [next(iter(stats.values()))["baseline_mean"]] + [s["adapted_mean"] for s in stats.values()]
-    ses = [next(iter(stats.values()))["baseline_se"]] + [s["adapted_se"] for s in stats.values()]
-    summary = [{"arm": f"{short}: {names[short]}", "n": s["n"], "Δ mean": s["diff_mean"], "95% CI low": s["ci_low"],
-                "95% CI high": s["ci_high"], "t-test p": s["t_p_value"], "Wilcoxon p": s["wilcoxon_p_value"]}
-               for short, s in stats.items()]
-    st.dataframe(summary, hide_index=True, use_container_width=True)
-    deltas = {short: [r[f"{short} Δ{metric}"] for r in rows] for short in names}
+    st.table(data.summary_rows(baseline, names, clips, metric), hide_index=True)
+    st.caption(f"Over the {len(clips)} clips of the chosen classes the baseline scored; a clip's {metric} is the "
+               f"mean over its {baseline.params.get('sampling.samples', '?')} samples. ITT (intention to treat): "
+               "a clip the arm failed on counts as the baseline's value; complete case: the clips the arm finished. "
+               "Holm: adjusted over the adapted arms shown. Clips the baseline failed on are in no comparison.")
+    refs = data.references(baseline)
+    base = data.baseline_values(baseline, clips, metric)
+    references = {r.label: data.reference_values(baseline, r, clips, metric) for r in refs}
+    itt = {short: data.arm_values(baseline, arm, clips, metric) for short, arm in names.items()}
+    means, ses = zip(*(mean_se(list(v.values())) for v in (base, *references.values(), *itt.values())))
     a, b = st.columns(2)
-    a.plotly_chart(figures.means_figure(["baseline", *names], means, ses, metric), key="means")
+    a.plotly_chart(figures.means_figure(["baseline", *references, *itt], list(means), list(ses), metric),
+                   key="means")
+    # per clip, what each arm actually produced: the clips it finished
+    finished = {short: data.arm_values(baseline, arm, clips, metric, itt=False) for short, arm in names.items()}
+    deltas = {short: [v - base[c] for c, v in values.items() if c in base] for short, values in finished.items()}
     b.plotly_chart(figures.difference_histogram(deltas, metric), key="histogram")
-    a.plotly_chart(figures.scatter_figure([r[f"baseline {metric}"] for r in rows],
-                                          {s: [r[f"{s} {metric}"] for r in rows] for s in names}, clips, metric),
-                   key="scatter")
-    curves = {"baseline": data.frame_curve(baseline, clips, metric)}
-    curves.update({short: data.frame_curve(arm, clips, metric) for short, arm in zip(names, adapted)})
+    a.plotly_chart(figures.scatter_figure(base, {**references, **finished}, metric), key="scatter")
+    base_runs = [baseline.clips[c] for c in clips]
+    curves = {"baseline": frame_curve(base_runs, metric)}
+    curves.update({r.label: frame_curve(base_runs, f"{r.prefix}_{metric}") for r in refs})
+    # like the statistics, under intention to treat: on a clip an arm failed, the baseline's own curve
+    curves.update({short: frame_curve(list(data.itt_runs(baseline, arm, clips).values()), metric)
+                   for short, arm in names.items()})
     first_frame = curves["baseline"]["frame"][0] if curves["baseline"]["frame"] else None
     b.plotly_chart(figures.frame_curves(curves, metric, first_frame), key="curves")
-    seconds = [sum(r[f"{s} adapt s"] for r in rows) / len(rows) for s in names]
-    a.plotly_chart(figures.cost_gain_figure(list(names), seconds, [stats[s]["diff_mean"] for s in names], metric),
-                   key="cost")
+    seconds = [mean_se([r[f"{s} adapt s"] for r in rows if not math.isnan(r[f"{s} adapt s"])])[0] for s in names]
+    gains = [data.compare(base, itt[s])["diff_mean"] for s in names]
+    a.plotly_chart(figures.cost_gain_figure(list(names), seconds, gains, metric), key="cost")
 
 
-def clip_view(client, baseline, adapted, names, rows) -> None:
+def clip_view(client: MlflowClient, baseline: data.Arm, names: dict[str, data.Arm], rows: list[dict]) -> None:
     st.header("One clip")
     clip_id = st.selectbox("Clip", [r["clip"] for r in rows])
-    runs = {"baseline": baseline.clips[clip_id], **{s: arm.clips[clip_id] for s, arm in zip(names, adapted)}}
+    runs = {"baseline": baseline.clips[clip_id]}
+    for short, arm in names.items():
+        if run := data.finished_run(baseline, arm, clip_id):
+            runs[short] = run
+        else:
+            st.info(f"{short} has no result on {clip_id}: {data.clip_result(baseline, arm, clip_id)}")
     videos = {name: data.download_clip(client, run, CACHE) for name, run in runs.items()}
     missing = [name for name, v in videos.items() if v is None]
     if missing:
@@ -114,16 +144,22 @@ def clip_view(client, baseline, adapted, names, rows) -> None:
     columns, context, fps = compose.clip_columns(videos)
     key = "-".join(r.info.run_id for r in runs.values())
     video = compose.side_by_side_video(columns, context, fps, CACHE / f"{key}.mp4")
-    st.caption(" | ".join(columns) + f" — orange bar: the {context} context frames; blue bar: generated")
+    st.caption(" | ".join(columns) + f" — orange bar: the {context} context frames; blue bar: generated. Each arm "
+               f"shows the first of its {baseline.params.get('sampling.samples', '?')} samples; the metrics under "
+               "the frames are the mean over them.")
     st.video(video.read_bytes())
     total = len(columns["ground truth"])
     frame = st.slider("Frame", 0, total - 1, context, key="frame")
-    per_frame = {name: {m: frame_history(run.info.run_id, m) for m in data.METRICS} for name, run in runs.items()}
+    histories = {name: {m: frame_history(run.info.run_id, m) for m in data.METRICS} for name, run in runs.items()}
+    # after the context the context column holds its last frame: what the repeat-last predictor scored
+    repeat = data.REPEAT_LAST
+    histories["context"] = {f"{repeat.column} {m}": frame_history(runs["baseline"].info.run_id, f"{repeat.prefix}_{m}")
+                            for m in data.METRICS}
     cells = st.columns(len(columns))
     for cell, (name, frames) in zip(cells, columns.items()):
-        values = per_frame.get(name, {})
-        note = "context" if frame < context else " ".join(f"{m} {values[m][frame]:.3f}" for m in data.METRICS
-                                                          if frame in values.get(m, {}))
+        values = histories.get(name, {})
+        note = "context" if frame < context else " ".join(f"{label} {h[frame]:.3f}" for label, h in values.items()
+                                                          if frame in h)
         cell.image(compose.upscale(frames[frame]), width=192, caption=" · ".join(filter(None, [name, f"frame {frame}",
                                                                                               note])))
 

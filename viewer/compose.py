@@ -14,7 +14,8 @@ BAR = 4
 
 def clip_columns(videos: dict[str, dict[str, Path]]) -> tuple[dict[str, np.ndarray], int, float]:
     """Full-length columns from the clip artifacts of each arm: 'context' (frozen after K),
-    'ground truth', then every arm's context + continuation. Returns columns, K and fps."""
+    'ground truth', then every arm's context + continuation (output.mp4: its first sample). Returns
+    columns, K and fps."""
     first = next(iter(videos.values()))
     context, fps = read_video(first["context.mp4"])
     target, _ = read_video(first["target.mp4"])

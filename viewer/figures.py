@@ -13,17 +13,23 @@ def means_figure(names: list[str], means: list[float], ses: list[float], metric:
 
 def difference_histogram(deltas: dict[str, list[float]], metric: str) -> go.Figure:
     fig = go.Figure([go.Histogram(x=v, name=name, opacity=0.7, nbinsx=20) for name, v in deltas.items()])
-    return fig.update_layout(title=f"{metric}: adapted − baseline per clip", barmode="overlay", height=360)
+    return fig.update_layout(title=f"{metric}: adapted − baseline per clip (the clips each arm finished)",
+                             barmode="overlay", height=360)
 
 
-def scatter_figure(baseline: list[float], adapted: dict[str, list[float]], clips: list[str], metric: str) -> go.Figure:
-    fig = go.Figure([go.Scatter(x=baseline, y=v, mode="markers", name=name, text=clips) for name, v in adapted.items()])
-    finite = [x for x in baseline + [y for v in adapted.values() for y in v] if not math.isnan(x)]
-    if finite:
-        lo, hi = min(finite), max(finite)
+def scatter_figure(baseline: dict[str, float], arms: dict[str, dict[str, float]], metric: str) -> go.Figure:
+    """One point per clip that the baseline and an arm both have a value for (clip -> value)."""
+    fig = go.Figure()
+    for name, values in arms.items():
+        clips = [c for c in values if c in baseline]
+        fig.add_trace(go.Scatter(x=[baseline[c] for c in clips], y=[values[c] for c in clips], mode="markers",
+                                 name=name, text=clips))
+    every = [*baseline.values(), *(y for values in arms.values() for y in values.values())]
+    if every:
+        lo, hi = min(every), max(every)
         fig.add_shape(type="line", x0=lo, y0=lo, x1=hi, y1=hi, line={"dash": "dash", "color": "grey"})
-    return fig.update_layout(title=f"{metric}: baseline vs adapted per clip (above the line: adapted higher)",
-                             xaxis_title="baseline", yaxis_title="adapted", height=400)
+    return fig.update_layout(title=f"{metric}: baseline vs each arm per clip (above the line: the arm higher)",
+                             xaxis_title="baseline", yaxis_title="arm", height=400)
 
 
 def frame_curves(curves: dict[str, dict[str, list]], metric: str, context: int | None) -> go.Figure:
@@ -42,5 +48,6 @@ def frame_curves(curves: dict[str, dict[str, list]], metric: str, context: int |
 def cost_gain_figure(names: list[str], seconds: list[float], gains: list[float], metric: str) -> go.Figure:
     fig = go.Figure(go.Scatter(x=seconds, y=gains, mode="markers+text", text=names, textposition="top center"))
     fig.add_hline(y=0, line_dash="dash", line_color="grey")
-    return fig.update_layout(title=f"cost vs gain per adapted arm: mean Δ{metric} against adaptation seconds per clip",
-                             xaxis_title="adaptation seconds per clip", yaxis_title=f"mean Δ{metric}", height=380)
+    return fig.update_layout(title=f"cost vs gain per adapted arm: mean Δ{metric} (ITT)",
+                             xaxis_title="adaptation seconds per clip", yaxis_title=f"mean Δ{metric} (ITT)",
+                             height=380)

@@ -64,19 +64,7 @@ class DeepSpeedAdamW(Optimizer):
                 os.environ.setdefault(key, value)
             torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
                                                  world_size=1)
-        zero = {"stage": zero_stage}
-        if offload:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        config = {
-            "train_micro_batch_size_per_gpu": micro_batch,
-            "gradient_accumulation_steps": accum,
-            # bf16 on an fp32 module would cast the live weights to bf16 in place
-            "bf16": {"enabled": next(module.parameters()).dtype == torch.bfloat16},
-            "zero_optimization": zero,
-            # torch's AdamW on DeepSpeed's fp32 partitions: no CUDA extension to compile on the cluster
-            "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
-            "steps_per_print": 2**31,
-        }
+        config = deepspeed_config(module, lr, accum, zero_stage, offload, micro_batch)
         params = [p for p in module.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config,
                                                lr_scheduler=lambda optimizer: linear_warmup(optimizer, warmup))
@@ -93,6 +81,24 @@ class DeepSpeedAdamW(Optimizer):
         self.engine.destroy()
         del self.engine
         torch.cuda.empty_cache()
+
+
+def deepspeed_config(module: torch.nn.Module, lr: float, accum: int, zero_stage: int, offload: bool,
+                     micro_batch: int) -> dict:
+    """The engine's settings. bf16 only for a bf16 module: on an fp32 module DeepSpeed would cast the
+    live weights to bf16 in place, and the adapted arm would sample with rounded weights."""
+    zero = {"stage": zero_stage}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accum,
+        "bf16": {"enabled": next(module.parameters()).dtype == torch.bfloat16},
+        "zero_optimization": zero,
+        # torch's AdamW on DeepSpeed's fp32 partitions: no CUDA extension to compile on the cluster
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
+        "steps_per_print": 2**31,
+    }
 
 
 def _free_port() -> int:

@@ -72,13 +72,7 @@ def clip_inputs(config: Config, stage: str, clips: list[ClipRecord], split: list
     """clip id -> the hash of every frame its result depends on: the clip's own content hash, and in
     the sham arm its partner's too. A result made from other frames never matches."""
     partners = partners_for(config, stage, split)
-    inputs = {}
-    for c in clips:
-        if not c.content_hash:
-            raise ValueError(f"{config.data.manifest}: clip {c.clip_id} has no content hash (a manifest from an "
-                             "older version): run the preprocess stage again")
-        inputs[c.clip_id] = c.content_hash + (f"+{partners[c.clip_id].content_hash}" if partners else "")
-    return inputs
+    return {c.clip_id: c.content_hash + (f"+{partners[c.clip_id].content_hash}" if partners else "") for c in clips}
 
 
 @dataclass
@@ -129,6 +123,9 @@ class Continuer:
         if frames.shape[1:3] != (d.height, d.width):
             raise VideoError(path, f"frame size {frames.shape[2]}x{frames.shape[1]} differs from the configured "
                                    f"{d.width}x{d.height}; run preprocess with this config")
+        if not record.content_hash:
+            raise VideoError(path, "the manifest has no content hash for this clip (written by an older version): "
+                                   "run the preprocess stage again")
         if frames_hash(frames) != record.content_hash:
             raise VideoError(path, f"content differs from the manifest's hash {record.content_hash} (the file "
                                    "changed after preprocessing): run the preprocess stage again")

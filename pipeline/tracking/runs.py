@@ -77,7 +77,8 @@ def finished_clips(experiment_id: str, stage: str, digest: str, inputs: dict[str
     """clip id -> the child run (mlflow Run) of this stage and digest with that status, keeping only
     runs made from the given inputs (clip id -> input hash) and weights fingerprint when given."""
     runs = search_all(experiment_id, f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_DIGEST}` = '{digest}' "
-                                  f"and tags.`{TAG_KIND}` = 'clip' and attributes.status = '{status}'")
+                                  f"and tags.`{TAG_KIND}` = 'clip' and attributes.status = '{status}'",
+                      order_by=["attributes.start_time ASC"])  # the newest run of a clip wins
     return {r.data.tags[TAG_CLIP]: r for r in runs
             if (inputs is None or inputs.get(r.data.tags[TAG_CLIP]) == r.data.tags.get(TAG_INPUTS))
             and (weights is None or r.data.tags.get(TAG_WEIGHTS) == weights)}
