@@ -51,3 +51,26 @@ def test_another_vae_or_layout_gets_its_own_cache_and_pixels_none(tmp_path):
     assert LatentCache.for_stage(off, backend, 9).folder is None
     backend.vae = None  # the pixel-space default: nothing to cache
     assert LatentCache.for_stage(config, backend, 9).folder is None
+
+
+def test_vae_reconstruction_is_scored_as_the_ceiling_of_a_latent_model(tmp_path):
+    """With a VAE, the baseline stage scores the target encoded and decoded by that VAE."""
+    import numpy as np
+
+    from pipeline.data.manifest import ClipRecord
+    from pipeline.evaluation.metrics import frame_metrics
+    from pipeline.models.ltx_video import frames_to_tensor, tensor_to_frames
+    from pipeline.seeds import derive_seed
+    from pipeline.stages.continuation import ClipFrames, Continuer
+
+    backend = narrow_backend()
+    config = load_config(None, {"data.output_dir": str(tmp_path), "data.frames": "9", "data.context": "5",
+                                "data.height": "64", "data.width": "64", "sampling.steps": "2",
+                                "evaluation.lpips": "false"})
+    frames = np.random.default_rng(0).integers(0, 256, (9, 64, 64, 3), np.uint8)
+    out = Continuer(config, "baseline", backend).run(ClipFrames(ClipRecord("c", "x", "", 9, 8.0, 64, 64, "test", "",
+                                                                           content_hash="h"), frames))
+    generator = torch.Generator().manual_seed(derive_seed(config.sampling.seed, "vae_recon"))
+    recon = tensor_to_frames(backend.decode(backend.encode(frames_to_tensor(frames)), generator))[5:]
+    assert out.per_frame["vae_recon_psnr"] == frame_metrics(recon, frames[5:])["psnr"]
+    assert out.metrics["vae_recon_psnr"] > 0 and "repeat_last_psnr" in out.metrics

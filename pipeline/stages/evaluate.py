@@ -244,11 +244,12 @@ def format_table(summary: dict) -> str:
     metrics = list(next(iter(summary["arms"].values()))["means"])
     lines = [summary["title"] + (" [ORACLE upper bound]" if summary["oracle"] else ""),
              f"each clip's metric is the mean over its {summary['samples']} sample(s); ± is the SE over clips", ""]
-    lines.append(f"{'arm':<58}{'scored':>7}{'failed':>8}" + "".join(f"{m:>19}" for m in metrics))
+    lines.append(f"{'arm':<13}{'scored':>7}{'failed':>9}" + "".join(f"{m:>19}" for m in metrics))
     for name, arm in summary["arms"].items():
         failed = f"{arm['failed']} ({arm['failure_rate']:.0%})" if name not in REFERENCE_LABELS else "-"
-        lines.append(f"{_short(name + ': ' + arm['label'], 58):<58}{arm['scored']:>7}{failed:>8}"
-                     + "".join(f"{_pm(*arm['means'][m]):>19}" for m in metrics))
+        lines.append(f"{name:<13}{arm['scored']:>7}{failed:>9}" + "".join(f"{_pm(*arm['means'][m]):>19}"
+                                                                        for m in metrics))
+    lines += [f"  {name}: {arm['label']}" for name, arm in summary["arms"].items() if name != "baseline"]
     if "lpips" not in metrics:
         lines.append("lpips unavailable (see the stage runs' tta.lpips tag; `python -m pipeline fetch-weights`)")
     lines += ["", f"{'paired comparison':<44}{'analysis':<16}{'metric':<7}{'n':>4}{'mean [95% CI]':>32}"
@@ -277,10 +278,6 @@ def format_table(summary: dict) -> str:
     for clip, reason in sorted(summary["excluded"].items()):
         lines.append(f"excluded {clip}: {reason}")
     return "\n".join(lines)
-
-
-def _short(text: str, width: int) -> str:
-    return text if len(text) < width else text[: width - 2] + "…"
 
 
 def _pm(mean: float, se: float) -> str:
