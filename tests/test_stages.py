@@ -267,3 +267,15 @@ def test_mlflow_run_entry_point(prepared, store):
     assert len(children) == 3 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert all(c.info.status == "FINISHED" for c in children)
     assert stage_digest(load_config(prepared, {"adaptation.rank": "16"}), "adapt") == children[0].data.tags["tta.digest"]
+
+
+def test_pretraining_new_settings_writes_beside_the_weights_results_refer_to(prepared, store):
+    from pipeline.stages.pretrain import pretrain
+
+    config = load_config(prepared)
+    kept = Path(config.model.weights).read_bytes()
+    other = load_config(prepared, {"pretrain.steps": "2"})
+    written = pretrain(other)
+    assert written != Path(config.model.weights) and written.parent == Path(config.model.weights).parent
+    assert Path(config.model.weights).read_bytes() == kept
+    assert pretrain(other) == written  # up to date now: found again, not retrained

@@ -75,7 +75,7 @@ def evaluate(config: Config) -> dict:
                              f"(baseline digest {digests['baseline']}, model weights {weights}): run the baseline "
                              "stage with the same config and experiment")
         arms = [baseline, load("adapted", "adapt", config, arm_label(config, "adapt"))]
-        if config.adaptation.data != "other":
+        if config.adaptation.data != "other" and len(split) > 1:  # a sham needs another clip
             sham = load("sham", "adapt", sham_config, arm_label(sham_config, "adapt"))
             if sham.scored or sham.failed:
                 arms.append(sham)
