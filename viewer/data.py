@@ -39,6 +39,7 @@ class Reference:
     label: str  # in the plots and the summary
 
 
+# short names for the predictors the baseline stage logs (pipeline.stages.continuation.REFERENCE_LABELS)
 REPEAT_LAST = Reference("repeat_last", "repeat last", "repeat last frame (no model)")
 REFERENCES = (REPEAT_LAST, Reference("vae_recon", "VAE recon", "VAE recon of the target (the VAE's ceiling)"))
 

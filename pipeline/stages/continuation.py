@@ -2,7 +2,7 @@
 
 Both arms share this code path and the per-clip sampling seeds, so a difference between them is the
 adaptation's doing; with 0 adaptation steps the adapted arm reproduces the baseline exactly. The
-baseline stage also scores the reference predictors (REFERENCES) on every clip.
+baseline stage also scores the reference predictors (REFERENCE_LABELS) on every clip.
 """
 from __future__ import annotations
 
@@ -42,7 +42,11 @@ STAGE_SECTIONS = {
     "baseline": ("data", "model", "sampling", "evaluation"),
     "adapt": ("data", "model", "sampling", "evaluation", "adaptation"),
 }
-REFERENCES = ("repeat_last", "vae_recon")  # scored in the baseline stage: a floor and, with a VAE, a ceiling
+
+
+# scored by the baseline stage on every clip, like an arm, as metrics `<name>_<metric>`
+REFERENCE_LABELS = {"repeat_last": "repeat the last context frame (no model: a floor)",
+                    "vae_recon": "VAE reconstruction of the target (the VAE's ceiling)"}
 
 
 def stage_digest(config: Config, stage: str) -> str:

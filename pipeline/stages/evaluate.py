@@ -28,13 +28,11 @@ from ..evaluation.plots import summary_figure, write_html
 from ..evaluation.stats import holm, mean_se, paired_comparison, paired_frame_difference, per_frame_curve
 from ..tracking.runs import (TAG_ERROR, TAG_STAGE, TAG_WEIGHTS, finished_clips, frame_history, search_all,
                              stage_run)
-from .continuation import arm_label, clip_inputs, stage_digest
+from .continuation import REFERENCE_LABELS, arm_label, clip_inputs, stage_digest
 
 METRICS = ("psnr", "ssim", "lpips")
 COSTS = ("adapt_seconds", "sample_seconds", "adapt_steps_per_second", "non_model_share", "peak_gpu_memory_mb",
          "peak_rss_mb")
-REFERENCE_LABELS = {"repeat_last": "repeat the last context frame (no model: a floor)",
-                    "vae_recon": "VAE reconstruction of the target (the VAE's ceiling)"}
 
 
 @dataclass
