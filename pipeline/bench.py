@@ -40,7 +40,7 @@ LTX_VIDEO_VAE = dict(  # Lightricks/LTX-Video-0.9.5's VAE: 32x space, 8x time, t
     upsample_factor=(2, 2, 2), timestep_conditioning=True, spatial_compression_ratio=32, temporal_compression_ratio=8)
 TEXT_TOKENS = 128
 TIME_SPLIT = ("load_seconds", "encode_seconds", "adapt_seconds", "sample_seconds", "decode_seconds", "metrics_seconds",
-              "record_seconds", "clip_seconds", "non_model_share")
+              "reference_seconds", "record_seconds", "clip_seconds", "non_model_share")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
