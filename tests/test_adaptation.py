@@ -206,3 +206,14 @@ def test_deepspeed_trains_in_the_models_own_precision():
     fp32, bf16 = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16)
     assert not deepspeed_config(fp32, 1e-4, 1, 2, False, 1)["bf16"]["enabled"]
     assert deepspeed_config(bf16, 1e-4, 1, 2, False, 1)["bf16"]["enabled"]
+
+
+def test_how_closely_the_continuation_follows_its_prefix_is_measured(prepared):
+    config = load_config(prepared)  # one sample: its first frame is `out.first[K]`
+    continuer = Continuer(config, "baseline")
+    clip = _clip(config, continuer)
+    out = continuer.run(clip)
+    K = config.data.context
+    assert out.metrics["continuity_psnr"] == frame_metrics(out.first[K:K + 1], clip.frames[K - 1:K])["psnr"][0]
+    assert out.metrics["first_frame_psnr"] == out.per_frame["psnr"][0]
+    assert out.metrics["truth_continuity_psnr"] == frame_metrics(clip.frames[K:K + 1], clip.frames[K - 1:K])["psnr"][0]

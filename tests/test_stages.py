@@ -48,7 +48,7 @@ def test_stages_log_parent_children_and_evaluate(prepared, store):
     artifacts = {a.path for a in MlflowClient().list_artifacts(child.info.run_id, "clip")}
     assert artifacts == {"clip/context.mp4", "clip/target.mp4", "clip/output.mp4", "clip/frame_metrics.json"}
     adapted = clip_runs("tiny", "adapt")
-    model_metrics = {k for k in child.data.metrics if not k.startswith(("repeat_last", "reference"))}
+    model_metrics = {k for k in child.data.metrics if not k.startswith(("repeat_last", "reference", "truth"))}
     assert set(adapted[0].data.metrics) >= model_metrics | {"adapt_seconds", "adapt_steps_per_second"}
     assert {a.path for a in MlflowClient().list_artifacts(adapted[0].info.run_id, "clip")} == artifacts  # no weights
     assert child.data.tags["tta.inputs"] == {r.clip_id: r.content_hash for r in read_manifest(
@@ -69,6 +69,9 @@ def test_stages_log_parent_children_and_evaluate(prepared, store):
     assert primary(json.loads(Path(path).read_text()), "ssim")["n"] == 3
     logged = mlflow.get_run(summary["run_id"]).data.metrics
     assert logged["adapted.clips_failed"] == 0 and "adapted-baseline.itt.psnr.holm_p_value" in logged
+    assert {"baseline.continuity_psnr_mean", "adapted.first_frame_psnr_mean", "truth.continuity_psnr_mean"} <= set(
+        logged)
+    assert "does the prefix condition the model?" in format_table(summary)
 
 
 def primary(summary: dict, metric: str, a: str = "adapted", b: str = "baseline", analysis: str = "ITT") -> dict:

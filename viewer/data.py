@@ -172,6 +172,9 @@ def clip_rows(baseline: Arm, adapted: list[Arm]) -> list[dict]:
         row.update({f"baseline {m}": baseline.value(clip_id, m) for m in METRICS})
         for r in refs:
             row.update({f"{r.column} {m}": baseline.value(clip_id, f"{r.prefix}_{m}") for m in METRICS})
+        # does the prefix condition the model: its first generated frame against the last context frame
+        row["baseline continuity psnr"] = baseline.value(clip_id, "continuity_psnr")
+        row["truth continuity psnr"] = baseline.value(clip_id, "truth_continuity_psnr")
         row["baseline sample s"] = baseline.value(clip_id, "sample_seconds")
         for i, arm in enumerate(adapted, start=1):
             own = finished_run(baseline, arm, clip_id)
@@ -180,6 +183,7 @@ def clip_rows(baseline: Arm, adapted: list[Arm]) -> list[dict]:
             for m in METRICS:
                 row[f"A{i} {m}"] = metrics.get(m, math.nan)
                 row[f"A{i} Δ{m}"] = row[f"A{i} {m}"] - row[f"baseline {m}"]
+            row[f"A{i} continuity psnr"] = metrics.get("continuity_psnr", math.nan)
             row[f"A{i} adapt s"] = metrics.get("adapt_seconds", math.nan)
             row[f"A{i} sample s"] = metrics.get("sample_seconds", math.nan)
         rows.append(row)

@@ -174,7 +174,7 @@ class Continuer:
         cfg, layout, backend = self.config, self.layout, self.backend
         K, frames = cfg.data.context, clip.frames
         context_latents, metrics = self.adapt(clip)
-        samples, first = [], None
+        samples, continuity, first = [], [], None
         metrics.update(sample_seconds=0.0, decode_seconds=0.0, metrics_seconds=0.0)
         for n in range(cfg.sampling.samples):
             seed = derive_seed(cfg.sampling.seed, clip.record.clip_id, n)
@@ -186,6 +186,7 @@ class Continuer:
             metrics["decode_seconds"] += time.perf_counter() - start
             start = time.perf_counter()
             samples.append(frame_metrics(output[K:], frames[K:], self.lpips, backend.device))
+            continuity.append(frame_metrics(output[K:K + 1], frames[K - 1:K], device=backend.device)["psnr"][0])
             metrics["metrics_seconds"] += time.perf_counter() - start
             first = output if first is None else first
         metrics.update(_peak_memory(backend.device))
@@ -195,12 +196,16 @@ class Continuer:
             best = min(values) if name in LOWER_IS_BETTER else max(values)
             metrics.update({name: float(np.mean(values)), f"{name}_best": best,
                             f"{name}_sample_sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0})
+        # does the prefix condition the model? the first generated frame against the truth and
+        # against the last context frame (a model that ignores its prefix is far from both)
+        metrics.update(first_frame_psnr=per_frame["psnr"][0], continuity_psnr=float(np.mean(continuity)))
         if self.stage == "baseline":
             start = time.perf_counter()
             references = self._references(clip)
             metrics["reference_seconds"] = time.perf_counter() - start
             per_frame.update(references)
             metrics.update({name: float(np.mean(values)) for name, values in references.items()})
+            metrics["truth_continuity_psnr"] = references["repeat_last_psnr"][0]  # frame K against frame K-1
         return ClipOutput(first, metrics, per_frame, per_sample)
 
     def _decode(self, latents: torch.Tensor, seed: int) -> np.ndarray:

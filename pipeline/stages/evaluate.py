@@ -31,6 +31,7 @@ from ..tracking.runs import (TAG_ERROR, TAG_STAGE, TAG_WEIGHTS, finished_clips, 
 from .continuation import REFERENCE_LABELS, arm_label, clip_inputs, stage_digest
 
 METRICS = ("psnr", "ssim", "lpips")
+PREFIX_METRICS = ("first_frame_psnr", "continuity_psnr")  # frame K against the truth, against frame K-1
 COSTS = ("adapt_seconds", "sample_seconds", "adapt_steps_per_second", "non_model_share", "peak_gpu_memory_mb",
          "peak_rss_mb")
 
@@ -161,12 +162,20 @@ def summarise(config: Config, arms: list[Arm], clip_ids: list[str], inputs: dict
             summary["comparisons"].append(stats)
     for row, p in zip(summary["comparisons"], holm([r["t_p_value"] for r in summary["comparisons"]])):
         row["holm_p_value"] = p
+    summary["prefix"] = {arm.name: {m: _mean_se_where(arm, itt, m) for m in PREFIX_METRICS} for arm in arms}
+    summary["prefix"]["truth"] = {"first_frame_psnr": (math.nan, math.nan),
+                                  "continuity_psnr": _mean_se_where(baseline, itt, "truth_continuity_psnr")}
     for arm in arms:
         for cost in COSTS:
             values = [arm.scored[c][cost] for c in itt if c in arm.scored and cost in arm.scored[c]]
             if values:
                 summary["cost"][f"{arm.name}.{cost}"] = mean_se(values)[0]
     return summary
+
+
+def _mean_se_where(arm: Arm, clips: list[str], metric: str) -> tuple[float, float]:
+    """Over the clips whose run has the metric (runs recorded by an older version may not)."""
+    return mean_se([arm.scored[c][metric] for c in clips if metric in arm.scored.get(c, {})])
 
 
 def _itt_value(arm: Arm, baseline: Arm, clip: str, metric: str) -> float | None:
@@ -229,6 +238,8 @@ def flat_metrics(summary: dict) -> dict[str, float]:
         key = f"{row['a']}-{row['b']}.{_analysis_key(row['analysis'])}.{row['metric']}"
         for stat in ("n", "diff_mean", "ci_low", "ci_high", "t_p_value", "holm_p_value", "wilcoxon_p_value"):
             out[f"{key}.{stat}"] = row[stat]
+    for name, values in summary["prefix"].items():
+        out.update({f"{name}.{m}_mean": mean for m, (mean, _) in values.items()})
     out.update({k: v for k, v in summary["cost"].items()})
     out["clips_scored_by_baseline"] = len(summary["clips"])
     return {k: float(v) for k, v in out.items() if not math.isnan(v)}
@@ -262,6 +273,15 @@ def format_table(summary: dict) -> str:
                      f"{row['t_p_value']:>9.3g}{row['holm_p_value']:>9.3g}{row['wilcoxon_p_value']:>11.3g}")
     lines.append("itt: every clip the baseline scored, a failed adaptation counted as no change; "
                  "complete_case: clips finished in both arms; best_of_n: oracle selection, not a prediction")
+    lines += ["", "does the prefix condition the model? PSNR of the first generated frame (K) against the truth "
+                  "and against the last context frame (K-1):"]
+    for name, values in summary["prefix"].items():
+        if name == "truth":
+            lines.append(f"  {'truth':<12}frame K against frame K-1: {_pm(*values['continuity_psnr'])} (how much a "
+                         "real clip changes in one frame)")
+        else:
+            lines.append(f"  {name:<12}against the truth {_pm(*values['first_frame_psnr'])}, against frame K-1 "
+                         f"{_pm(*values['continuity_psnr'])}")
     lines.append("")
     cost = summary["cost"]
     lines.append(f"seconds per clip: adaptation {cost.get('adapted.adapt_seconds', 0):.2f}, sampling baseline "
