@@ -18,7 +18,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import Run
 
 from .. import ranks
 from ..adaptation import make_adapter

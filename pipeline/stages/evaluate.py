@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlflow
@@ -44,10 +44,10 @@ class Arm:
     label: str
     runs: dict[str, Run]
     failed: dict[str, str]
+    scored: dict[str, dict[str, float]] = field(init=False)
 
-    @property
-    def scored(self) -> dict[str, dict[str, float]]:
-        return {c: r.data.metrics for c, r in self.runs.items()}
+    def __post_init__(self) -> None:
+        self.scored = {c: r.data.metrics for c, r in self.runs.items()}
 
 
 def evaluate(config: Config) -> dict:
@@ -59,7 +59,6 @@ def evaluate(config: Config) -> dict:
     with stage_run(config, "evaluate", digests["adapt"]) as parent:
         experiment_id = parent.info.experiment_id
         weights = _weights_of_newest(experiment_id, "adapt", digests["adapt"], config)
-        inputs = clip_inputs(config, "baseline", clips, split)
 
         def load(name: str, stage: str, cfg: Config, label: str) -> Arm:
             digest, arm_inputs = stage_digest(cfg, stage), clip_inputs(cfg, stage, clips, split)
@@ -78,7 +77,7 @@ def evaluate(config: Config) -> dict:
             sham = load("sham", "adapt", sham_config, arm_label(sham_config, "adapt"))
             if sham.scored or sham.failed:
                 arms.append(sham)
-        summary = summarise(config, arms, [c.clip_id for c in clips], inputs)
+        summary = summarise(config, arms, [c.clip_id for c in clips])
         summary["per_frame"] = per_frame(arms, summary)
         mlflow.set_tags({"tta.baseline_digest": digests["baseline"], "tta.adapt_digest": digests["adapt"],
                          TAG_WEIGHTS: weights})
@@ -103,7 +102,7 @@ def _weights_of_newest(experiment_id: str, stage: str, digest: str, config: Conf
     return runs[0].data.tags.get(TAG_WEIGHTS, "")
 
 
-def summarise(config: Config, arms: list[Arm], clip_ids: list[str], inputs: dict[str, str]) -> dict:
+def summarise(config: Config, arms: list[Arm], clip_ids: list[str]) -> dict:
     """Arms, failures and paired comparisons over the clips the baseline scored (`clip_ids` in order)."""
     baseline = arms[0]
     itt = [c for c in clip_ids if c in baseline.scored]
