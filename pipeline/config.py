@@ -233,6 +233,9 @@ def _check(config: Config, source: str) -> None:
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{source}: '{key}' is {flat[key]!r}; choose one of {sorted(allowed)}")
+    if config.adaptation.method == "lora" and config.adaptation.rank < 1:
+        raise ConfigError(f"{source}: 'adaptation.rank' is {config.adaptation.rank}; LoRA needs a rank of at least 1 "
+                          "(0 adaptation steps give the unadapted model: adaptation.steps=0)")
     if config.adaptation.save_weights and config.adaptation.method != "lora":
         raise ConfigError(f"{source}: 'adaptation.save_weights' keeps LoRA weights; with adaptation.method="
                           f"{config.adaptation.method!r} it would write every transformer weight per clip")

@@ -21,6 +21,7 @@ def test_presets_load_and_flatten(tmp_path):
     ("modle: {}", "unknown key 'modle'"),
     ("data: 3", "'data' must be a section"),
     ("adaptation: {method: full, save_weights: true}", "'adaptation.save_weights' keeps LoRA weights"),
+    ("adaptation: {rank: 0}", "'adaptation.rank' is 0; LoRA needs a rank of at least 1"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

@@ -116,6 +116,15 @@ def test_sham_arm_sits_beside_the_adapted_arm(prepared, store):
                for c in summary["comparisons"] if not math.isnan(c["t_p_value"]))
 
 
+def test_an_evaluate_that_finds_nothing_says_why_on_its_run(prepared, store):
+    config = load_config(prepared)
+    with pytest.raises(ValueError, match="has no adapt run with this config"):
+        evaluate(config)
+    failed = MlflowClient().search_runs([mlflow.get_experiment_by_name("tiny").experiment_id],
+                                        "tags.`tta.stage` = 'evaluate'")
+    assert failed[0].info.status == "FAILED" and "has no adapt run" in failed[0].data.tags["tta.error"]
+
+
 def test_fewer_than_two_paired_clips_are_said_in_words(prepared, store):
     config = load_config(prepared, {"data.num_clips": "1"})
     run_stage(config, "baseline")

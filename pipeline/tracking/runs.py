@@ -70,6 +70,9 @@ def stage_run(config: Config, stage: str, digest: str):
         except (KeyboardInterrupt, Preempted):
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             raise
+        except Exception as exc:  # the run ends FAILED (mlflow's own doing) and says why
+            mlflow.set_tag(TAG_ERROR, f"{type(exc).__name__}: {exc}"[:4000])
+            raise
 
 
 def finished_clips(experiment_id: str, stage: str, digest: str, inputs: dict[str, str] | None = None,
