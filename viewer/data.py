@@ -19,12 +19,11 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import NOT_RESULT_SETTINGS
+from pipeline.evaluation.metrics import LOWER_IS_BETTER, METRICS
 from pipeline.evaluation.stats import holm, mean_se, paired_comparison
 from pipeline.tracking.runs import (TAG_CLASS, TAG_DIGEST, TAG_ERROR, TAG_INPUTS, TAG_KIND, TAG_STAGE, TAG_WEIGHTS,
                                     finished_clips, search_all)
 
-METRICS = ("psnr", "ssim", "lpips")
-LOWER_IS_BETTER = {"lpips"}
 CLIP_ARTIFACTS = ("context.mp4", "target.mp4", "output.mp4")
 # what a baseline and an adapted arm must share to be compared (adaptation.* is what differs)
 COMPARED_SECTIONS = ("data", "model", "sampling", "evaluation")

@@ -9,6 +9,7 @@ import torch
 
 from .gpu_metrics import psnr, ssim, to_float
 
+METRICS = ("psnr", "ssim", "lpips")  # what `frame_metrics` scores, in that order
 LOWER_IS_BETTER = {"lpips"}  # PSNR and SSIM: higher is better
 PSNR_CAP = 100.0  # identical frames have infinite PSNR; capped so that means stay finite
 FETCH_COMMAND = "python -m pipeline fetch-weights"

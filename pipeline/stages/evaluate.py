@@ -23,14 +23,13 @@ from mlflow.entities import Run
 
 from ..config import Config
 from ..data.manifest import read_manifest, select_clips
-from ..evaluation.metrics import LOWER_IS_BETTER
+from ..evaluation.metrics import LOWER_IS_BETTER, METRICS
 from ..evaluation.plots import summary_figure, write_html
 from ..evaluation.stats import holm, mean_se, paired_comparison, paired_frame_difference, per_frame_curve
 from ..tracking.runs import (TAG_ERROR, TAG_STAGE, TAG_WEIGHTS, finished_clips, frame_history, search_all,
                              stage_run)
 from .continuation import REFERENCE_LABELS, arm_label, clip_inputs, stage_digest
 
-METRICS = ("psnr", "ssim", "lpips")
 PREFIX_METRICS = ("first_frame_psnr", "continuity_psnr")  # frame K against the truth, against frame K-1
 COSTS = ("adapt_seconds", "sample_seconds", "adapt_steps_per_second", "non_model_share", "peak_gpu_memory_mb",
          "peak_rss_mb")
@@ -123,8 +122,8 @@ def summarise(config: Config, arms: list[Arm], clip_ids: list[str]) -> dict:
             "label": arm.label, "scored": sum(c in arm.scored for c in itt), "failed": sum(c in arm.failed for c in itt),
             "not_run": sum(c not in arm.scored and c not in arm.failed for c in itt),
             "failures": {c: arm.failed[c] for c in itt if c in arm.failed},
-            "means": {m: mean_se([_itt_value(arm, baseline, c, m) for c in itt if _itt_value(arm, baseline, c, m)
-                                  is not None]) for m in names}}
+            "means": {m: mean_se([v for c in itt if (v := _itt_value(arm, baseline, c, m)) is not None])
+                      for m in names}}
         summary["arms"][arm.name]["failure_rate"] = summary["arms"][arm.name]["failed"] / max(1, len(itt))
     for ref in references:
         summary["arms"][ref] = {"label": REFERENCE_LABELS[ref], "scored": len(itt), "failed": 0, "not_run": 0,
