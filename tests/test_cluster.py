@@ -17,6 +17,7 @@ from conftest import ROOT, cli, write_config
 from pipeline.config import load_config
 from pipeline.data.manifest import read_manifest, select_clips
 from pipeline.stages.preprocess import run_preprocess
+from pipeline.tracking.runs import _experiment_id
 from test_viewer import free_port
 
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -139,3 +140,19 @@ def test_sqlite_store_is_refused_for_a_job_array(eight_clips):
     result = subprocess.run(cli("adapt", "--config", str(eight_clips), "--shard", "0/2"), cwd=ROOT,
                             env=os.environ.copy(), capture_output=True, text=True)
     assert result.returncode != 0 and "SQLite file, which is not safe for many concurrent writers" in result.stderr
+
+
+def test_experiment_created_by_another_worker_meanwhile_is_used(server, monkeypatch):
+    """Array tasks start together: one may create the experiment between another's lookup and create."""
+    mlflow.set_tracking_uri(server)
+    lookup = mlflow.get_experiment_by_name
+    calls = []
+
+    def created_meanwhile(name):
+        calls.append(name)
+        if len(calls) == 1:
+            MlflowClient().create_experiment(name)
+            return None
+        return lookup(name)
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", created_meanwhile)
+    assert _experiment_id("raced") == lookup("raced").experiment_id

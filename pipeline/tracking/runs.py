@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -45,7 +46,15 @@ def _experiment_id(name: str) -> str:
     if os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return os.environ["MLFLOW_EXPERIMENT_ID"]
     experiment = mlflow.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else mlflow.create_experiment(name)
+    if experiment:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(name)
+    except MlflowException as exc:  # several workers of one array can race to create it
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            raise exc
+        return experiment.experiment_id
 
 
 @contextmanager
