@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel
+from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .models.ltx_video import compile_blocks
@@ -215,11 +215,13 @@ def vae_seconds(frames: int, size: int, device: torch.device, config: dict = LTX
         latent = vae.config.latent_channels  # the backend needs a transformer for its patch size only
         transformer = LTXVideoTransformer3DModel(num_layers=0, caption_channels=8, in_channels=latent,
                                                  out_channels=latent)
-    backend = LTXVideoBackend(transformer, vae, torch.zeros(1, 1, 8), fps=25.0, device=device, dtype=dtype)
+    null_prompt = (torch.zeros(1, 1, 8), torch.ones(1, 1, dtype=torch.bool))
+    backend = LTXVideoBackend(transformer, vae, FlowMatchEulerDiscreteScheduler(), null_prompt, null_prompt, fps=25.0,
+                              device=device, dtype=dtype)
     context = context_frames(frames)
     video = torch.rand(1, 3, frames, size, size) * 2 - 1
-    latents = backend.encode(video)
     generator = torch.Generator(device).manual_seed(0)
+    latents = backend.latents_from(backend.encode(video), generator)
     encode = median_seconds(lambda: backend.encode(video[:, :, :context]), device, warmup=1, iters=3)
     decode = median_seconds(lambda: backend.decode(latents, generator), device, warmup=1, iters=3)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
@@ -254,9 +256,11 @@ def stage_clips(workdir: Path, clips: int = 4, frames: int = 65, size: int = 256
     with torch.device(device):
         transformer = LTXVideoTransformer3DModel(**transformer_config).to(dtype)
         vae = AutoencoderKLLTXVideo(**vae_config).to(dtype)
-    text = torch.randn(1, TEXT_TOKENS, transformer_config["caption_channels"])
-    backend = LTXVideoBackend(transformer, vae, text, fps=config.data.fps, sampling_steps=sampling_steps,
-                              device=device, dtype=dtype, compile=cuda)
+    prompts = [(torch.randn(1, TEXT_TOKENS, transformer_config["caption_channels"]),
+                torch.ones(1, TEXT_TOKENS, dtype=torch.bool)) for _ in range(2)]
+    backend = LTXVideoBackend(transformer, vae, FlowMatchEulerDiscreteScheduler(), *prompts, fps=config.data.fps,
+                              sampling_steps=sampling_steps, guidance=config.sampling.guidance, device=device,
+                              dtype=dtype, compile=cuda)
     previous_store = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     try:

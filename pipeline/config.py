@@ -63,8 +63,11 @@ class ModelConfig:
     heads: int = 8
     head_dim: int = 32
     prompt: str = ""
+    negative_prompt: str = ""  # the unconditional branch of classifier-free guidance
     dtype: str = "float32"  # float32 | bfloat16
-    decode_timestep: float = 0.05
+    vae_posterior: str = "sample"  # ltx-video: the context latents are a draw from the VAE posterior (as LTXConditionPipeline) | mode
+    decode_timestep: float = 0.0  # ltx-video VAEs with timestep conditioning: decode at this timestep...
+    decode_noise_scale: float | None = None  # ...after mixing in this much noise (None: decode_timestep)
     compile: bool = False  # CUDA graphs via torch.compile(mode="reduce-overhead"): for GPUs (docs/benchmarks.md)
     cache_latents: bool = True  # VAE latents of each clip's context kept on disk, shared by every arm
 
@@ -81,11 +84,13 @@ class PretrainConfig:
 
 @dataclass
 class SamplingConfig:
-    steps: int = 20
+    steps: int = 50
     seed: int = 0  # sampling noise: each clip's sample n draws from a seed derived from (seed, clip id, n)
     samples: int = 1  # continuations per clip, each from its own derived seed (the same in every arm)
-    shift: float = 1.0
-    guidance: float = 1.0  # text classifier-free guidance scale (1 = off)
+    schedule: str = "linear_quadratic"  # ltx-video: LTXConditionPipeline's sigmas | linear (the scheduler's own spacing, with shift)
+    shift: float = 1.0  # ltx-video, schedule=linear: the flow shift
+    cond_noise_scale: float = 0.15  # ltx-video: context tokens re-noised by this x sigma^2 each step (the pipeline's image_cond_noise_scale; 0 = kept clean)
+    guidance: float = 3.0  # text classifier-free guidance scale (1 = off), against model.negative_prompt
     image_guidance: float = 1.0  # opensora: guidance on the video condition (1 = off)
 
 
@@ -94,6 +99,8 @@ class AdaptationConfig:
     method: str = "lora"  # lora | full (every transformer weight)
     data: str = "context"  # context: frames [0, K) | oracle: whole clip (upper bound) | other: another clip's context (sham control)
     objective: str = "continuation"  # continuation (random clean prefix) | v2v_head (first half clean) | denoising
+    timesteps: str = "model"  # the noise-level draw: model (as the model family trains: docs/backends.md) | logit_normal
+    prompt_dropout: float = 0.05  # ltx-video: share of samples trained on the negative prompt, so guidance's unconditional branch adapts too (finetrainers' LTX-Video rate)
     rank: int = 16
     alpha: float = 16.0
     targets: str = "attention"  # attention | attention+mlp
@@ -156,10 +163,13 @@ CHOICES = {
     "model.backend": {"ltx-video", "opensora-v1.3", "opensora-v2.0"},
     "model.size": {"full", "tiny"},
     "model.dtype": {"float32", "bfloat16"},
+    "model.vae_posterior": {"sample", "mode"},
+    "sampling.schedule": {"linear_quadratic", "linear"},
     "adaptation.method": {"lora", "full"},
     "adaptation.data": {"context", "oracle", "other"},
     "adaptation.objective": {"continuation", "v2v_head", "denoising"},
     "adaptation.targets": {"attention", "attention+mlp"},
+    "adaptation.timesteps": {"model", "logit_normal"},
 }
 
 
@@ -243,6 +253,8 @@ def _check(config: Config, source: str) -> None:
     if not 0 < d.context < d.frames:
         raise ConfigError(f"{source}: 'data.context' ({d.context}) must be between 1 and data.frames-1 ({d.frames - 1})")
     for key, value in flat.items():
+        if not isinstance(value, (int, float)):
+            continue
         if key.endswith(("steps", "rank", "batch_size", "height", "width", "frames")) and value < 0:
             raise ConfigError(f"{source}: '{key}' must not be negative")
         if key.endswith(("batch_size", "grad_accum", "samples")) and value < 1:

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel
+from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
 
 from pipeline.models.ltx_video import LTXVideoBackend
 
@@ -29,9 +29,14 @@ def pixel_backend(**kw) -> LTXVideoBackend:
     return LTXVideoBackend.small(None, patch_size=4, layers=1, heads=2, head_dim=32, fps=8.0, sampling_steps=3, **kw)
 
 
-def vae_backend() -> LTXVideoBackend:
+def random_prompt(dim: int, tokens: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(1, tokens, dim), torch.ones(1, tokens, dtype=torch.bool)
+
+
+def vae_backend(**kw) -> LTXVideoBackend:
     torch.manual_seed(0)
-    return LTXVideoBackend(tiny_latent_transformer(), tiny_vae(), torch.randn(1, 3, 32), fps=25.0, sampling_steps=2)
+    return LTXVideoBackend(tiny_latent_transformer(), tiny_vae(), FlowMatchEulerDiscreteScheduler(), random_prompt(32),
+                           random_prompt(32), fps=25.0, sampling_steps=2, **kw)
 
 
 def test_small_model_must_be_wider_than_a_patch():
@@ -65,19 +70,28 @@ def test_vae_frame_rule_is_checked():
 
 
 @pytest.mark.parametrize("make", [pixel_backend, vae_backend])
-def test_sampling_keeps_the_clean_prefix_and_is_seeded(make):
-    backend = make()
+def test_clean_prefix_option_keeps_the_context_and_sampling_is_seeded(make):
+    backend = make(cond_noise_scale=0.0, vae_posterior="mode")
     video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
     layout = backend.frame_layout(9, 5, 32, 32)
     context = backend.encode(video[:, :, : layout.conditioned_pixel_frames])
-    assert context.shape[2] == layout.latent_context
+    clean = backend.latents_from(context, torch.Generator())
+    assert clean.shape[2] == layout.latent_context
     out = backend.sample(context, layout.latent_frames, seed=3)
     assert out.shape[2] == layout.latent_frames
-    assert torch.equal(out[:, :, : layout.latent_context], context)
+    assert torch.equal(out[:, :, : layout.latent_context], clean)
     assert torch.equal(out, backend.sample(context, layout.latent_frames, seed=3))
     assert not torch.equal(out, backend.sample(context, layout.latent_frames, seed=4))
     decoded = backend.decode(out, torch.Generator().manual_seed(0))
     assert decoded.shape == (1, 3, 9, 32, 32) and decoded.abs().max() <= 1
+
+
+def test_posterior_draws_come_from_the_generator():
+    backend = vae_backend()
+    context = backend.encode(torch.rand(1, 3, 5, 32, 32) * 2 - 1)
+    draw = lambda seed: backend.latents_from(context, torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1))
+    assert draw(0).shape[1] == context.shape[1] // 2 == 8  # mean and log-variance in, latents out
 
 
 def test_loss_ignores_clean_tokens():
@@ -91,25 +105,14 @@ def test_loss_ignores_clean_tokens():
     assert backend.training_loss(changed, 3, g()) != loss
 
 
-def test_from_pretrained_loads_a_diffusers_directory(tmp_path):
-    """The loading path users take for Lightricks/LTX-Video-0.9.5, on a tiny local checkpoint."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-    torch.manual_seed(0)
-    tiny_latent_transformer().save_pretrained(tmp_path / "transformer")
-    tiny_vae().save_pretrained(tmp_path / "vae")
-    T5EncoderModel(T5Config(vocab_size=8, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(
-        tmp_path / "text_encoder")
-    words = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "ball": 4}, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(tmp_path / "tokenizer")
-    backend = LTXVideoBackend.from_pretrained(str(tmp_path), prompt="a ball", fps=25.0, sampling_steps=2)
-    assert backend.prompt_embeds.shape == (1, 2, 32)  # padding dropped
-    assert (backend.temporal_ratio, backend.spatial_ratio) == (4, 4)
-    latents = backend.sample(backend.encode(torch.zeros(1, 3, 5, 16, 16)), 3, seed=0)
-    assert backend.decode(latents, torch.Generator().manual_seed(0)).shape == (1, 3, 9, 16, 16)
+def test_noise_level_draw_is_ltx_video_trainers_by_default():
+    """adaptation.timesteps=model: the logit-normal mean grows with the token count (LTX-Video-Trainer's
+    shifted logit-normal); logit_normal keeps it at 0. Same generator, different loss."""
+    model, plain = pixel_backend(timesteps="model"), pixel_backend(timesteps="logit_normal")
+    assert (model._sigma_shift(1024), model._sigma_shift(4096), plain._sigma_shift(4096)) == (0.95, 2.05, 0.0)
+    latents = torch.rand(2, 3, 6, 16, 16)
+    losses = [b.training_loss(latents, 3, torch.Generator().manual_seed(0)) for b in (model, plain)]
+    assert losses[0] != losses[1]
 
 
 def test_compiled_blocks_match_eager_and_compile_once_for_all_blocks():

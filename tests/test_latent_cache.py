@@ -1,6 +1,6 @@
 """The context-latent cache: encoded once per clip, keyed on the VAE's weights, whole files only."""
 import torch
-from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel
+from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
 
 from conftest import NARROW_VAE, TINY
 from pipeline.config import load_config
@@ -11,7 +11,9 @@ from pipeline.stages.latent_cache import LatentCache
 def narrow_backend() -> LTXVideoBackend:
     torch.manual_seed(0)
     transformer = LTXVideoTransformer3DModel(**{**TINY, "in_channels": 128, "out_channels": 128})
-    return LTXVideoBackend(transformer, AutoencoderKLLTXVideo(**NARROW_VAE), torch.randn(1, 4, 16), fps=25.0)
+    prompt = torch.randn(1, 4, 16), torch.ones(1, 4, dtype=torch.bool)
+    return LTXVideoBackend(transformer, AutoencoderKLLTXVideo(**NARROW_VAE), FlowMatchEulerDiscreteScheduler(), prompt,
+                           prompt, fps=25.0)
 
 
 def test_context_is_encoded_once_then_read_back(tmp_path):
@@ -70,7 +72,8 @@ def test_vae_reconstruction_is_scored_as_the_ceiling_of_a_latent_model(tmp_path)
     frames = np.random.default_rng(0).integers(0, 256, (9, 64, 64, 3), np.uint8)
     out = Continuer(config, "baseline", backend).run(ClipFrames(ClipRecord("c", "x", "", 9, 8.0, 64, 64, "test", "",
                                                                            content_hash="h"), frames))
-    generator = torch.Generator().manual_seed(derive_seed(config.sampling.seed, "vae_recon"))
-    recon = tensor_to_frames(backend.decode(backend.encode(frames_to_tensor(frames)), generator))[5:]
+    seed = derive_seed(config.sampling.seed, "vae_recon")
+    latents = backend.latents_from(backend.encode(frames_to_tensor(frames)), torch.Generator().manual_seed(seed))
+    recon = tensor_to_frames(backend.decode(latents, torch.Generator().manual_seed(seed)))[5:]
     assert out.per_frame["vae_recon_psnr"] == frame_metrics(recon, frames[5:])["psnr"]
     assert out.metrics["vae_recon_psnr"] > 0 and "repeat_last_psnr" in out.metrics

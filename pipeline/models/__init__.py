@@ -12,7 +12,7 @@ from .ltx_video import LTXVideoBackend
 from .opensora_v13 import OpenSoraV13Backend
 from .opensora_v20 import OpenSoraV20Backend
 
-__all__ = ["FrameLayout", "VideoBackend", "load_backend", "default_device"]
+__all__ = ["FrameLayout", "VideoBackend", "load_backend", "default_device", "reference_deviations"]
 
 
 def default_device() -> torch.device:
@@ -42,15 +42,35 @@ def load_backend(config: Config, random_weights: bool = False) -> VideoBackend:
 
 def _load_ltx(config: Config, random_weights: bool, device: torch.device, dtype: torch.dtype) -> LTXVideoBackend:
     m, s = config.model, config.sampling
-    if s.guidance != 1 or s.image_guidance != 1:
-        raise ValueError("sampling.guidance and sampling.image_guidance are not implemented for "
-                         "model.backend=ltx-video")
-    common = dict(fps=config.data.fps, sampling_steps=s.steps, shift=s.shift, decode_timestep=m.decode_timestep,
+    if s.image_guidance != 1:
+        raise ValueError("sampling.image_guidance is not implemented for model.backend=ltx-video")
+    common = dict(fps=config.data.fps, sampling_steps=s.steps, schedule=s.schedule, guidance=s.guidance,
+                  cond_noise_scale=s.cond_noise_scale, vae_posterior=m.vae_posterior,
+                  decode_timestep=m.decode_timestep, decode_noise_scale=m.decode_noise_scale,
+                  timesteps=config.adaptation.timesteps, prompt_dropout=config.adaptation.prompt_dropout,
                   device=device, dtype=dtype, compile=m.compile)
     if m.pretrained:
-        return LTXVideoBackend.from_pretrained(m.pretrained, m.prompt, **common)
+        if s.schedule == "linear" and s.shift != 1:
+            raise ValueError("sampling.shift applies to the small default; a checkpoint's scheduler/ config sets its own")
+        return LTXVideoBackend.from_pretrained(m.pretrained, m.prompt, m.negative_prompt, **common)
     weights = None if random_weights else Path(m.weights)
     if weights is not None and not weights.exists():
         raise FileNotFoundError(f"model.weights={weights} does not exist: run the pretrain stage first "
                                 f"(python -m pipeline pretrain) or point model.pretrained at a checkpoint")
-    return LTXVideoBackend.small(weights, m.patch_size, m.layers, m.heads, m.head_dim, **common)
+    return LTXVideoBackend.small(weights, m.patch_size, m.layers, m.heads, m.head_dim, shift=s.shift, **common)
+
+
+def reference_deviations(config: Config) -> list[str]:
+    """Where the configured sampler departs from the backend's reference pipeline, in words for arm
+    labels (the settings themselves are params and part of every result's key)."""
+    m, s = config.model, config.sampling
+    if m.backend != "ltx-video":
+        return []
+    deviations = []
+    if s.schedule != "linear_quadratic":
+        deviations.append(f"{s.schedule} schedule" + (f" shift {s.shift:g}" if s.shift != 1 else ""))
+    if s.cond_noise_scale != 0.15:
+        deviations.append("clean context" if s.cond_noise_scale == 0 else f"context re-noised x{s.cond_noise_scale:g}")
+    if m.vae_posterior != "sample" and m.pretrained:
+        deviations.append("posterior mode")
+    return deviations

@@ -51,18 +51,25 @@ class VideoBackend(ABC):
         """Check the clip shape against the model's rules (ValueError naming the rule) and map it."""
 
     @abstractmethod
-    def encode(self, video: torch.Tensor) -> torch.Tensor: ...
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """The video's encoding, deterministic (what the latent cache keeps): latents, or the
+        parameters of a VAE posterior that `latents_from` draws from."""
+
+    def latents_from(self, encoding: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Latents from an encoding; backends whose reference samples the VAE posterior draw here."""
+        return encoding
 
     @abstractmethod
     def decode(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
 
     @abstractmethod
     def training_loss(self, latents: torch.Tensor, clean_frames: int, generator: torch.Generator) -> torch.Tensor:
-        """Rectified-flow loss with the first `clean_frames` latent frames kept clean (timestep 0)."""
+        """Rectified-flow loss on an encoding, the first `clean_frames` latent frames kept clean (timestep 0)."""
 
     @abstractmethod
-    def sample(self, context_latents: torch.Tensor, latent_frames: int, seed: int) -> torch.Tensor:
-        """Continue `context_latents` to `latent_frames` latent frames; the prefix stays as given."""
+    def sample(self, context: torch.Tensor, latent_frames: int, seed: int) -> torch.Tensor:
+        """Continue the context's encoding to `latent_frames` latent frames, as the model's reference
+        pipeline does with its generator seeded by `seed`."""
 
     @abstractmethod
     def enable_gradient_checkpointing(self) -> None:

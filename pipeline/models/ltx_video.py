@@ -5,19 +5,34 @@ Two latent spaces share one class:
 - the LTX-Video VAE (`AutoencoderKLLTXVideo`), as in `Lightricks/LTX-Video-0.9.5`: 8x time with a
   causal first frame, 32x space, so clips need 8k+1 frames and sides divisible by 32.
 
-Conditioning follows `LTXConditionPipeline`: clean prefix latent tokens get timestep 0 and are put
-back after every sampler step; the loss covers only the noised tokens.
+Sampling is diffusers' `LTXConditionPipeline` with the context as a video condition at frame 0,
+step for step (tests/test_ltx_reference.py checks equality): the initial noise, then the context
+latents drawn from the VAE posterior with the same generator; the context tokens get timestep 0 and
+are re-noised each step by `cond_noise_scale` x sigma^2; the pipeline's linear-quadratic sigmas;
+classifier-free guidance against the negative prompt in one batched forward; rotary positions from
+the pipeline's causal video coordinates. Deviations are settings (sampling.schedule,
+sampling.cond_noise_scale, model.vae_posterior), recorded like every other. The adaptation loss
+keeps the context tokens clean at timestep 0 and covers only the noised tokens, with
+LTX-Video-Trainer's noise-level draw (adaptation.timesteps) and the prompt dropped to the negative
+prompt at finetrainers' rate (adaptation.prompt_dropout), so every branch guidance uses adapts.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
-from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXConditionPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.pipelines.ltx.pipeline_ltx_condition import (LTXConditionPipeline, linear_quadratic_schedule,
+                                                            retrieve_timesteps)
 
 from .base import FrameLayout, VideoBackend
+
+# the pipeline hands the scheduler timesteps without sigmas, which makes it warn on every call; we make
+# the same call
+logging.getLogger("diffusers.schedulers.scheduling_flow_match_euler_discrete").setLevel(logging.ERROR)
 
 _pack = LTXConditionPipeline._pack_latents
 _unpack = LTXConditionPipeline._unpack_latents
@@ -67,6 +82,9 @@ def compile_blocks(transformer: LTXVideoTransformer3DModel) -> None:
         transformer.enable_gradient_checkpointing(compiled_checkpointed_block)
 
 
+PROMPT_TOKENS = 256  # LTXConditionPipeline's max_sequence_length: prompts padded (and masked) to this length
+
+
 class LTXVideoBackend(VideoBackend):
     attention_targets, mlp_targets = ATTENTION_TARGETS, MLP_TARGETS
 
@@ -74,11 +92,19 @@ class LTXVideoBackend(VideoBackend):
         self,
         transformer: LTXVideoTransformer3DModel,
         vae: AutoencoderKLLTXVideo | None,
-        prompt_embeds: torch.Tensor,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        prompt: tuple[torch.Tensor, torch.Tensor],
+        negative_prompt: tuple[torch.Tensor, torch.Tensor],
         fps: float,
-        sampling_steps: int = 20,
-        shift: float = 1.0,
-        decode_timestep: float = 0.05,
+        sampling_steps: int = 50,
+        schedule: str = "linear_quadratic",
+        guidance: float = 3.0,
+        cond_noise_scale: float = 0.15,
+        vae_posterior: str = "sample",
+        decode_timestep: float = 0.0,
+        decode_noise_scale: float | None = None,
+        timesteps: str = "model",
+        prompt_dropout: float = 0.05,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         compile: bool = False,
@@ -90,11 +116,19 @@ class LTXVideoBackend(VideoBackend):
         if compile:
             compile_blocks(self.transformer)
         self.vae = vae.to(self.device).eval().requires_grad_(False) if vae is not None else None
-        self.prompt_embeds = prompt_embeds.to(self.device)  # (1, L, caption_channels), computed once
+        self.scheduler = scheduler
+        # (embeddings (1, L, caption_channels), attention mask (1, L)), encoded once
+        self.prompt = tuple(t.to(self.device) for t in prompt)
+        self.negative_prompt = tuple(t.to(self.device) for t in negative_prompt)
         self.fps = fps
-        self.sampling_steps = sampling_steps
-        self.shift = shift
+        self.sampling_steps, self.schedule, self.guidance = sampling_steps, schedule, guidance
+        self.cond_noise_scale, self.vae_posterior = cond_noise_scale, vae_posterior
         self.decode_timestep = decode_timestep
+        self.decode_noise_scale = decode_timestep if decode_noise_scale is None else decode_noise_scale
+        self.timestep_draw = timesteps
+        # dropping the prompt to the negative one changes nothing when they are the same (the small default)
+        same = all(torch.equal(a, b) for a, b in zip(self.prompt, self.negative_prompt))
+        self.prompt_dropout = 0.0 if same else prompt_dropout
         if vae is None:
             self.temporal_ratio, self.spatial_ratio = 1, 1
         else:
@@ -104,34 +138,42 @@ class LTXVideoBackend(VideoBackend):
 
     # --- loading -----------------------------------------------------------------------------
     @classmethod
-    def small(cls, weights: str | Path | None, patch_size: int, layers: int, heads: int, head_dim: int, **kw):
-        """The small default; `weights` is a safetensors file from the pretrain stage (None: random)."""
+    def small(cls, weights: str | Path | None, patch_size: int, layers: int, heads: int, head_dim: int,
+              shift: float = 1.0, **kw):
+        """The small default; `weights` is a safetensors file from the pretrain stage (None: random).
+        It has no text encoder: its prompt is one token of zeros."""
         transformer = small_transformer(patch_size, layers, heads, head_dim)
         if weights is not None:
             from safetensors.torch import load_file
 
             transformer.load_state_dict(load_file(str(weights)))
-        null_prompt = torch.zeros(1, 1, transformer.config.caption_channels)
-        return cls(transformer, None, null_prompt, **kw)
+        null_prompt = (torch.zeros(1, 1, transformer.config.caption_channels), torch.ones(1, 1, dtype=torch.bool))
+        return cls(transformer, None, FlowMatchEulerDiscreteScheduler(shift=shift), null_prompt, null_prompt, **kw)
 
     @classmethod
-    def from_pretrained(cls, path: str, prompt: str, **kw):
+    def from_pretrained(cls, path: str, prompt: str, negative_prompt: str = "", **kw):
         """A diffusers LTX-Video checkpoint: a hub id such as `Lightricks/LTX-Video-0.9.5` or a local
-        directory with transformer/, vae/, text_encoder/ and tokenizer/. The prompt is encoded once
-        and the text encoder is dropped."""
+        directory with transformer/, vae/, scheduler/, text_encoder/ and tokenizer/. The prompts are
+        encoded once, as the pipeline encodes them, and the text encoder is dropped."""
         from transformers import AutoTokenizer, T5EncoderModel
 
         dtype = kw.get("dtype", torch.float32)
         transformer = LTXVideoTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
         vae = AutoencoderKLLTXVideo.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
         text_encoder = T5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
-        tokens = tokenizer([prompt], padding="max_length", max_length=128, truncation=True, return_tensors="pt")
-        with torch.no_grad():
-            embeds = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
-        keep = int(tokens.attention_mask.sum())  # drop padding so no attention mask is needed later
+
+        @torch.no_grad()
+        def encode(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+            tokens = tokenizer([text], padding="max_length", max_length=PROMPT_TOKENS, truncation=True,
+                               add_special_tokens=True, return_tensors="pt")
+            mask = tokens.attention_mask.bool()
+            return text_encoder(tokens.input_ids, attention_mask=mask)[0].float(), mask
+
+        embeds = encode(prompt), encode(negative_prompt)
         del text_encoder
-        return cls(transformer, vae, embeds[:, :keep].float(), **kw)
+        return cls(transformer, vae, scheduler, *embeds, **kw)
 
     # --- frame and latent arithmetic ---------------------------------------------------------
     def frame_layout(self, frames: int, context: int, height: int, width: int) -> FrameLayout:
@@ -151,40 +193,57 @@ class LTXVideoBackend(VideoBackend):
     # --- latents -----------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Pixels, or with a VAE the parameters of its posterior (mean and log-variance), which
+        `latents_from` turns into latents: the cache keeps what is deterministic."""
         video = video.to(self.device, self.dtype)
         if self.vae is None:
             return video
-        z = self.vae.encode(video).latent_dist.mode()
+        return self.vae.encode(video).latent_dist.parameters
+
+    def latents_from(self, encoding: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.vae is None:
+            return encoding
+        posterior = DiagonalGaussianDistribution(encoding)
+        z = posterior.sample(generator) if self.vae_posterior == "sample" else posterior.mode()
         return LTXConditionPipeline._normalize_latents(z, self.vae.latents_mean, self.vae.latents_std)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.vae is None:
             return latents.clamp(-1, 1).float()
-        z = LTXConditionPipeline._denormalize_latents(latents, self.vae.latents_mean, self.vae.latents_std)
+        z = LTXConditionPipeline._denormalize_latents(latents, self.vae.latents_mean, self.vae.latents_std,
+                                                      self.vae.config.scaling_factor).to(self.dtype)
         timestep = None
         if self.vae.config.timestep_conditioning:
             noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-            z = (1 - self.decode_timestep) * z + self.decode_timestep * noise
+            z = (1 - self.decode_noise_scale) * z + self.decode_noise_scale * noise
             timestep = torch.full((z.shape[0],), self.decode_timestep, device=z.device, dtype=z.dtype)
         return self.vae.decode(z, timestep, return_dict=False)[0].clamp(-1, 1).float()
 
     # --- the transformer on packed tokens ----------------------------------------------------
-    def _velocity(self, tokens: torch.Tensor, sigmas: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    def _video_coords(self, batch: int, grid: tuple[int, int, int]) -> torch.Tensor:
+        """The pipeline's rotary coordinates: pixel positions, the temporal one shifted for the VAE's
+        causal first frame, in seconds."""
+        ids = LTXConditionPipeline._prepare_video_ids(batch, *grid, patch_size=1, device=self.device)
+        coords = LTXConditionPipeline._scale_video_ids(ids, self.spatial_ratio * self.patch, self.temporal_ratio)
+        coords = coords.float()
+        coords[:, 0] = coords[:, 0] * (1.0 / self.fps)
+        return coords
+
+    def _velocity(self, tokens: torch.Tensor, timesteps: torch.Tensor, coords: torch.Tensor,
+                  prompt: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The transformer on packed tokens with per-token `timesteps` (sigma x 1000)."""
         batch = tokens.shape[0]
-        text = self.prompt_embeds.expand(batch, -1, -1).to(tokens.dtype)
+        embeds, mask = (p.expand(batch, *p.shape[1:]) for p in prompt)
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # each call starts a new CUDA-graph step
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = self.transformer(
-                hidden_states=tokens,
-                encoder_hidden_states=text,
-                timestep=sigmas * 1000,
-                encoder_attention_mask=torch.ones(text.shape[:2], device=self.device),
-                num_frames=grid[0],
-                height=grid[1],
-                width=grid[2],
-                rope_interpolation_scale=(self.temporal_ratio / self.fps, self.spatial_ratio, self.spatial_ratio),
+                hidden_states=tokens.to(self.dtype),
+                encoder_hidden_states=embeds.to(self.dtype),
+                timestep=timesteps,
+                encoder_attention_mask=mask,
+                video_coords=coords,
                 return_dict=False,
             )[0]
         return out.to(tokens.dtype)
@@ -194,41 +253,73 @@ class LTXVideoBackend(VideoBackend):
         return f, h // self.patch, w // self.patch
 
     def training_loss(self, latents: torch.Tensor, clean_frames: int, generator: torch.Generator) -> torch.Tensor:
+        latents = self.latents_from(latents, generator)
         grid = self._grid(latents.shape)
         x0 = _pack(latents, self.patch)
         batch, tokens, _ = x0.shape
         clean = clean_frames * grid[1] * grid[2]
-        # logit-normal sigma, as in the rectified-flow recipes for LTX-Video
-        sigma = torch.sigmoid(torch.randn(batch, generator=generator, device=self.device))
+        sigma = torch.sigmoid(torch.randn(batch, generator=generator, device=self.device) + self._sigma_shift(tokens))
         noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
         sigmas = sigma[:, None].expand(batch, tokens).clone()
         sigmas[:, :clean] = 0
         xt = (1 - sigmas[..., None]) * x0 + sigmas[..., None] * noise
-        v = self._velocity(xt, sigmas, grid)
+        v = self._velocity(xt, sigmas * 1000, self._video_coords(batch, grid), self._training_prompt(batch, generator))
         return torch.nn.functional.mse_loss(v[:, clean:].float(), (noise - x0)[:, clean:].float())
 
-    def sigma_schedule(self) -> torch.Tensor:
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=self.shift)
-        scheduler.set_timesteps(self.sampling_steps, device=self.device)
-        return scheduler.sigmas  # sampling_steps + 1 values from 1 down to 0
+    def _training_prompt(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt per sample, the negative one for a `prompt_dropout` share of them."""
+        if self.prompt_dropout == 0:
+            return self.prompt
+        drop = torch.rand(batch, generator=generator, device=self.device) < self.prompt_dropout
+        return tuple(torch.where(drop.view(-1, *[1] * (p.dim() - 1)), n, p)
+                     for p, n in zip(self.prompt, self.negative_prompt))
+
+    def _sigma_shift(self, tokens: int) -> float:
+        """The mean of the logit-normal noise-level draw. `model`: LTX-Video-Trainer's shifted
+        logit-normal, the mean linear in the token count (0.95 at 1,024 tokens, 2.05 at 4,096), so
+        longer videos train at higher noise; `logit_normal`: 0."""
+        if self.timestep_draw == "logit_normal":
+            return 0.0
+        return 0.95 + (tokens - 1024) * (2.05 - 0.95) / (4096 - 1024)
+
+    def timesteps(self) -> torch.Tensor:
+        """The sampler's timesteps (sigma x 1000, from 1000 down), set on the scheduler."""
+        if self.schedule == "linear_quadratic":
+            timesteps = linear_quadratic_schedule(self.sampling_steps) * 1000
+            return retrieve_timesteps(self.scheduler, self.sampling_steps, self.device, timesteps)[0]
+        return retrieve_timesteps(self.scheduler, self.sampling_steps, self.device)[0]
 
     @torch.no_grad()
-    def sample(self, context_latents: torch.Tensor, latent_frames: int, seed: int) -> torch.Tensor:
-        batch, channels, prefix, h, w = context_latents.shape
+    def sample(self, context: torch.Tensor, latent_frames: int, seed: int) -> torch.Tensor:
+        """LTXConditionPipeline(conditions=[LTXVideoCondition(video=context, frame_index=0)],
+        output_type="latent"), with its generator seeded by `seed`."""
         generator = torch.Generator(self.device).manual_seed(seed)
+        batch, _, _, h, w = context.shape
+        channels = self.transformer.config.in_channels // self.patch**2
         shape = (batch, channels, latent_frames, h, w)
-        noise = torch.randn(shape, generator=generator, device=self.device, dtype=context_latents.dtype)
+        noise = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
+        context_latents = self.latents_from(context, generator).float()
         grid = self._grid(shape)
-        x = _pack(noise, self.patch)
-        clean_tokens = _pack(context_latents, self.patch)
-        n_clean = clean_tokens.shape[1]
-        x[:, :n_clean] = clean_tokens
-        sigmas = self.sigma_schedule()
-        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-            token_sigmas = torch.full(x.shape[:2], float(sigma), device=self.device)
-            token_sigmas[:, :n_clean] = 0
-            x = x + (sigma_next - sigma) * self._velocity(x, token_sigmas, grid)
-            x[:, :n_clean] = clean_tokens
+        x = _pack(torch.cat([context_latents, noise[:, :, context_latents.shape[2]:]], dim=2), self.patch)
+        mask = torch.zeros(x.shape[:2], device=self.device)
+        mask[:, : _pack(context_latents, self.patch).shape[1]] = 1
+        init = x.clone()
+        guided = self.guidance > 1
+        coords = self._video_coords(2 * batch if guided else batch, grid)
+        prompt = tuple(torch.cat(pair) for pair in zip(self.negative_prompt, self.prompt)) if guided else self.prompt
+        for t in self.timesteps():
+            if self.cond_noise_scale > 0:
+                renoised = init + self.cond_noise_scale * torch.randn(x.shape, generator=generator, device=x.device,
+                                                                      dtype=x.dtype) * (t / 1000.0) ** 2
+                x = torch.where(mask[..., None] > 1 - 1e-6, renoised, x)
+            token_t = torch.minimum(t.expand(batch).unsqueeze(-1).float(), (1 - mask) * 1000.0)
+            if guided:
+                uncond, cond = self._velocity(x.repeat(2, 1, 1), token_t.repeat(2, 1), coords, prompt).chunk(2)
+                v = uncond + self.guidance * (cond - uncond)
+            else:
+                v = self._velocity(x, token_t, coords, prompt)
+            stepped = self.scheduler.step(-v, t, x, per_token_timesteps=token_t, return_dict=False)[0]
+            x = torch.where((t / 1000 - 1e-6 < (1.0 - mask))[..., None], stepped, x)
         return _unpack(x, latent_frames, grid[1], grid[2], self.patch)
 
     def enable_gradient_checkpointing(self) -> None:

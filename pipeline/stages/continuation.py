@@ -27,7 +27,7 @@ from ..config import NOT_RESULT_SETTINGS, Config
 from ..data.manifest import ClipRecord, read_manifest, resolve_clip_path, select_clips
 from ..data.video_io import VideoError, frames_hash, read_video
 from ..evaluation.metrics import LOWER_IS_BETTER, LpipsUnavailable, frame_metrics, load_lpips
-from ..models import VideoBackend, load_backend
+from ..models import VideoBackend, load_backend, reference_deviations
 from ..models.base import weights_fingerprint
 from ..models.ltx_video import frames_to_tensor, tensor_to_frames
 from ..progress import Progress
@@ -217,8 +217,10 @@ class Continuer:
         K, frames, device = self.config.data.context, clip.frames, self.backend.device
         predictions = {"repeat_last": np.repeat(frames[K - 1: K], len(frames) - K, axis=0)}
         if self.backend.vae is not None:
-            latents = self.backend.encode(frames_to_tensor(frames, device))
-            predictions["vae_recon"] = self._decode(latents, derive_seed(self.config.sampling.seed, "vae_recon"))[K:]
+            seed = derive_seed(self.config.sampling.seed, "vae_recon")
+            latents = self.backend.latents_from(self.backend.encode(frames_to_tensor(frames, device)),
+                                                torch.Generator(device).manual_seed(seed))
+            predictions["vae_recon"] = self._decode(latents, seed)[K:]
         return {f"{ref}_{name}": values for ref, prediction in predictions.items()
                 for name, values in frame_metrics(prediction, frames[K:], self.lpips, device).items()}
 
@@ -335,11 +337,13 @@ def _run_clip(continuer: Continuer, recorder: Recorder, run: Future, clip_id: st
 
 
 def arm_label(config: Config, stage: str) -> str:
+    deviations = reference_deviations(config)
+    sampler = f" [sampler: {', '.join(deviations)}]" if deviations else ""
     if stage == "baseline":
-        return "baseline"
+        return "baseline" + sampler
     a = config.adaptation
     method = f"lora r{a.rank}" if a.method == "lora" else "full fine-tuning"
-    label = f"{method} {a.steps} steps on {a.data}"
+    label = f"{method} {a.steps} steps on {a.data}{sampler}"
     if a.data == "oracle":
         return label + " (ORACLE: sees the target frames, upper bound)"
     return label + " (SHAM: another clip's context)" if a.data == "other" else label

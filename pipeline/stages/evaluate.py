@@ -66,7 +66,7 @@ def evaluate(config: Config) -> dict:
             return Arm(name, label, done,
                        {c: r.data.tags.get(TAG_ERROR, "failed") for c, r in failed.items() if c not in done})
 
-        baseline = load("baseline", "baseline", config, "baseline")
+        baseline = load("baseline", "baseline", config, arm_label(config, "baseline"))
         if not baseline.scored:
             raise ValueError(f"experiment '{config.experiment}' has no finished baseline clip for this config "
                              f"(baseline digest {digests['baseline']}, model weights {weights}): run the baseline "
@@ -256,7 +256,7 @@ def format_table(summary: dict) -> str:
         failed = f"{arm['failed']} ({arm['failure_rate']:.0%})" if name not in REFERENCE_LABELS else "-"
         lines.append(f"{name:<13}{arm['scored']:>7}{failed:>9}" + "".join(f"{_pm(*arm['means'][m]):>19}"
                                                                         for m in metrics))
-    lines += [f"  {name}: {arm['label']}" for name, arm in summary["arms"].items() if name != "baseline"]
+    lines += [f"  {name}: {arm['label']}" for name, arm in summary["arms"].items() if arm['label'] != name]
     if "lpips" not in metrics:
         lines.append("lpips unavailable (see the stage runs' tta.lpips tag; `python -m pipeline fetch-weights`)")
     lines += ["", f"{'paired comparison':<44}{'analysis':<16}{'metric':<7}{'n':>4}{'mean [95% CI]':>32}"

@@ -1,10 +1,10 @@
 """Each clip's context latents, VAE-encoded once and shared by the baseline and every adapted arm.
 
 Files live under `<data.output_dir>/latents/<key>/<clip id>-<content hash>.safetensors`: the folder's
-key covers the pixel frames encoded, the VAE's dtype and a fingerprint of its weights (so a different
-or retrained VAE never reads another one's latents), the name the clip's content (so a clip changed
-by preprocessing is encoded again). Writes go through a
-temporary file and a rename, so concurrent tasks and killed runs leave only whole files.
+key covers the encoding's format and backend, the pixel frames encoded, the VAE's dtype and a
+fingerprint of its weights (so a different or retrained VAE never reads another one's encodings),
+the name the clip's content (so a clip changed by preprocessing is encoded again). Writes go through
+a temporary file and a rename, so concurrent tasks and killed runs leave only whole files.
 """
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ from ..config import Config
 from ..models.base import VideoBackend, weights_fingerprint
 
 
+# what `VideoBackend.encode` returns; raised when that changes, so no older file is read with a new meaning
+# (2: LTX-Video caches the VAE posterior's parameters, no longer its mode)
+ENCODING_FORMAT = 2
+
+
 class LatentCache:
     def __init__(self, folder: Path | None):
         self.folder = folder  # None: encode every time
@@ -31,7 +36,8 @@ class LatentCache:
         """Off when model.cache_latents is false or the backend has no VAE (nothing costly to save)."""
         if not config.model.cache_latents or backend.vae is None:
             return cls(None)
-        key = json.dumps([conditioned_pixel_frames, str(backend.dtype), weights_fingerprint(backend.vae)])
+        key = json.dumps([ENCODING_FORMAT, type(backend).__name__, conditioned_pixel_frames, str(backend.dtype),
+                          weights_fingerprint(backend.vae)])
         return cls(Path(config.data.output_dir) / "latents" / hashlib.sha256(key.encode()).hexdigest()[:16])
 
     def context(self, clip_id: str, content_hash: str, encode: Callable[[], torch.Tensor],

@@ -26,12 +26,13 @@ from ..models.ltx_video import frames_to_tensor
 from ..progress import Progress
 from ..tracking.runs import stage_run
 
-# what the weights depend on: the training clips, the architecture and the training settings
+# what the weights depend on: the training clips, the architecture and the training settings (the
+# loss is the backend's adaptation loss, with its noise-level draw)
 # (not the output path, nor data settings that only later stages read)
 INPUTS = ("data.source", "data.input_dir", "data.splits_dir", "data.split_id", "data.sample", "data.start_frame",
           "data.test_fraction", "data.frames", "data.height", "data.width", "data.fps", "data.train_clips",
           "data.seed", "model.backend", "model.pretrained", "model.patch_size", "model.layers", "model.heads",
-          "model.head_dim", "model.prompt", "model.dtype", "model.decode_timestep", "pretrain")
+          "model.head_dim", "model.prompt", "model.dtype", "adaptation.timesteps", "pretrain")
 
 
 def weights_digest(config: Config) -> str:
