@@ -229,6 +229,35 @@ def vae_seconds(frames: int, size: int, device: torch.device, config: dict = LTX
             "peak_gb": peak}
 
 
+@torch.no_grad()
+def sampling_seconds(frames: int, size: int, device: torch.device, guidance: float, steps: int = 50,
+                     transformer_config: dict = LTX_VIDEO_2B, vae_config: dict = LTX_VIDEO_VAE) -> dict:
+    """One continuation as the baseline samples it (LTXConditionPipeline's sampler: posterior draw,
+    context re-noising, linear-quadratic sigmas, guidance in one batched forward) with LTX-Video 2B
+    and its VAE's latent layout, random weights, bf16 and compiled blocks on a GPU."""
+    from .models.ltx_video import LTXVideoBackend
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    with torch.device(device):
+        transformer = LTXVideoTransformer3DModel(**transformer_config).to(dtype)
+        vae = AutoencoderKLLTXVideo(**vae_config).to(dtype)
+    prompts = [(torch.randn(1, TEXT_TOKENS, transformer_config["caption_channels"]),
+                torch.ones(1, TEXT_TOKENS, dtype=torch.bool)) for _ in range(2)]
+    backend = LTXVideoBackend(transformer, vae, FlowMatchEulerDiscreteScheduler(), *prompts, fps=25.0,
+                              sampling_steps=steps, guidance=guidance, device=device, dtype=dtype, compile=cuda)
+    layout = backend.frame_layout(frames, context_frames(frames), size, size)
+    side = size // backend.spatial_ratio
+    # the posterior's mean and log-variance, as the latent cache holds them
+    encoding = torch.randn(1, 2 * transformer_config["in_channels"], layout.latent_context, side, side, device=device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = median_seconds(lambda: backend.sample(encoding, layout.latent_frames, seed=0), device, warmup=1, iters=3)
+    return {"frames": frames, "size": size, "tokens": layout.latent_frames * side * side, "steps": steps,
+            "guidance": guidance, "passes": 2 if guidance > 1 else 1, "sample_s": seconds,
+            "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0}
+
+
 def stage_clips(workdir: Path, clips: int = 4, frames: int = 65, size: int = 256, steps: int = 20,
                 sampling_steps: int = 20, transformer_config: dict = LTX_VIDEO_2B,
                 vae_config: dict = LTX_VIDEO_VAE) -> dict[str, dict]:

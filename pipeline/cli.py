@@ -182,7 +182,8 @@ def download_dataset(name: str, dest: str) -> None:
 @click.option("--stage-clips", default=0, help="instead: run the baseline and adapt stages on this many synthetic "
                                                "clips (the first --frames and --sizes) and print their time split")
 @click.option("--vae", is_flag=True, help="instead: time the LTX-Video VAE (encode context, decode clip) per shape")
-def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, stage_clips, vae) -> None:
+@click.option("--sampling", is_flag=True, help="instead: time one baseline sample (50 steps, guidance 1 and 3) per shape")
+def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, stage_clips, vae, sampling) -> None:
     """Speed and memory of TTA steps on LTX-Video 2B with random weights (needs a GPU)."""
     import json
     import tempfile
@@ -190,17 +191,20 @@ def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, 
 
     import torch
 
-    from .bench import evaluation_seconds, grid, run_bench, vae_seconds
+    from .bench import evaluation_seconds, grid, run_bench, sampling_seconds, vae_seconds
     from .bench import stage_clips as time_stages  # the option of the same name is a clip count
 
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     if evaluation:
         click.echo(evaluation_seconds(100, 37, 256, torch.device("cuda")))
         return
-    if vae:
+    if vae or sampling:
         for f in ints(frames):
             for size in ints(sizes):
-                click.echo(json.dumps(vae_seconds(f, size, torch.device("cuda"))))
+                if vae:
+                    click.echo(json.dumps(vae_seconds(f, size, torch.device("cuda"))))
+                for guidance in (1.0, 3.0) if sampling else ():
+                    click.echo(json.dumps(sampling_seconds(f, size, torch.device("cuda"), guidance)))
         return
     if stage_clips:
         with tempfile.TemporaryDirectory() as workdir:

@@ -82,3 +82,11 @@ def test_grid_lists_every_configuration_once():
 def test_vae_timing_encodes_the_context_and_decodes_the_clip():
     timing = bench.vae_seconds(17, 64, torch.device("cpu"), config=NARROW_VAE)
     assert timing["context"] == 9 and timing["encode_context_s"] > 0 and timing["decode_clip_s"] > 0
+
+
+@pytest.mark.parametrize("guidance, passes", [(1.0, 1), (3.0, 2)])
+def test_sampling_timing_samples_the_baseline_continuation(guidance, passes):
+    timing = bench.sampling_seconds(17, 64, torch.device("cpu"), guidance, steps=2,
+                                    transformer_config={**TINY, "in_channels": 128, "out_channels": 128},
+                                    vae_config=NARROW_VAE)
+    assert (timing["tokens"], timing["passes"]) == (3 * 2 * 2, passes) and timing["sample_s"] > 0
