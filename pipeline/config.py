@@ -65,6 +65,7 @@ class ModelConfig:
     prompt: str = ""
     negative_prompt: str = ""  # the unconditional branch of classifier-free guidance
     dtype: str = "float32"  # float32 | bfloat16
+    conditioning: str = "reference"  # opensora-v1.3: upstream's v2v_head path as released | clean_prefix (docs/backends.md)
     vae_posterior: str = "sample"  # ltx-video: the context latents are a draw from the VAE posterior (as LTXConditionPipeline) | mode
     decode_timestep: float = 0.0  # ltx-video VAEs with timestep conditioning: decode at this timestep...
     decode_noise_scale: float | None = None  # ...after mixing in this much noise (None: decode_timestep)
@@ -164,6 +165,7 @@ CHOICES = {
     "model.size": {"full", "tiny"},
     "model.dtype": {"float32", "bfloat16"},
     "model.vae_posterior": {"sample", "mode"},
+    "model.conditioning": {"reference", "clean_prefix"},
     "sampling.schedule": {"linear_quadratic", "linear"},
     "adaptation.method": {"lora", "full"},
     "adaptation.data": {"context", "oracle", "other"},

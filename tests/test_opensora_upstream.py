@@ -72,7 +72,7 @@ def _clip(backend, layout) -> torch.Tensor:
 
 
 def test_lora_zero_steps_reset_and_clean_context(config_path):
-    config = load_config(config_path, {"adaptation.method": "lora"})
+    config = load_config(config_path, {"adaptation.method": "lora", "model.conditioning": "clean_prefix"})
     backend = load_backend(config)
     layout = backend.frame_layout(config.data.frames, config.data.context, 32, 32)
     context = backend.encode(_clip(backend, layout)[:, :, : layout.conditioned_pixel_frames])
@@ -137,6 +137,108 @@ def test_preset_runs_end_to_end_through_mlflow_run(tmp_path):
                                                                     "tags.`tta.stage` = 'adapt'")[0]
     assert parent.data.params["model.backend"] == f"opensora-{VERSION}"
     assert parent.data.tags["tta.conditioned_pixel_frames"] == ("5" if VERSION == "v1.3" else "9")
+
+
+class NullCaptionEncoder:
+    """Upstream's T5Encoder interface for the empty prompt, which both sides condition on the model's
+    learned null caption (no T5 weights or tokenizer can be fetched here)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def tokenize_fn(self, prompts):
+        return {}
+
+    def encode(self):
+        return {"y": self.backend.caption, "mask": self.backend.caption_mask}
+
+    def null(self, n):
+        return self.backend.null_caption.expand(n, -1, -1, -1)
+
+
+def sensitive(backend):
+    """The tiny random model with its zero-initialised layers (condition embedders, gates, final
+    layer) made random and a caption unlike the null one, so that every guidance branch and every
+    dropped condition changes the output: an equality then means something."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in backend.transformer.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    backend.caption = torch.randn(backend.null_caption.shape, generator=generator)
+    return backend
+
+
+def _shape_args(backend, latent_frames: int, h: int, w: int) -> dict:
+    from pipeline.models.opensora_v13 import SPATIAL, decoded_frames
+
+    return {"height": torch.tensor([float(h * SPATIAL)]), "width": torch.tensor([float(w * SPATIAL)]),
+            "num_frames": torch.tensor([float(decoded_frames(latent_frames))]),
+            "fps": torch.tensor([float(backend.fps)])}
+
+
+@pytest.mark.skipif(VERSION != "v1.3", reason="Open-Sora v1.3 only")
+def test_v13_baseline_equals_upstream_rflow_sample(config_path):
+    """model.conditioning=reference: our baseline is upstream's RFLOW.sample on the v2v path, as
+    configs/opensora-v1-3/inference/v2v.py runs it (SDEdit, oscillation guidance, image weight
+    scaling), for the same noise; 12 steps reach past the 10 of full oscillation guidance."""
+    from opensora.schedulers.rf import RFLOW
+
+    config = load_config(config_path, {"sampling.steps": "12"})
+    backend = sensitive(load_backend(config))
+    layout = backend.frame_layout(config.data.frames, config.data.context, 32, 32)
+    context = backend.encode(_clip(backend, layout)[:, :, : layout.conditioned_pixel_frames])
+    ours = backend.sample(context, layout.latent_frames, seed=3)
+
+    batch, channels, clean, h, w = context.shape
+    torch.manual_seed(3)  # upstream draws from the global generator: the same stream as ours on a CPU
+    z = torch.randn(batch, channels, layout.latent_frames, h, w)
+    ref, cond_mask = torch.zeros_like(z), torch.zeros_like(z)
+    ref[:, :, :clean], cond_mask[:, :, :clean] = context, 1
+    scheduler = RFLOW(num_sampling_steps=12, cfg_scale=7.5, use_timestep_transform=True, scale_image_weight=True,
+                      initial_image_scale=1.0)
+    theirs = scheduler.sample(backend.transformer, NullCaptionEncoder(backend), z=z, prompts=[""], device="cpu",
+                              additional_args=_shape_args(backend, layout.latent_frames, h, w), mask=None,
+                              guidance_scale=7.5, image_cfg_scale=5.0, progress=False, z_cond=ref,
+                              z_cond_mask=cond_mask, mask_index=list(range(clean)), use_sdedit=True,
+                              use_oscillation_guidance_for_text=True, use_oscillation_guidance_for_image=True)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    clean_prefix = sensitive(load_backend(load_config(config_path, {"sampling.steps": "12",
+                                                                    "model.conditioning": "clean_prefix"})))
+    assert not torch.allclose(clean_prefix.sample(context, layout.latent_frames, seed=3), theirs, atol=1e-2)
+
+
+@pytest.mark.skipif(VERSION != "v1.3", reason="Open-Sora v1.3 only")
+@pytest.mark.parametrize("condition", ["keep", "cond", "text", "null"])
+def test_v13_adaptation_loss_equals_upstream_training_losses(config_path, condition):
+    """Our loss is RFlowScheduler.training_losses on the v2v_head mask for the same latents, t, noise
+    and dropped condition."""
+    from opensora.schedulers.rf.rectified_flow import RFlowScheduler
+
+    config = load_config(config_path)
+    backend = sensitive(load_backend(config))
+    layout = backend.frame_layout(config.data.frames, config.data.context, 32, 32)
+    window = backend.encode(_clip(backend, layout))
+    clean, t = window.shape[2] // 2, torch.tensor([310.0])
+    noise = torch.randn(window.shape, generator=torch.Generator().manual_seed(0))
+    ours = backend.reference_loss(window, clean, t, noise, condition)
+
+    class Trained(torch.nn.Module):  # training_losses reads the model through DDP's `.module`
+        def __init__(self, model):
+            super().__init__()
+            self.module = model
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    scheduler = RFlowScheduler(use_timestep_transform=True, sample_method="logit-normal",
+                               drop_condition={condition: 1.0})
+    kwargs = {"y": backend.caption, "mask": backend.caption_mask, **_shape_args(backend, window.shape[2], 4, 4)}
+    terms = scheduler.training_losses(Trained(backend.transformer), window.clone(), model_kwargs=kwargs, noise=noise,
+                                      t=t, mask_index=list(range(clean)), x_gt=window, text_uncond_prob=0.0)
+    torch.testing.assert_close(ours, terms["loss"].mean(), atol=1e-5, rtol=1e-5)
+    others = [backend.reference_loss(window, clean, t, noise, c) for c in ("keep", "cond", "text", "null")]
+    assert len({round(float(x), 6) for x in others}) == 4  # each dropped condition is a different loss
 
 
 @pytest.mark.skipif(VERSION != "v2.0", reason="Open-Sora v2.0 only")

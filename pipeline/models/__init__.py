@@ -26,8 +26,9 @@ def load_backend(config: Config, random_weights: bool = False) -> VideoBackend:
     device, dtype = default_device(), getattr(torch, m.dtype)
     if m.backend == "opensora-v1.3":
         backend = OpenSoraV13Backend.build(m.pretrained, m.vae, m.text_encoder, m.prompt, m.size, m.portable_kernels,
-                                           fps=config.data.fps, sampling_steps=s.steps, guidance=s.guidance,
-                                           image_guidance=s.image_guidance, device=device, dtype=dtype)
+                                           conditioning=m.conditioning, fps=config.data.fps, sampling_steps=s.steps,
+                                           guidance=s.guidance, image_guidance=s.image_guidance,
+                                           timesteps=config.adaptation.timesteps, device=device, dtype=dtype)
     elif m.backend == "opensora-v2.0":
         backend = OpenSoraV20Backend.build(m.pretrained, m.vae, m.text_encoder, m.clip_encoder, m.prompt, m.size,
                                            m.portable_kernels,
@@ -60,17 +61,21 @@ def _load_ltx(config: Config, random_weights: bool, device: torch.device, dtype:
     return LTXVideoBackend.small(weights, m.patch_size, m.layers, m.heads, m.head_dim, shift=s.shift, **common)
 
 
-def reference_deviations(config: Config) -> list[str]:
-    """Where the configured sampler departs from the backend's reference pipeline, in words for arm
-    labels (the settings themselves are params and part of every result's key)."""
-    m, s = config.model, config.sampling
-    if m.backend != "ltx-video":
-        return []
+def reference_deviations(config: Config, adapted: bool = False) -> list[str]:
+    """Where the configured sampler (and for an adapted arm its loss) departs from the backend's
+    reference, in words for arm labels (the settings themselves are params and part of every
+    result's key)."""
+    m, s, a = config.model, config.sampling, config.adaptation
     deviations = []
-    if s.schedule != "linear_quadratic":
-        deviations.append(f"{s.schedule} schedule" + (f" shift {s.shift:g}" if s.shift != 1 else ""))
-    if s.cond_noise_scale != 0.15:
-        deviations.append("clean context" if s.cond_noise_scale == 0 else f"context re-noised x{s.cond_noise_scale:g}")
-    if m.vae_posterior != "sample" and m.pretrained:
-        deviations.append("posterior mode")
+    if m.backend == "ltx-video":
+        if s.schedule != "linear_quadratic":
+            deviations.append(f"{s.schedule} schedule" + (f" shift {s.shift:g}" if s.shift != 1 else ""))
+        if s.cond_noise_scale != 0.15:
+            deviations.append("clean context" if s.cond_noise_scale == 0 else f"context re-noised x{s.cond_noise_scale:g}")
+        if m.vae_posterior != "sample" and m.pretrained:
+            deviations.append("posterior mode")
+    if m.backend == "opensora-v1.3" and m.conditioning != "reference":
+        deviations.append("clean prefix")
+    if adapted and a.timesteps != "model" and m.backend in ("ltx-video", "opensora-v1.3"):
+        deviations.append("plain logit-normal t")
     return deviations

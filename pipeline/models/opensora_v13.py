@@ -11,12 +11,19 @@ Upstream's `condition_frame_length` counts LATENT frames (`prep_ref_and_mask` in
 opensora/utils/inference_utils.py), so `condition_frame_length=8` conditions on 8 latent frames,
 about 29 pixel frames, not 8. Here the clean prefix is derived from K pixel frames instead.
 
-Conditioning. Upstream v2v (`cond_type="v2v_head"`) feeds the reference latents through
-`x_embedder_cond` and `mask_index` but leaves them noised (and re-noises them with `use_sdedit`);
-only the older `mask_strategy` path keeps frames clean, through the per-frame `x_mask` (timestep 0)
-and a `where` after each sampler step. This backend does both: the prefix enters as the v2v
-condition AND stays clean (x_mask=False, put back after every step), and the loss covers only the
-noised frames.
+Conditioning (`model.conditioning`):
+- `reference` (the default), upstream's v2v_head path as released. Sampling is `RFLOW.sample` as
+  `configs/opensora-v1-3/inference/v2v.py` runs it: no `x_mask`, the reference latents through
+  `x_embedder_cond`/`cond_mask`, SDEdit re-noising of the condition frames to the current noise
+  level at every step, oscillation guidance on text and image, the image weight ramped over frames
+  and steps (`scale_image_weight`), nothing put back after the last step. The adaptation loss is
+  `RFlowScheduler.training_losses` with `mask_index` = the clean frames: every frame noised and in
+  the loss, the conditions dropped at `adapt_i2v.py`'s rates. A prompt gets the aesthetic-score
+  suffix of the inference config.
+- `clean_prefix`: the prefix enters as the v2v condition AND stays clean (timestep 0 through
+  `x_mask`, put back after every step), constant guidance, and the loss covers only the noised
+  frames.
+tests/test_opensora_upstream.py checks both reference paths against upstream's own functions.
 """
 from __future__ import annotations
 
@@ -30,6 +37,10 @@ from .upstream import OpenSoraBackend, require_opensora
 CHUNK, CHUNK_LATENTS = 17, 5  # pixel frames per VAE chunk (overlapping by one) and their latent frames
 SPATIAL = 8
 PATCH = (1, 2, 2)
+AESTHETIC_SCORE = 7.0  # configs/opensora-v1-3/inference/v2v.py: aes
+OSCILLATION_STEPS = 10  # RFLOW's force_num: full guidance for this many steps, then on every other step
+# configs/opensora-v1-3/train/adapt_i2v.py: drop_condition, one draw per batch
+DROP_CONDITION = {"keep": 0.85, "cond": 0.05, "text": 0.05, "null": 0.05}
 
 ATTENTION_TARGETS = ["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj"]
 MLP_TARGETS = ["mlp.fc1", "mlp.fc2"]
@@ -56,6 +67,32 @@ def decoded_frames(latent_frames: int) -> int:
     return (CHUNK - 1) * (latent_frames // CHUNK_LATENTS) + 1
 
 
+def pixel_frames_of(latent_frames: int) -> int:
+    """Pixel frames that `latent_frames` latent frames stand for (the inverse of `latent_frames_of`)."""
+    chunks, rest = divmod(latent_frames, CHUNK_LATENTS)
+    return (CHUNK - 1) * chunks + (4 * (rest - 1) + 1 if rest else 1)
+
+
+def oscillation_scale(scale: float, step: int) -> float:
+    """RFLOW's `get_oscillation_gs`: the full scale for the first steps, then on even steps only."""
+    return scale if step < OSCILLATION_STEPS or step % 2 == 0 else 1.0
+
+
+def image_weight(scale: float, step: int, steps: int, frames: int) -> float | torch.Tensor:
+    """RFLOW's `scale_image_weight`: per latent frame from 1 (first) up to a value that falls from
+    `scale` to 1 over the steps; a scale of at most 1 stays as it is."""
+    if scale <= 1.0:
+        return scale
+    upper = torch.linspace(scale, 1.0, steps)[step]
+    return torch.linspace(1.0, float(upper), frames)[None, None, :, None, None]
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """`RFlowScheduler.add_noise`: timestep 1000 is pure noise."""
+    keep = (1 - timestep.float() / 1000)[:, None, None, None, None]
+    return keep * x0 + (1 - keep) * noise
+
+
 def frame_layout(frames: int, context: int, height: int, width: int) -> FrameLayout:
     if not 0 < context < frames:
         raise ValueError(f"context frames K={context} must satisfy 0 < K < T={frames}")
@@ -77,12 +114,12 @@ class OpenSoraV13Backend(OpenSoraBackend):
     attention_targets, mlp_targets = ATTENTION_TARGETS, MLP_TARGETS
 
     def __init__(self, transformer, vae, caption: torch.Tensor, caption_mask: torch.Tensor | None, fps: float,
-                 sampling_steps: int = 30,
-                 guidance: float = 7.5, image_guidance: float = 5.0, device: torch.device | str = "cpu",
+                 sampling_steps: int = 30, guidance: float = 7.5, image_guidance: float = 5.0,
+                 conditioning: str = "reference", timesteps: str = "model", device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.bfloat16):
         self.device, self.dtype = torch.device(device), dtype
         self.transformer = transformer.to(self.device, dtype).eval().requires_grad_(False)
-        self.transformer.y_embedder.uncond_prob = 0.0  # no random caption drop while adapting
+        self.transformer.y_embedder.uncond_prob = 0.0  # conditions are dropped by the loss, never inside the model
         self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
         self.caption = caption.to(self.device, dtype)  # (1, 1, L, caption_channels), encoded once
         # T5's token mask (1, L); upstream applies it to every guidance branch, the null caption's too
@@ -90,10 +127,12 @@ class OpenSoraV13Backend(OpenSoraBackend):
         self.null_caption = self.transformer.y_embedder.y_embedding[None, None].detach()
         self.fps, self.sampling_steps = fps, sampling_steps
         self.guidance, self.image_guidance = guidance, image_guidance
+        self.conditioning, self.timestep_draw = conditioning, timesteps
 
     # --- loading -----------------------------------------------------------------------------
     @classmethod
-    def build(cls, pretrained: str, vae: str, text_encoder: str, prompt: str, size: str, portable_kernels: bool, **kw):
+    def build(cls, pretrained: str, vae: str, text_encoder: str, prompt: str, size: str, portable_kernels: bool,
+              conditioning: str = "reference", **kw):
         """Checkpoints as hub ids or local paths (upstream's own loaders); an empty `pretrained` or
         `vae` gives random weights at `size` ('full': STDiT3-XL/2 and the real VAE; 'tiny': for tests).
         An empty prompt uses the model's learned null caption, so no text encoder is needed."""
@@ -117,8 +156,9 @@ class OpenSoraV13Backend(OpenSoraBackend):
                                            micro_batch_size_2d=4, **vae_kw)
         caption, mask = transformer.y_embedder.y_embedding[None, None].detach(), None
         if prompt:
-            caption, mask = encode_prompt(text_encoder, prompt, transformer.config.model_max_length)
-        return cls(transformer, autoencoder, caption, mask, **kw)
+            caption, mask = encode_prompt(text_encoder, prompt, transformer.config.model_max_length,
+                                          aesthetic_suffix=conditioning == "reference")
+        return cls(transformer, autoencoder, caption, mask, conditioning=conditioning, **kw)
 
     # --- frame and latent arithmetic ---------------------------------------------------------
     def frame_layout(self, frames: int, context: int, height: int, width: int) -> FrameLayout:
@@ -128,15 +168,17 @@ class OpenSoraV13Backend(OpenSoraBackend):
     def _velocity(self, x: torch.Tensor, timestep: torch.Tensor, clean: int, caption: torch.Tensor,
                   cond: torch.Tensor | None) -> torch.Tensor:
         """Predicted velocity (towards the data) of latents x (B, C, F, h, w); the first `clean`
-        frames are conditioning: timestep 0 through `x_mask` and the v2v condition `cond`."""
+        frames are the v2v condition `cond` (upstream's `mask_index`), and with
+        conditioning=clean_prefix also get timestep 0 through `x_mask`."""
         batch, channels, frames, h, w = x.shape
         kwargs = {}
-        if clean:
-            index = list(range(clean))
+        if cond is not None:
             cond_mask = torch.zeros_like(x)
-            cond_mask[:, :, index] = 1
-            kwargs = dict(x_mask=_frame_mask(batch, frames, clean, self.device), cond=cond, cond_mask=cond_mask,
-                          mask_index=index, y_null=self.null_caption.expand(batch, -1, -1, -1))
+            cond_mask[:, :, :clean] = 1
+            kwargs = dict(cond=cond, cond_mask=cond_mask, mask_index=list(range(clean)),
+                          y_null=self.null_caption.expand(batch, -1, -1, -1))
+            if self.conditioning == "clean_prefix":
+                kwargs["x_mask"] = _frame_mask(batch, frames, clean, self.device)
         size = torch.tensor([float(h * SPATIAL)], device=self.device).expand(batch), \
             torch.tensor([float(w * SPATIAL)], device=self.device).expand(batch)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
@@ -145,49 +187,95 @@ class OpenSoraV13Backend(OpenSoraBackend):
                                    fps=torch.full((batch,), float(self.fps), device=self.device), **kwargs)
         return out[:, :channels].float()  # the second half is the learned sigma (pred_sigma)
 
+    def _shape_args(self, latent_frames: int, h: int, w: int) -> dict[str, torch.Tensor]:
+        """The size arguments upstream's `timestep_transform` reads (pixels and pixel frames)."""
+        return {k: torch.tensor([float(v)], device=self.device) for k, v in
+                dict(height=h * SPATIAL, width=w * SPATIAL, num_frames=pixel_frames_of(latent_frames)).items()}
+
     def training_loss(self, latents: torch.Tensor, clean_frames: int, generator: torch.Generator) -> torch.Tensor:
+        from opensora.schedulers.rf.time_sampler import timestep_transform
+
         x0 = latents.float()
-        batch = x0.shape[0]
-        t = torch.sigmoid(torch.randn(batch, generator=generator, device=self.device))  # logit-normal in (0, 1)
+        batch, _, frames, h, w = x0.shape
+        t = torch.sigmoid(torch.randn(batch, generator=generator, device=self.device)) * 1000  # logit-normal
+        if self.timestep_draw == "model":
+            t = timestep_transform(t, self._shape_args(frames, h, w), num_timesteps=1000)
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
-        xt = (1 - t[:, None, None, None, None]) * x0 + t[:, None, None, None, None] * noise
-        xt[:, :, :clean_frames] = x0[:, :, :clean_frames]
-        cond = x0 * (torch.arange(x0.shape[2], device=self.device) < clean_frames)[None, None, :, None, None]
-        v = self._velocity(xt, t * 1000, clean_frames, self.caption, cond)
-        return torch.nn.functional.mse_loss(v[:, :, clean_frames:], (x0 - noise)[:, :, clean_frames:])
+        if self.conditioning == "clean_prefix":
+            xt = add_noise(x0, noise, t)
+            xt[:, :, :clean_frames] = x0[:, :, :clean_frames]
+            cond = x0 * (torch.arange(frames, device=self.device) < clean_frames)[None, None, :, None, None]
+            v = self._velocity(xt, t, clean_frames, self.caption, cond)
+            return torch.nn.functional.mse_loss(v[:, :, clean_frames:], (x0 - noise)[:, :, clean_frames:])
+        draw = float(torch.rand(1, generator=generator, device=self.device))
+        condition = "keep" if clean_frames == 0 else _choose(DROP_CONDITION, draw)
+        return self.reference_loss(x0, clean_frames, t, noise, condition)
+
+    def reference_loss(self, x0: torch.Tensor, clean: int, t: torch.Tensor, noise: torch.Tensor,
+                       condition: str) -> torch.Tensor:
+        """`RFlowScheduler.training_losses` with `mask_index` = the first `clean` frames and the
+        drawn `condition` (keep, cond: no text, text: no video condition, null: neither)."""
+        cond = x0 * (torch.arange(x0.shape[2], device=self.device) < clean)[None, None, :, None, None]
+        if condition in ("text", "null"):
+            cond = torch.zeros_like(cond)
+        caption = self.null_caption if condition in ("cond", "null") else self.caption
+        v = self._velocity(add_noise(x0, noise, t), t, clean, caption, cond)
+        return torch.nn.functional.mse_loss(v, x0 - noise)
 
     def timesteps(self, latent_frames: int, height: int, width: int) -> list[float]:
         """Upstream's rectified-flow schedule (`use_timestep_transform=True`): 1000 -> 0, shifted by
         resolution and length; sampling_steps + 1 values ending at 0."""
         from opensora.schedulers.rf.time_sampler import timestep_transform
 
-        frames = decoded_frames(latent_frames)
-        args = {k: torch.tensor([float(v)]) for k, v in
-                dict(height=height * SPATIAL, width=width * SPATIAL, num_frames=frames).items()}
+        args = {k: v.cpu() for k, v in self._shape_args(latent_frames, height, width).items()}
         steps = [(1 - i / self.sampling_steps) * 1000 for i in range(self.sampling_steps)]
         return [float(timestep_transform(torch.tensor([t]), args, num_timesteps=1000)) for t in steps] + [0.0]
 
     @torch.no_grad()
     def sample(self, context_latents: torch.Tensor, latent_frames: int, seed: int) -> torch.Tensor:
-        """Upstream's v2v guidance (text+image, image only, neither) with the prefix held clean."""
+        """Upstream's v2v sampling (text+image, image only, neither guidance passes); with
+        conditioning=reference `RFLOW.sample(..., use_sdedit=True, oscillation on text and image,
+        scale_image_weight)` as the v2v inference config runs it, with clean_prefix the prefix held
+        clean under constant guidance."""
         batch, channels, clean, h, w = context_latents.shape
+        reference = self.conditioning == "reference"
         generator = torch.Generator(self.device).manual_seed(seed)
         x = torch.randn((batch, channels, latent_frames, h, w), generator=generator, device=self.device)
         ref = torch.zeros_like(x)
         ref[:, :, :clean] = context_latents
-        x[:, :, :clean] = context_latents
+        if not reference:
+            x[:, :, :clean] = context_latents
         # (caption, v2v condition) per guidance pass
         branches = [(self.caption, ref), (self.null_caption, ref), (self.null_caption, torch.zeros_like(ref))]
         branches = branches[: self.guidance_passes()]
         captions = torch.cat([c.expand(batch, -1, -1, -1) for c, _ in branches])
         conds = torch.cat([r for _, r in branches])
         times = self.timesteps(latent_frames, h, w)
-        for t, t_next in zip(times[:-1], times[1:]):
-            timestep = torch.full((batch * len(branches),), t, device=self.device)
-            v = self.mix_guidance(self._velocity(x.repeat(len(branches), 1, 1, 1, 1), timestep, clean, captions, conds))
-            x = x + v * (t - t_next) / 1000
-            x[:, :, :clean] = context_latents
+        for step, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+            timestep = torch.full((batch,), t, device=self.device)
+            text_scale, image_scale = self.guidance, self.image_guidance
+            if reference:  # SDEdit: the condition frames re-noised to the current level
+                noised = add_noise(ref, torch.randn(ref.shape, generator=generator, device=self.device), timestep)
+                x = torch.where(torch.arange(latent_frames, device=self.device)[None, None, :, None, None] < clean,
+                                noised, x)
+                text_scale, image_scale = oscillation_scale(text_scale, step), oscillation_scale(image_scale, step)
+                image_scale = image_weight(image_scale, step, len(times) - 1, latent_frames)
+            velocity = self._velocity(x.repeat(len(branches), 1, 1, 1, 1), timestep.repeat(len(branches)), clean,
+                                      captions, conds)
+            x = x + self.mix_guidance(velocity, text_scale, image_scale) * (t - t_next) / 1000
+            if not reference:
+                x[:, :, :clean] = context_latents
         return x
+
+
+def _choose(weights: dict[str, float], draw: float) -> str:
+    """The key whose share of the cumulative weights holds `draw` in [0, 1)."""
+    total = 0.0
+    for key, weight in weights.items():
+        total += weight
+        if draw < total:
+            return key
+    return key
 
 
 def tiny_vae(**kw):
@@ -202,12 +290,19 @@ def tiny_vae(**kw):
     return OpenSoraVAE_V1_3_Pipline(config, **kw)
 
 
-def encode_prompt(text_encoder: str, prompt: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompt through upstream's T5 wrapper, once (embeddings and token mask); the encoder is
-    freed afterwards."""
+def encode_prompt(text_encoder: str, prompt: str, max_length: int,
+                  aesthetic_suffix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt through upstream's T5 wrapper, once (embeddings and token mask), prepared as the
+    v2v inference script prepares it (aesthetic-score suffix, T5 text cleaning); the encoder is freed
+    afterwards."""
     if not text_encoder:
         raise ValueError("a non-empty model.prompt needs model.text_encoder (e.g. DeepFloyd/t5-v1_1-xxl)")
-    from opensora.models.text_encoder.t5 import T5Encoder
+    from opensora.models.text_encoder.t5 import T5Encoder, text_preprocessing
+    from opensora.utils.inference_utils import append_score_to_prompts
+
+    if aesthetic_suffix:
+        prompt = append_score_to_prompts([prompt], aes=AESTHETIC_SCORE)[0]
+    prompt = text_preprocessing(prompt)
 
     encoder = T5Encoder(from_pretrained=text_encoder, model_max_length=max_length, dtype=torch.float32)
     with torch.no_grad():

@@ -56,12 +56,16 @@ class OpenSoraBackend(VideoBackend):
         """3 (text+image, image only, neither) when either guidance is on, else 1."""
         return 3 if self.guidance != 1 or self.image_guidance != 1 else 1
 
-    def mix_guidance(self, velocity: torch.Tensor) -> torch.Tensor:
-        """Upstream's v2v classifier-free guidance over the passes stacked along the batch."""
+    def mix_guidance(self, velocity: torch.Tensor, text_scale: float | None = None,
+                     image_scale: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Upstream's v2v classifier-free guidance over the passes stacked along the batch (the
+        configured scales unless this step's are given)."""
         if self.guidance_passes() == 1:
             return velocity
+        text_scale = self.guidance if text_scale is None else text_scale
+        image_scale = self.image_guidance if image_scale is None else image_scale
         text, image_only, neither = velocity.chunk(3)
-        return neither + self.image_guidance * (image_only - neither) + self.guidance * (text - image_only)
+        return neither + image_scale * (image_only - neither) + text_scale * (text - image_only)
 
     def enable_gradient_checkpointing(self) -> None:
         from opensora.acceleration.checkpoint import set_grad_checkpoint

@@ -337,13 +337,13 @@ def _run_clip(continuer: Continuer, recorder: Recorder, run: Future, clip_id: st
 
 
 def arm_label(config: Config, stage: str) -> str:
-    deviations = reference_deviations(config)
-    sampler = f" [sampler: {', '.join(deviations)}]" if deviations else ""
+    deviations = reference_deviations(config, adapted=stage != "baseline")
+    note = f" [not the reference: {', '.join(deviations)}]" if deviations else ""
     if stage == "baseline":
-        return "baseline" + sampler
+        return "baseline" + note
     a = config.adaptation
     method = f"lora r{a.rank}" if a.method == "lora" else "full fine-tuning"
-    label = f"{method} {a.steps} steps on {a.data}{sampler}"
+    label = f"{method} {a.steps} steps on {a.data}{note}"
     if a.data == "oracle":
         return label + " (ORACLE: sees the target frames, upper bound)"
     return label + " (SHAM: another clip's context)" if a.data == "other" else label
