@@ -65,7 +65,7 @@ class ModelConfig:
     prompt: str = ""
     negative_prompt: str = ""  # the unconditional branch of classifier-free guidance
     dtype: str = "float32"  # float32 | bfloat16
-    conditioning: str = "reference"  # opensora-v1.3: upstream's v2v_head path as released | clean_prefix (docs/backends.md)
+    conditioning: str = "reference"  # opensora: upstream's sampler and loss as released | clean_prefix (docs/backends.md)
     vae_posterior: str = "sample"  # ltx-video: the context latents are a draw from the VAE posterior (as LTXConditionPipeline) | mode
     decode_timestep: float = 0.0  # ltx-video VAEs with timestep conditioning: decode at this timestep...
     decode_noise_scale: float | None = None  # ...after mixing in this much noise (None: decode_timestep)

@@ -165,7 +165,12 @@ def sensitive(backend):
         for p in backend.transformer.parameters():
             if not p.any():
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    backend.caption = torch.randn(backend.null_caption.shape, generator=generator)
+    if VERSION == "v1.3":
+        backend.caption = torch.randn(backend.null_caption.shape, generator=generator)
+    else:
+        backend.text, backend.null_text, backend.vec, backend.null_vec = (
+            torch.randn(x.shape, generator=generator) for x in (backend.text, backend.null_text, backend.vec,
+                                                                 backend.null_vec))
     return backend
 
 
@@ -239,6 +244,43 @@ def test_v13_adaptation_loss_equals_upstream_training_losses(config_path, condit
     torch.testing.assert_close(ours, terms["loss"].mean(), atol=1e-5, rtol=1e-5)
     others = [backend.reference_loss(window, clean, t, noise, c) for c in ("keep", "cond", "text", "null")]
     assert len({round(float(x), 6) for x in others}) == 4  # each dropped condition is a different loss
+
+
+@pytest.mark.skipif(VERSION != "v2.0", reason="Open-Sora v2.0 only")
+def test_v20_baseline_equals_upstream_i2v_denoiser(config_path):
+    """model.conditioning=reference: our baseline is I2VDenoiser.denoise as configs/diffusion/inference/
+    256px.py runs it (oscillation guidance on text and image) for the same noise, with the inputs
+    `api_fn` prepares for v2v_head; 12 steps reach past the 10 of full oscillation guidance."""
+    try:
+        from opensora.utils.sampling import I2VDenoiser, get_schedule
+    except ImportError as exc:  # it pulls in upstream's dataset code (torchvision.io.video)
+        pytest.skip(f"opensora.utils.sampling does not import here: {exc}")
+    from pipeline.models.opensora_v20 import image_ids, pack, unpack
+
+    config = load_config(config_path, {"sampling.steps": "12"})
+    backend = sensitive(load_backend(config))
+    layout = backend.frame_layout(config.data.frames, config.data.context, 32, 32)
+    context = backend.encode(_clip(backend, layout)[:, :, : layout.conditioned_pixel_frames])
+    ours = backend.sample(context, layout.latent_frames, seed=3)
+
+    batch, channels, clean, h, w = context.shape
+    frames = layout.latent_frames
+    z = torch.randn(batch, channels, frames, h, w, generator=torch.Generator().manual_seed(3))  # upstream's get_noise
+    masks, masked_ref = torch.zeros(batch, 1, frames, h, w), torch.zeros_like(z)
+    masks[:, :, :clean], masked_ref[:, :, :clean] = 1, context
+    inputs = dict(img=pack(z).repeat(3, 1, 1), img_ids=image_ids(3 * batch, frames, h, w, torch.device("cpu")),
+                  txt=torch.cat([backend.text, backend.null_text, backend.null_text]),
+                  txt_ids=torch.zeros(3 * batch, backend.text.shape[1], 3),
+                  y_vec=torch.cat([backend.vec, backend.null_vec, backend.null_vec]), masks=masks,
+                  masked_ref=masked_ref, sigma_min=1e-5, guidance_img=config.sampling.image_guidance)
+    timesteps = get_schedule(12, (h * w) // 4, frames, shift=True)
+    theirs = I2VDenoiser().denoise(backend.transformer, **inputs, timesteps=timesteps,
+                                   guidance=config.sampling.guidance, text_osci=True, image_osci=True,
+                                   scale_temporal_osci=False, patch_size=2)
+    torch.testing.assert_close(ours, unpack(theirs, frames, h, w), atol=1e-4, rtol=1e-4)
+    clean_prefix = sensitive(load_backend(load_config(config_path, {"sampling.steps": "12",
+                                                                    "model.conditioning": "clean_prefix"})))
+    assert not torch.allclose(clean_prefix.sample(context, frames, seed=3), ours, atol=1e-2)
 
 
 @pytest.mark.skipif(VERSION != "v2.0", reason="Open-Sora v2.0 only")

@@ -31,9 +31,10 @@ def load_backend(config: Config, random_weights: bool = False) -> VideoBackend:
                                            timesteps=config.adaptation.timesteps, device=device, dtype=dtype)
     elif m.backend == "opensora-v2.0":
         backend = OpenSoraV20Backend.build(m.pretrained, m.vae, m.text_encoder, m.clip_encoder, m.prompt, m.size,
-                                           m.portable_kernels,
+                                           m.portable_kernels, fps=config.data.fps, conditioning=m.conditioning,
                                            sampling_steps=s.steps, guidance=s.guidance,
-                                           image_guidance=s.image_guidance, device=device, dtype=dtype)
+                                           image_guidance=s.image_guidance, timesteps=config.adaptation.timesteps,
+                                           device=device, dtype=dtype)
     else:
         backend = _load_ltx(config, random_weights, device, dtype)
     if m.gradient_checkpointing:
@@ -74,8 +75,8 @@ def reference_deviations(config: Config, adapted: bool = False) -> list[str]:
             deviations.append("clean context" if s.cond_noise_scale == 0 else f"context re-noised x{s.cond_noise_scale:g}")
         if m.vae_posterior != "sample" and m.pretrained:
             deviations.append("posterior mode")
-    if m.backend == "opensora-v1.3" and m.conditioning != "reference":
+    if m.backend.startswith("opensora") and m.conditioning != "reference":
         deviations.append("clean prefix")
-    if adapted and a.timesteps != "model" and m.backend in ("ltx-video", "opensora-v1.3"):
+    if adapted and a.timesteps != "model":
         deviations.append("plain logit-normal t")
     return deviations

@@ -32,13 +32,12 @@ import math
 import torch
 
 from .base import FrameLayout
-from .upstream import OpenSoraBackend, require_opensora
+from .upstream import OpenSoraBackend, oscillation_scale, require_opensora
 
 CHUNK, CHUNK_LATENTS = 17, 5  # pixel frames per VAE chunk (overlapping by one) and their latent frames
 SPATIAL = 8
 PATCH = (1, 2, 2)
 AESTHETIC_SCORE = 7.0  # configs/opensora-v1-3/inference/v2v.py: aes
-OSCILLATION_STEPS = 10  # RFLOW's force_num: full guidance for this many steps, then on every other step
 # configs/opensora-v1-3/train/adapt_i2v.py: drop_condition, one draw per batch
 DROP_CONDITION = {"keep": 0.85, "cond": 0.05, "text": 0.05, "null": 0.05}
 
@@ -71,11 +70,6 @@ def pixel_frames_of(latent_frames: int) -> int:
     """Pixel frames that `latent_frames` latent frames stand for (the inverse of `latent_frames_of`)."""
     chunks, rest = divmod(latent_frames, CHUNK_LATENTS)
     return (CHUNK - 1) * chunks + (4 * (rest - 1) + 1 if rest else 1)
-
-
-def oscillation_scale(scale: float, step: int) -> float:
-    """RFLOW's `get_oscillation_gs`: the full scale for the first steps, then on even steps only."""
-    return scale if step < OSCILLATION_STEPS or step % 2 == 0 else 1.0
 
 
 def image_weight(scale: float, step: int, steps: int, frames: int) -> float | torch.Tensor:

@@ -10,9 +10,16 @@ upstream's `v2v_head` (`prepare_inference_condition` in opensora/utils/inference
 Conditioning follows upstream's `I2VDenoiser` (opensora/utils/sampling.py): the context enters only
 through the 68-channel `cond` input (a 1-channel mask and the masked latents, packed); MMDiT has one
 timestep per sample, so the context's own latent tokens are noised like the rest. Guidance mixes
-three passes: text+image, image only (empty prompt), neither. Upstream never puts the clean context
-back; this backend does so once, after the last step, so the decoded prefix is the given context.
-The loss covers only the generated latent frames.
+three passes: text+image, image only (empty prompt), neither. `model.conditioning`:
+- `reference` (the default): `I2VDenoiser.denoise` as configs/diffusion/inference/256px.py runs it
+  (oscillation guidance on text and image; no temporal image scaling, which upstream keeps for
+  i2v), nothing put back after the last step, the prompt with the script's suffixes ("24 FPS." at
+  data.fps, "4 motion score."). The loss is the training script's (scripts/diffusion/train.py):
+  `time_shift`ed logit-normal t, sigma_min in the noising and target, T5 and CLIP dropped to the
+  empty prompt at 0.316 each, every token in the loss. The released training configs list t2v and
+  i2v only: continuing a video is zero-shot use of its condition path.
+- `clean_prefix`: constant guidance, the clean context put back once after the last step, plain
+  prompt, the loss on the generated latent frames only.
 """
 from __future__ import annotations
 
@@ -22,10 +29,13 @@ import torch
 from einops import rearrange
 
 from .base import FrameLayout
-from .upstream import OpenSoraBackend, require_opensora
+from .upstream import OpenSoraBackend, oscillation_scale, require_opensora
 
 TEMPORAL, SPATIAL, PATCH = 4, 8, 2
 T5_TOKENS, T5_WIDTH, CLIP_WIDTH = 512, 4096, 768
+SIGMA_MIN = 1e-5  # scripts/diffusion/train.py
+TEXT_DROPOUT = 0.31622777  # configs/diffusion/train/image.py: dropout_ratio, T5 and CLIP each
+MOTION_SCORE = "4"  # configs/diffusion/inference/256px.py
 
 # the 256px / 768px inference configs (configs/diffusion/inference/256px.py), with unfused q/k/v
 FULL = dict(in_channels=64, vec_in_dim=CLIP_WIDTH, context_in_dim=T5_WIDTH, hidden_size=3072, mlp_ratio=4.0,
@@ -80,12 +90,19 @@ def condition(context: torch.Tensor, frames: int) -> torch.Tensor:
     return pack(torch.cat([masks, masked], dim=1))
 
 
+def shift_alpha(tokens_per_frame: int, frames: int) -> float:
+    """Upstream's resolution- and length-dependent shift (`get_res_lin_function` x sqrt(frames))."""
+    return (1 + (tokens_per_frame - 256) * (3 - 1) / (4096 - 256)) * math.sqrt(frames)
+
+
+def time_shift(alpha: float, t: torch.Tensor) -> torch.Tensor:
+    return alpha * t / (1 + (alpha - 1) * t)
+
+
 def shifted_timesteps(steps: int, tokens_per_frame: int, frames: int) -> list[float]:
     """1 -> 0 in `steps` steps, shifted towards 1 by resolution and length, as upstream's
     `get_schedule(..., shift=True)` (opensora/utils/sampling.py; compared in the integration tests)."""
-    alpha = (1 + (tokens_per_frame - 256) * (3 - 1) / (4096 - 256)) * math.sqrt(frames)
-    t = torch.linspace(1, 0, steps + 1)
-    return (alpha * t / (1 + (alpha - 1) * t)).tolist()
+    return time_shift(shift_alpha(tokens_per_frame, frames), torch.linspace(1, 0, steps + 1)).tolist()
 
 
 class OpenSoraV20Backend(OpenSoraBackend):
@@ -93,7 +110,8 @@ class OpenSoraV20Backend(OpenSoraBackend):
 
     def __init__(self, transformer, vae, text: torch.Tensor, null_text: torch.Tensor, vec: torch.Tensor,
                  null_vec: torch.Tensor, sampling_steps: int = 25, guidance: float = 7.5, image_guidance: float = 3.0,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16):
+                 conditioning: str = "reference", timesteps: str = "model", device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.bfloat16):
         self.device, self.dtype = torch.device(device), dtype
         self.transformer = transformer.to(self.device, dtype).eval().requires_grad_(False)
         self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
@@ -101,11 +119,12 @@ class OpenSoraV20Backend(OpenSoraBackend):
         self.text, self.null_text = text.to(self.device, dtype), null_text.to(self.device, dtype)
         self.vec, self.null_vec = vec.to(self.device, dtype), null_vec.to(self.device, dtype)
         self.sampling_steps, self.guidance, self.image_guidance = sampling_steps, guidance, image_guidance
+        self.conditioning, self.timestep_draw = conditioning, timesteps
 
     # --- loading -----------------------------------------------------------------------------
     @classmethod
     def build(cls, pretrained: str, vae: str, text_encoder: str, clip_encoder: str, prompt: str, size: str,
-              portable_kernels: bool, **kw):
+              portable_kernels: bool, fps: float = 24.0, conditioning: str = "reference", **kw):
         """Checkpoints as local paths (upstream's safetensors files: Open_Sora_v2.safetensors,
         hunyuan_vae.safetensors) and hub ids or directories for T5 and CLIP. Empty `pretrained`/`vae`
         give random weights at `size` ('full' = 11B MMDiT and the real VAE, 'tiny' for tests)."""
@@ -126,11 +145,13 @@ class OpenSoraV20Backend(OpenSoraBackend):
                           use_spatial_tiling=False)
         autoencoder = CausalVAE3D_HUNYUAN(from_pretrained=vae or None, device_map=device, torch_dtype=dtype, **vae_kw)
         if text_encoder and clip_encoder:
+            if conditioning == "reference":
+                prompt = with_suffixes(prompt, fps)
             text, null_text, vec, null_vec = encode_prompts(text_encoder, clip_encoder, prompt)
         else:  # random weights: embeddings of the right shape, zero
             text = null_text = torch.zeros(1, T5_TOKENS, T5_WIDTH)
             vec = null_vec = torch.zeros(1, CLIP_WIDTH)
-        return cls(transformer, autoencoder, text, null_text, vec, null_vec, **kw)
+        return cls(transformer, autoencoder, text, null_text, vec, null_vec, conditioning=conditioning, **kw)
 
     # --- frame and latent arithmetic ---------------------------------------------------------
     def frame_layout(self, frames: int, context: int, height: int, width: int) -> FrameLayout:
@@ -151,17 +172,38 @@ class OpenSoraV20Backend(OpenSoraBackend):
         x0 = latents.float()
         batch, _, frames, h, w = x0.shape
         t = torch.sigmoid(torch.randn(batch, generator=generator, device=self.device))
+        if self.timestep_draw == "model":
+            t = time_shift(shift_alpha((h // PATCH) * (w // PATCH), frames), t)
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
-        xt = (1 - t[:, None, None, None, None]) * x0 + t[:, None, None, None, None] * noise
         cond = condition(x0[:, :, :clean_frames], frames)
         ids = image_ids(batch, frames, h, w, self.device)
-        v = self._velocity(pack(xt), t, ids, cond, self.text.expand(batch, -1, -1), self.vec.expand(batch, -1))
-        first = clean_frames * (h // PATCH) * (w // PATCH)  # tokens are frame-major
-        return torch.nn.functional.mse_loss(v[:, first:], pack(noise - x0)[:, first:])
+        text, vec = self.text.expand(batch, -1, -1), self.vec.expand(batch, -1)
+        if self.conditioning == "clean_prefix":
+            xt = (1 - t[:, None, None, None, None]) * x0 + t[:, None, None, None, None] * noise
+            v = self._velocity(pack(xt), t, ids, cond, text, vec)
+            first = clean_frames * (h // PATCH) * (w // PATCH)  # tokens are frame-major
+            return torch.nn.functional.mse_loss(v[:, first:], pack(noise - x0)[:, first:])
+        drop = torch.rand(2, batch, generator=generator, device=self.device) < TEXT_DROPOUT  # T5, CLIP
+        text = torch.where(drop[0, :, None, None], self.null_text, text)
+        vec = torch.where(drop[1, :, None], self.null_vec, vec)
+        return self.reference_loss(x0, t, noise, cond, text, vec)
+
+    def reference_loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor,
+                       text: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        """scripts/diffusion/train.py's loss: x_t with sigma_min, target (1 - sigma_min) noise - x0,
+        every token."""
+        batch, _, frames, h, w = x0.shape
+        keep = (1 - t)[:, None, None, None, None]
+        xt = keep * x0 + (1 - (1 - SIGMA_MIN) * keep) * noise
+        v = self._velocity(pack(xt), t, image_ids(batch, frames, h, w, self.device), cond, text, vec)
+        return torch.nn.functional.mse_loss(v, pack((1 - SIGMA_MIN) * noise - x0))
 
     @torch.no_grad()
     def sample(self, context_latents: torch.Tensor, latent_frames: int, seed: int) -> torch.Tensor:
+        """`I2VDenoiser.denoise` on the v2v condition; with conditioning=reference its oscillation
+        guidance and nothing put back, with clean_prefix constant guidance and the context put back."""
         batch, channels, clean, h, w = context_latents.shape
+        reference = self.conditioning == "reference"
         generator = torch.Generator(self.device).manual_seed(seed)
         x = pack(torch.randn((batch, channels, latent_frames, h, w), generator=generator, device=self.device))
         cond = condition(context_latents, latent_frames)
@@ -173,13 +215,26 @@ class OpenSoraV20Backend(OpenSoraBackend):
         vec = torch.cat([b[1].expand(batch, -1) for b in branches])
         conds = torch.cat([b[2] for b in branches])
         times = shifted_timesteps(self.sampling_steps, (h // PATCH) * (w // PATCH), latent_frames)
-        for t, t_next in zip(times[:-1], times[1:]):
+        for step, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
             tt = torch.full((batch * n,), t, device=self.device)
-            v = self.mix_guidance(self._velocity(x.repeat(n, 1, 1), tt, ids.repeat(n, 1, 1), conds, text, vec))
+            v = self._velocity(x.repeat(n, 1, 1), tt, ids.repeat(n, 1, 1), conds, text, vec)
+            if reference:
+                v = self.mix_guidance(v, oscillation_scale(self.guidance, step),
+                                      oscillation_scale(self.image_guidance, step))
+            else:
+                v = self.mix_guidance(v)
             x = x + (t_next - t) * v
         out = unpack(x, latent_frames, h, w)
-        out[:, :, :clean] = context_latents
+        if not reference:
+            out[:, :, :clean] = context_latents
         return out
+
+
+def with_suffixes(prompt: str, fps: float) -> str:
+    """The prompt as upstream's inference script extends it: frame rate, then motion score."""
+    from opensora.utils.inference import add_fps_info_to_text, add_motion_score_to_text
+
+    return add_motion_score_to_text(add_fps_info_to_text([prompt], fps=int(fps)), MOTION_SCORE)[0]
 
 
 def encode_prompts(t5: str, clip: str, prompt: str) -> tuple[torch.Tensor, ...]:

@@ -33,6 +33,15 @@ INSTALL = {
 MARKER = {"v1.3": "opensora.models.stdit.stdit3", "v2.0": "opensora.models.mmdit.model"}
 
 
+OSCILLATION_STEPS = 10  # upstream's force_num: full guidance for this many steps, then on every other step
+
+
+def oscillation_scale(scale: float, step: int) -> float:
+    """Upstream's `get_oscillation_gs` (both versions): the full scale for the first steps, then on
+    even steps only."""
+    return scale if step < OSCILLATION_STEPS or step % 2 == 0 else 1.0
+
+
 class OpenSoraMissing(ImportError):
     pass
 
