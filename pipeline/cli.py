@@ -8,7 +8,6 @@ from __future__ import annotations
 import sys
 
 import click
-import mlflow
 
 from .cluster import PREEMPTED_EXIT_CODE, Preempted, Shard
 from .config import ConfigError, load_config
@@ -55,18 +54,20 @@ def main() -> None:
 @config_options
 def preprocess(**kw) -> None:
     """Write fixed-size clips and their manifest (synthetic generator or a folder of videos)."""
+    config = resolve(**kw)  # before the heavy imports: a config error answers at once
     from .stages.preprocess import run_preprocess
 
-    run_preprocess(resolve(**kw))
+    run_preprocess(config)
 
 
 @main.command()
 @config_options
 def pretrain(**kw) -> None:
     """Pretrain the small default model on the train split (skipped when up to date)."""
+    config = resolve(**kw)
     from .stages.pretrain import pretrain as run
 
-    run(resolve(**kw))
+    run(config)
 
 
 def shard_option(func):
@@ -79,9 +80,10 @@ def shard_option(func):
 @shard_option
 def baseline(shard: str, **kw) -> None:
     """Continue each clip with the frozen model and score it."""
+    config, shard = resolve(**kw), Shard.parse(shard)
     from .stages.continuation import run_stage
 
-    run_stage(resolve(**kw), "baseline", shard=Shard.parse(shard))
+    run_stage(config, "baseline", shard=shard)
 
 
 @main.command()
@@ -89,27 +91,30 @@ def baseline(shard: str, **kw) -> None:
 @shard_option
 def adapt(shard: str, **kw) -> None:
     """Adapt the model to each clip (LoRA, reset per clip), then continue and score it."""
+    config, shard = resolve(**kw), Shard.parse(shard)
     from .stages.continuation import run_stage
 
-    run_stage(resolve(**kw), "adapt", shard=Shard.parse(shard))
+    run_stage(config, "adapt", shard=shard)
 
 
 @main.command()
 @config_options
 def evaluate(**kw) -> None:
     """Pair the baseline and adapted arms by clip: statistics, metrics.json, plots."""
+    config = resolve(**kw)
     from .stages.evaluate import evaluate as run
 
-    run(resolve(**kw))
+    run(config)
 
 
 @main.command()
 @config_options
 def experiment(**kw) -> None:
     """The whole experiment: preprocess, pretrain (small default), baseline, adapt, evaluate."""
+    config = resolve(**kw)
     from .stages.experiment import run_experiment
 
-    run_experiment(resolve(**kw))
+    run_experiment(config)
 
 
 @main.command()
@@ -245,5 +250,6 @@ def run() -> None:
         click.echo(f"{exc}: the current clip was abandoned; rerun (or requeue) to resume", err=True)
         sys.exit(PREEMPTED_EXIT_CODE)
     finally:
-        if mlflow.active_run() is not None:  # a crash leaves no run dangling as RUNNING
+        mlflow = sys.modules.get("mlflow")  # imported by the stages only
+        if mlflow is not None and mlflow.active_run() is not None:  # a crash leaves no run dangling as RUNNING
             mlflow.end_run("FAILED" if sys.exc_info()[0] else "FINISHED")

@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "stage.sbatch"
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the task stopped early and wants to be requeued
@@ -50,6 +49,8 @@ class Shard:
 
 def check_store_for_many_writers(shard: Shard) -> None:
     """Refuse a SQLite file when several tasks would write to it at once."""
+    import mlflow
+
     uri = mlflow.get_tracking_uri()
     if (shard.count > 1 or "SLURM_ARRAY_JOB_ID" in os.environ) and uri.startswith("sqlite"):
         raise RuntimeError(

@@ -197,8 +197,14 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | None
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key}: {p} is not a section")
         node[leaf] = yaml.safe_load(value) if isinstance(value, str) else value
-    config = _build(Config, raw, prefix="", source=source)
-    _check(config, source)
+    try:
+        config = _build(Config, raw, prefix="", source=source)
+        _check(config, source)
+    except ConfigError as exc:  # name the override that caused it, not the file
+        culprit = next((k for k in overrides or {} if f"'{k}'" in str(exc) and overrides[k] not in ("", None)), None)
+        if culprit is None:
+            raise
+        raise ConfigError(f"override {culprit}={overrides[culprit]}: {str(exc).removeprefix(source + ': ')}") from None
     return config
 
 

@@ -1,4 +1,6 @@
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 
@@ -29,6 +31,19 @@ def test_bad_config_names_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_bad_override_is_named_in_one_line_before_any_heavy_import():
+    """`adapt --rank 0` answers with one line naming the override, without importing torch or mlflow
+    (a config error costs a fraction of a second, not the 15 s of loading the stages)."""
+    code = ("import sys; from click.testing import CliRunner; from pipeline.cli import main; "
+            "result = CliRunner().invoke(main, ['adapt', '--rank', '0']); print(result.exit_code, result.output); "
+            "print(sorted(m for m in ('torch', 'mlflow', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.strip().splitlines()
+    assert out[0].startswith("2 ") and any("Error: override adaptation.rank=0: 'adaptation.rank' is 0" in line
+                                           for line in out)
+    assert out[-1] == "[]"
 
 
 def test_overrides_apply_and_empty_means_unset():
