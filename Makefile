@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test viewer browser clean-runs
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt python_env.yaml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pipeline.tracking.project_env
 	touch $(STAMP)
 
 demo: $(STAMP)

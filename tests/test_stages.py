@@ -264,21 +264,30 @@ def test_bad_clips_are_recorded_and_the_rest_goes_on(prepared, store, tmp_path):
     assert set(summary["excluded"]) == set(expected) and "too short" in summary["excluded"]["short"]
 
 
-def test_mlflow_run_entry_point(prepared, store):
-    """`mlflow run . -e adapt -P rank=16` in the installed environment: a parent run with clip children."""
-    env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(["mlflow", "run", ".", "-e", "adapt", "-P", "rank=16", "-P", f"config={prepared}",
-                             "--env-manager", "local", "--experiment-name", "mlproject"],
+def test_mlflow_run_as_typed_lands_in_the_configs_experiment(prepared, store, tmp_path):
+    """`mlflow run . -e adapt -P rank=16` with no other flag, offline: MLflow finds the environment
+    `make` registered (here in a fresh env root) instead of building one with pyenv, and the run
+    lands in the experiment the config names, under the arm's name; the run `mlflow run` opened in
+    Default only points there."""
+    env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}",
+           "MLFLOW_ENV_ROOT": str(tmp_path / "envs")}
+    subprocess.run([os.sys.executable, "-m", "pipeline.tracking.project_env"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    result = subprocess.run(["mlflow", "run", ".", "-e", "adapt", "-P", "rank=16", "-P", f"config={prepared}"],
                             cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    exp = mlflow.get_experiment_by_name("mlproject")
-    parents = MlflowClient().search_runs([exp.experiment_id], "tags.`tta.kind` = 'stage'")
+    exp = mlflow.get_experiment_by_name(load_config(prepared).experiment)
+    parents = MlflowClient().search_runs([exp.experiment_id], "tags.`tta.kind` = 'stage' and "
+                                                              "tags.`tta.stage` = 'adapt'")
     assert len(parents) == 1 and parents[0].data.params["adaptation.rank"] == "16"
-    assert parents[0].data.params["rank"] == "16"  # MLflow's own record of -P
-    children = MlflowClient().search_runs([exp.experiment_id], "tags.`tta.kind` = 'clip'")
+    assert parents[0].info.run_name == "lora-r16-lr0.001-3steps" and parents[0].info.status == "FINISHED"
+    children = MlflowClient().search_runs([exp.experiment_id], "tags.`tta.kind` = 'clip' and tags.`tta.stage` = 'adapt'")
     assert len(children) == 3 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert all(c.info.status == "FINISHED" for c in children)
     assert stage_digest(load_config(prepared, {"adaptation.rank": "16"}), "adapt") == children[0].data.tags["tta.digest"]
+    default = MlflowClient().search_runs(["0"])
+    assert len(default) == 1 and default[0].data.tags["tta.moved_to"] == exp.name
+    assert default[0].info.status == "FINISHED" and default[0].info.run_name == f"moved to {exp.name}"
 
 
 def test_pretraining_new_settings_writes_beside_the_weights_results_refer_to(prepared, store):

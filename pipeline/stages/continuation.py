@@ -246,7 +246,7 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
         _follow_main_rank(continuer, d.manifest, {c.clip_id: c for c in clips}, partners)
         ranks.finish()
         return ""
-    with preemptible(), stage_run(config, stage, digest) as parent:
+    with preemptible(), stage_run(config, stage, digest, arm_run_name(config, stage)) as parent:
         mlflow.log_param("shard", str(shard))
         mlflow.set_tags({"tta.arm": arm_label(config, stage), TAG_WEIGHTS: continuer.weights,
                          "tta.baseline_digest": stage_digest(config, "baseline"),
@@ -334,6 +334,16 @@ def _run_clip(continuer: Continuer, recorder: Recorder, run: Future, clip_id: st
     metrics.update(load_seconds=load_seconds, record_seconds=end - recording, clip_seconds=end - start,
                    non_model_share=(load_seconds + metrics["metrics_seconds"] + end - recording) / (end - start))
     recorder.record(run, clip_id, clip.frames, out.first, metrics, out.per_frame, out.per_sample, weights)
+
+
+def arm_run_name(config: Config, stage: str) -> str:
+    """The stage run's name: `baseline`, or the arm's method and settings (`lora-r16-lr0.001-40steps`),
+    sham and oracle arms marked."""
+    if stage == "baseline":
+        return "baseline"
+    a = config.adaptation
+    name = (f"lora-r{a.rank}" if a.method == "lora" else "full") + f"-lr{a.lr:g}-{a.steps}steps"
+    return name + {"other": "-sham", "oracle": "-oracle"}.get(a.data, "")
 
 
 def arm_label(config: Config, stage: str) -> str:

@@ -28,7 +28,7 @@ from ..evaluation.plots import summary_figure, write_html
 from ..evaluation.stats import holm, mean_se, paired_comparison, paired_frame_difference, per_frame_curve
 from ..tracking.runs import (TAG_ERROR, TAG_STAGE, TAG_WEIGHTS, finished_clips, frame_history, search_all,
                              stage_run)
-from .continuation import REFERENCE_LABELS, arm_label, clip_inputs, stage_digest
+from .continuation import REFERENCE_LABELS, arm_label, arm_run_name, clip_inputs, stage_digest
 
 PREFIX_METRICS = ("first_frame_psnr", "continuity_psnr")  # frame K against the truth, against frame K-1
 COSTS = ("adapt_seconds", "sample_seconds", "adapt_steps_per_second", "non_model_share", "peak_gpu_memory_mb",
@@ -55,7 +55,7 @@ def evaluate(config: Config) -> dict:
     clips = select_clips(split, d.split, d.num_clips)
     sham_config = replace(config, adaptation=replace(config.adaptation, data="other"))
     digests = {"baseline": stage_digest(config, "baseline"), "adapt": stage_digest(config, "adapt")}
-    with stage_run(config, "evaluate", digests["adapt"]) as parent:
+    with stage_run(config, "evaluate", digests["adapt"], f"evaluate {arm_run_name(config, 'adapt')}") as parent:
         experiment_id = parent.info.experiment_id
         weights = _weights_of_newest(experiment_id, "adapt", digests["adapt"], config)
 

@@ -27,6 +27,7 @@ TAG_STAGE, TAG_DIGEST, TAG_CLIP = "tta.stage", "tta.digest", "tta.clip_id"
 TAG_CLASS, TAG_SOURCE, TAG_ERROR, TAG_KIND = "tta.class", "tta.source", "tta.error", "tta.kind"
 TAG_INPUTS, TAG_WEIGHTS = "tta.inputs", "tta.weights"  # content hash of the clip's frames used; model fingerprint
 TAG_PARTNER = "tta.partner"  # the sham arm: the clip whose context was adapted on
+TAG_MOVED = "tta.moved_to"  # a run `mlflow run` opened outside the config's experiment: where the results went
 
 
 @functools.cache
@@ -42,9 +43,7 @@ def git_commit() -> str:
 
 
 def _experiment_id(name: str) -> str:
-    """The experiment of an `mlflow run` invocation if there is one, else `name` (created if new)."""
-    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    """The experiment `name`, created if new."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment:
         return experiment.experiment_id
@@ -57,21 +56,41 @@ def _experiment_id(name: str) -> str:
         return experiment.experiment_id
 
 
-@contextmanager
-def stage_run(config: Config, stage: str, digest: str):
-    """The parent run of one stage invocation: every resolved config value as a param, git commit tag.
+def _launcher_run(experiment_id: str) -> str | None:
+    """The run `mlflow run` opened for this process, if it is in the config's experiment. One opened
+    elsewhere (`Default` when no --experiment-name is given) only points at the config's experiment
+    (tag `tta.moved_to`; `mlflow run` ends it), so that every stage of a config meets in the
+    experiment it names."""
+    run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    if run_id is None or mlflow.active_run() is not None:
+        return None
+    client = MlflowClient()
+    if client.get_run(run_id).info.experiment_id == experiment_id:
+        return run_id
+    name = mlflow.get_experiment(experiment_id).name
+    client.set_tag(run_id, TAG_MOVED, name)
+    client.set_tag(run_id, "mlflow.runName", f"moved to {name}")
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    return None
 
-    Inside `mlflow run` the run it created is used; inside another active run (the `experiment`
-    stage) the stage run is nested under it.
+
+@contextmanager
+def stage_run(config: Config, stage: str, digest: str, name: str | None = None):
+    """The parent run of one stage invocation, named `name` (default: the stage), in the experiment
+    the config names: every resolved config value as a param, git commit tag.
+
+    Inside `mlflow run` the run it created is used when it is in that experiment; inside another
+    active run (the `experiment` stage) the stage run is nested under it.
     """
     experiment_id = _experiment_id(config.experiment)
     tags = {TAG_STAGE: stage, TAG_DIGEST: digest, TAG_KIND: "stage", "git_commit": git_commit()}
-    if mlflow.active_run() is None and os.environ.get("MLFLOW_RUN_ID"):
-        run = mlflow.start_run(run_id=os.environ.pop("MLFLOW_RUN_ID"))
-        mlflow.set_tags(tags)
+    launcher = _launcher_run(experiment_id)
+    if launcher is not None:
+        run = mlflow.start_run(run_id=launcher)
+        mlflow.set_tags({**tags, "mlflow.runName": name or stage})
     else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=mlflow.active_run() is not None,
-                               tags=tags)
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=name or stage,
+                               nested=mlflow.active_run() is not None, tags=tags)
     with run:
         mlflow.log_params(config.flat())
         try:
