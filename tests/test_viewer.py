@@ -276,7 +276,10 @@ def test_viewer_in_browser(filled_store, browser):
         page.get_by_text(f"A1 has no result on {failing}: failed: CUDA out of memory (injected)").wait_for(
             timeout=30_000)
         wait_idle(page)
-        assert len(frame_images()) == 3  # context | ground truth | baseline
+        # context | ground truth | baseline (images can arrive after the rerun ends on a loaded machine)
+        page.wait_for_function("document.querySelectorAll(\"[data-testid='stImage'] img\").length === 3",
+                               timeout=30_000)
+        assert len(frame_images()) == 3
 
         # a baseline sampled with another seed: no adapted arm is offered, and the sidebar says why
         choose(page, "Baseline run", stage_digest(seed2, "baseline")[:8])
