@@ -20,7 +20,8 @@ def config_options(func):
     func = click.option("--config", "config_path", default="conf/demo.yaml", show_default=True,
                         help="YAML preset in conf/")(func)
     func = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set adaptation.rank=16 (repeatable)")(func)
+                        help="override config values, e.g. --set adaptation.rank=16 (repeatable; one --set may "
+                             "hold several space-separated pairs, as MLproject's -P set=... passes them)")(func)
     for name, key in reversed(SHORTCUTS.items()):
         func = click.option(f"--{name.replace('_', '-')}", name, default="", help=f"same as --set {key}=...")(func)
     return func
@@ -28,7 +29,7 @@ def config_options(func):
 
 def parse_sets(sets: tuple[str, ...]) -> dict[str, str]:
     overrides = {}
-    for item in sets:
+    for item in (pair for text in sets for pair in text.split()):
         if "=" not in item:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
         key, value = item.split("=", 1)

@@ -273,18 +273,21 @@ def test_mlflow_run_as_typed_lands_in_the_configs_experiment(prepared, store, tm
            "MLFLOW_ENV_ROOT": str(tmp_path / "envs")}
     subprocess.run([os.sys.executable, "-m", "pipeline.tracking.project_env"], cwd=ROOT, env=env, check=True,
                    capture_output=True)
-    result = subprocess.run(["mlflow", "run", ".", "-e", "adapt", "-P", "rank=16", "-P", f"config={prepared}"],
+    result = subprocess.run(["mlflow", "run", ".", "-e", "adapt", "-P", "rank=16", "-P", f"config={prepared}",
+                             "-P", "set=adaptation.warmup=0 adaptation.init_seed=3"],  # any other overrides
                             cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     exp = mlflow.get_experiment_by_name(load_config(prepared).experiment)
     parents = MlflowClient().search_runs([exp.experiment_id], "tags.`tta.kind` = 'stage' and "
                                                               "tags.`tta.stage` = 'adapt'")
-    assert len(parents) == 1 and parents[0].data.params["adaptation.rank"] == "16"
-    assert parents[0].info.run_name == "lora-r16-lr0.001-3steps" and parents[0].info.status == "FINISHED"
+    params = parents[0].data.params
+    assert len(parents) == 1 and (params["adaptation.rank"], params["adaptation.warmup"]) == ("16", "0")
+    assert params["adaptation.init_seed"] == "3" and parents[0].info.run_name == "lora-r16-lr0.001-3steps" and parents[0].info.status == "FINISHED"
     children = MlflowClient().search_runs([exp.experiment_id], "tags.`tta.kind` = 'clip' and tags.`tta.stage` = 'adapt'")
     assert len(children) == 3 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert all(c.info.status == "FINISHED" for c in children)
-    assert stage_digest(load_config(prepared, {"adaptation.rank": "16"}), "adapt") == children[0].data.tags["tta.digest"]
+    typed = load_config(prepared, {"adaptation.rank": "16", "adaptation.warmup": "0", "adaptation.init_seed": "3"})
+    assert stage_digest(typed, "adapt") == children[0].data.tags["tta.digest"]
     default = MlflowClient().search_runs(["0"])
     assert len(default) == 1 and default[0].data.tags["tta.moved_to"] == exp.name
     assert default[0].info.status == "FINISHED" and default[0].info.run_name == f"moved to {exp.name}"
