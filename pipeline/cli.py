@@ -12,6 +12,7 @@ import click
 from .cluster import PREEMPTED_EXIT_CODE, Preempted, Shard
 from .config import ConfigError, load_config
 
+CLIPS_FAILED_EXIT_CODE = 3  # the stage ran to its end, but some clips failed (each run's tta.error says why)
 SHORTCUTS = {"rank": "adaptation.rank", "steps": "adaptation.steps", "lr": "adaptation.lr",
              "alpha": "adaptation.alpha", "num_clips": "data.num_clips"}
 
@@ -84,7 +85,7 @@ def baseline(shard: str, **kw) -> None:
     config, shard = resolve(**kw), Shard.parse(shard)
     from .stages.continuation import run_stage
 
-    run_stage(config, "baseline", shard=shard)
+    _exit_if_clips_failed("baseline", run_stage(config, "baseline", shard=shard))
 
 
 @main.command()
@@ -95,7 +96,21 @@ def adapt(shard: str, **kw) -> None:
     config, shard = resolve(**kw), Shard.parse(shard)
     from .stages.continuation import run_stage
 
-    run_stage(config, "adapt", shard=shard)
+    _exit_if_clips_failed("adapt", run_stage(config, "adapt", shard=shard))
+
+
+def _exit_if_clips_failed(stage: str, run_id: str) -> None:
+    """The last line says how many clips failed, and the exit code is CLIPS_FAILED_EXIT_CODE."""
+    if not run_id:  # a rank > 0 of a multi-GPU run: rank 0 reports
+        return
+    from mlflow.tracking import MlflowClient
+
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    failed, total = int(metrics.get("clips_failed", 0)), int(metrics.get("clips_total", 0))
+    if failed:
+        click.echo(f"[{stage}] {failed} of {total} clips failed (each clip run's tta.error tag says why); "
+                   f"exit code {CLIPS_FAILED_EXIT_CODE}", err=True)
+        sys.exit(CLIPS_FAILED_EXIT_CODE)
 
 
 @main.command()

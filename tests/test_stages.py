@@ -250,7 +250,11 @@ def test_bad_clips_are_recorded_and_the_rest_goes_on(prepared, store, tmp_path):
     write_manifest(out / "manifest.csv", records)
     config = load_config(prepared, {"data.output_dir": str(out), "data.num_clips": "0"})
     run_stage(config, "baseline")
-    run_stage(config, "adapt")
+    # through the CLI: the last line counts the failed clips and the exit code says so
+    result = subprocess.run(cli("adapt", "--config", str(prepared), "--set", f"data.output_dir={out}",
+                                "--set", "data.num_clips=0"), cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"[adapt] 5 of {len(good) + 5} clips failed")
     runs = {r.data.tags["tta.clip_id"]: r for r in clip_runs("tiny", "adapt")}
     assert all(runs[r.clip_id].info.status == "FINISHED" for r in good)
     expected = {"corrupt": "not a readable video", "short": "too short: 2 frames", "text": "not a readable video",
