@@ -17,15 +17,22 @@ SHORTCUTS = {"rank": "adaptation.rank", "steps": "adaptation.steps", "lr": "adap
              "alpha": "adaptation.alpha", "num_clips": "data.num_clips"}
 
 
-def config_options(func):
-    func = click.option("--config", "config_path", default="conf/demo.yaml", show_default=True,
-                        help="YAML preset in conf/")(func)
-    func = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                        help="override config values, e.g. --set adaptation.rank=16 (repeatable; one --set may "
-                             "hold several space-separated pairs, as MLproject's -P set=... passes them)")(func)
-    for name, key in reversed(SHORTCUTS.items()):
-        func = click.option(f"--{name.replace('_', '-')}", name, default="", help=f"same as --set {key}=...")(func)
-    return func
+def config_options(*shortcuts: str):
+    """--config, --set and the named shortcut options (each command lists only those it uses)."""
+    def decorate(func):
+        func = click.option("--config", "config_path", default="conf/demo.yaml", show_default=True,
+                            help="YAML preset in conf/")(func)
+        func = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                            help="override config values, e.g. --set adaptation.rank=16 (repeatable; one --set "
+                                 "may hold several space-separated pairs, as MLproject's -P set=... passes them)")(func)
+        for name in reversed(shortcuts):
+            func = click.option(f"--{name.replace('_', '-')}", name, default="",
+                                help=f"same as --set {SHORTCUTS[name]}=...")(func)
+        return func
+    return decorate
+
+
+ARM = ("rank", "steps", "lr", "alpha", "num_clips")  # the shortcuts of commands that run or read an arm
 
 
 def parse_sets(sets: tuple[str, ...]) -> dict[str, str]:
@@ -53,7 +60,7 @@ def main() -> None:
 
 
 @main.command()
-@config_options
+@config_options("num_clips")
 def preprocess(**kw) -> None:
     """Write fixed-size clips and their manifest (synthetic generator or a folder of videos)."""
     config = resolve(**kw)  # before the heavy imports: a config error answers at once
@@ -63,7 +70,7 @@ def preprocess(**kw) -> None:
 
 
 @main.command()
-@config_options
+@config_options()
 def pretrain(**kw) -> None:
     """Pretrain the small default model on the train split (skipped when up to date)."""
     config = resolve(**kw)
@@ -78,7 +85,7 @@ def shard_option(func):
 
 
 @main.command()
-@config_options
+@config_options("num_clips")
 @shard_option
 def baseline(shard: str, **kw) -> None:
     """Continue each clip with the frozen model and score it."""
@@ -89,7 +96,7 @@ def baseline(shard: str, **kw) -> None:
 
 
 @main.command()
-@config_options
+@config_options(*ARM)
 @shard_option
 def adapt(shard: str, **kw) -> None:
     """Adapt the model to each clip (LoRA, reset per clip), then continue and score it."""
@@ -114,7 +121,7 @@ def _exit_if_clips_failed(stage: str, run_id: str) -> None:
 
 
 @main.command()
-@config_options
+@config_options(*ARM)
 def evaluate(**kw) -> None:
     """Pair the baseline and adapted arms by clip: statistics, metrics.json, plots."""
     config = resolve(**kw)
@@ -124,7 +131,7 @@ def evaluate(**kw) -> None:
 
 
 @main.command()
-@config_options
+@config_options(*ARM)
 def experiment(**kw) -> None:
     """The whole experiment: preprocess, pretrain (small default), baseline, adapt, evaluate."""
     config = resolve(**kw)
