@@ -58,6 +58,14 @@ def test_stages_log_parent_children_and_evaluate(prepared, store):
     # evaluation: paired stats, per-frame curves over [K, T), the reference beside the arms, artifacts
     psnr = primary(summary, "psnr")
     assert psnr["n"] == 3 and psnr["ci_low"] <= psnr["diff_mean"] <= psnr["ci_high"]
+    # each arm's own figures on its stage run, for MLflow's compare view
+    stage_runs = {r.data.tags["tta.stage"]: r for r in MlflowClient().search_runs(
+        [parent.info.experiment_id], "tags.`tta.kind` = 'stage'")}
+    adapted_run = stage_runs["adapt"].data.metrics
+    assert adapted_run["eval.psnr_gain"] == pytest.approx(psnr["diff_mean"])
+    assert adapted_run["eval.psnr_gain_ci_low"] == pytest.approx(psnr["ci_low"]) and "eval.clips_failed" in adapted_run
+    assert stage_runs["baseline"].data.metrics["eval.psnr_mean"] == pytest.approx(
+        summary["arms"]["baseline"]["means"]["psnr"][0]) and "eval.psnr_gain" not in stage_runs["baseline"].data.metrics
     assert set(summary["arms"]) == {"baseline", "adapted", "repeat_last"}
     assert summary["arms"]["adapted"]["failed"] == 0
     curve = summary["per_frame"]["psnr"]["differences"]["adapted - baseline"]

@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Run
+from mlflow.entities import Metric, Run
+from mlflow.tracking import MlflowClient
 
 from ..config import Config
 from ..data.manifest import read_manifest, select_clips
@@ -81,6 +83,11 @@ def evaluate(config: Config) -> dict:
         mlflow.set_tags({"tta.baseline_digest": digests["baseline"], "tta.adapt_digest": digests["adapt"],
                          TAG_WEIGHTS: weights})
         mlflow.log_metrics(flat_metrics(summary))
+        stage_runs = {"baseline": _newest_stage_run(experiment_id, "baseline", digests["baseline"]),
+                      "adapted": _newest_stage_run(experiment_id, "adapt", digests["adapt"])}
+        if "sham" in summary["arms"]:
+            stage_runs["sham"] = _newest_stage_run(experiment_id, "adapt", stage_digest(sham_config, "adapt"))
+        summary_on_stage_runs(summary, {name: run for name, run in stage_runs.items() if run is not None})
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "metrics.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
             write_html(summary_figure(summary), Path(tmp) / "plots.html")
@@ -90,15 +97,39 @@ def evaluate(config: Config) -> dict:
     return summary
 
 
+def _newest_stage_run(experiment_id: str, stage: str, digest: str) -> Run | None:
+    runs = search_all(experiment_id, f"tags.`{TAG_STAGE}` = '{stage}' and tags.`tta.digest` = '{digest}' "
+                                     "and tags.`tta.kind` = 'stage'", order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
 def _weights_of_newest(experiment_id: str, stage: str, digest: str, config: Config) -> str:
     """The model weights of the newest stage run of this arm: the results evaluated are those made
     with them (older results of other weights are never mixed in)."""
-    runs = search_all(experiment_id, f"tags.`{TAG_STAGE}` = '{stage}' and tags.`tta.digest` = '{digest}' "
-                                     "and tags.`tta.kind` = 'stage'", order_by=["attributes.start_time DESC"])
-    if not runs:
+    run = _newest_stage_run(experiment_id, stage, digest)
+    if run is None:
         raise ValueError(f"experiment '{config.experiment}' has no {stage} run with this config (digest {digest}): "
                          f"run the {stage} stage with the same config and experiment first")
-    return runs[0].data.tags.get(TAG_WEIGHTS, "")
+    return run.data.tags.get(TAG_WEIGHTS, "")
+
+
+def summary_on_stage_runs(summary: dict, stage_runs: dict[str, Run]) -> None:
+    """Each arm's own figures on its newest stage run, under the same names for every arm (`eval.psnr_mean`,
+    `eval.psnr_gain` with `_ci_low`/`_ci_high`/`_p` against the baseline, ITT; failures; seconds per
+    clip), so MLflow's compare view and charts line arms up without opening the evaluate run."""
+    client = MlflowClient()
+    for name, run in stage_runs.items():
+        arm = summary["arms"][name]
+        metrics = {f"eval.{m}_mean": mean for m, (mean, _) in arm["means"].items()}
+        metrics.update({"eval.clips_failed": arm["failed"], "eval.failure_rate": arm["failure_rate"]})
+        metrics.update({f"eval.{k.split('.', 1)[1]}": v for k, v in summary["cost"].items() if k.startswith(name + ".")})
+        for row in summary["comparisons"]:
+            if row["a"] == name and row["b"] == "baseline" and _analysis_key(row["analysis"]) == "itt":
+                gain = f"eval.{row['metric']}_gain"
+                metrics.update({gain: row["diff_mean"], f"{gain}_ci_low": row["ci_low"],
+                                f"{gain}_ci_high": row["ci_high"], f"{gain}_p": row["t_p_value"]})
+        client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0)
+                                                   for k, v in metrics.items() if not math.isnan(float(v))])
 
 
 def summarise(config: Config, arms: list[Arm], clip_ids: list[str]) -> dict:
