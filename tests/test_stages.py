@@ -45,6 +45,7 @@ def test_stages_log_parent_children_and_evaluate(prepared, store):
     assert 0 < m["non_model_share"] < 1 and parts <= m["clip_seconds"] * 1.001
     assert all(r.data.metrics["video_write_seconds"] > 0 for r in children)  # encoded on a worker thread
     assert child.data.tags["tta.class"] and child.data.tags["tta.source"] == "synthetic"
+    assert child.data.tags["tta.arm"] == parent.data.tags["tta.arm"] == "baseline"
     artifacts = {a.path for a in MlflowClient().list_artifacts(child.info.run_id, "clip")}
     assert artifacts == {"clip/context.mp4", "clip/target.mp4", "clip/output.mp4", "clip/frame_metrics.json"}
     adapted = clip_runs("tiny", "adapt")

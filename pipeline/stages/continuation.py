@@ -282,6 +282,7 @@ def _run_clips(continuer: Continuer, recorder: Recorder, todo: list[ClipRecord],
                inputs: dict[str, str]) -> None:
     """Each clip in its own child run, tagged with what its result was made from."""
     manifest = continuer.config.data.manifest
+    arm = arm_label(continuer.config, continuer.stage)
 
     def load(record: ClipRecord) -> Future:  # decoded on an I/O thread while the previous clip runs
         return recorder.load(continuer.load_inputs, manifest, record, partners.get(record.clip_id))
@@ -292,7 +293,7 @@ def _run_clips(continuer: Continuer, recorder: Recorder, todo: list[ClipRecord],
         if i + 1 < len(todo):
             ahead = load(todo[i + 1])
         tags = {TAG_CLASS: record.label, TAG_SOURCE: record.source, TAG_INPUTS: inputs[record.clip_id],
-                TAG_WEIGHTS: continuer.weights}
+                TAG_WEIGHTS: continuer.weights, "tta.arm": arm}
         if record.clip_id in partners:
             tags[TAG_PARTNER] = partners[record.clip_id].clip_id
         run = recorder.start(record.clip_id, tags)
