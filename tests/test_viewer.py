@@ -310,3 +310,26 @@ def test_empty_and_unreachable_stores(browser, tmp_path):
         page.screenshot(path=str(SHOTS / "viewer-unreachable.png"))
     finally:
         down.stop()
+
+
+def test_the_viewer_opens_on_the_latest_evaluation(filled_store):
+    """After `evaluate` of the rank-8 arm, the viewer's opening choice is that experiment, its
+    baseline and the rank-8 arm (not the newest arm, rank 4); before any evaluation, nothing is forced."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.stages.evaluate import evaluate
+
+    uri, config, _, _ = filled_store
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    experiments = data.list_experiments(client)
+    assert data.opening_choice(data.latest_evaluation(client), experiments)["experiment"] is None
+    rank8 = dataclasses.replace(config, adaptation=dataclasses.replace(config.adaptation, rank=8))
+    evaluate(rank8)
+    arms = data.list_arms(experiments[0].experiment_id)
+    baselines, adapted = [a for a in arms if a.stage == "baseline"], [a for a in arms if a.stage == "adapt"]
+    opening = data.opening_choice(data.latest_evaluation(client), experiments, baselines, adapted)
+    assert experiments[opening["experiment"]].name == config.experiment
+    assert baselines[opening["baseline"]].digest == stage_digest(config, "baseline")
+    assert [a.label for a in opening["adapted"]] == [R8] and adapted[0].label != R8  # not simply the newest

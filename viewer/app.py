@@ -34,7 +34,10 @@ def main() -> None:
     if not experiments:
         st.info("No experiments yet. Run `make demo` (or any baseline/adapt stage) to fill the store.")
         return
-    experiment = st.sidebar.selectbox("Experiment", experiments, format_func=lambda e: e.name)
+    evaluation = data.latest_evaluation(client)  # open on the latest comparison evaluated, if any
+    opening = data.opening_choice(evaluation, experiments)
+    experiment = st.sidebar.selectbox("Experiment", experiments, index=opening["experiment"] or 0,
+                                      format_func=lambda e: e.name)
     arms = data.list_arms(experiment.experiment_id)
     baselines = [a for a in arms if a.stage == "baseline"]
     adapted_all = [a for a in arms if a.stage == "adapt"]
@@ -44,7 +47,12 @@ def main() -> None:
     reasons = {(b.key, a.key): data.why_not_comparable(b, a) for b in baselines for a in adapted_all}
     # open on the newest baseline that some adapted arm was made against
     first = next((i for i, b in enumerate(baselines) if any(not reasons[b.key, a.key] for a in adapted_all)), 0)
-    baseline = st.sidebar.selectbox("Baseline run", baselines, index=first, format_func=data.Arm.describe)
+    evaluated = data.opening_choice(evaluation if opening["experiment"] is not None and
+                                    experiments[opening["experiment"]] == experiment else None,
+                                    experiments, baselines, adapted_all)
+    baseline = st.sidebar.selectbox("Baseline run", baselines,
+                                    index=first if evaluated["baseline"] is None else evaluated["baseline"],
+                                    format_func=data.Arm.describe)
     comparable = [a for a in adapted_all if not reasons[baseline.key, a.key]]
     others = [a for a in adapted_all if reasons[baseline.key, a.key]]
     if others:
@@ -55,7 +63,8 @@ def main() -> None:
         st.warning("No adapted run was made against this baseline with the same model weights; the sidebar "
                    "says why each is not comparable.")
         return
-    adapted = st.sidebar.multiselect("Adapted runs", comparable, default=comparable[:1], format_func=data.Arm.describe)
+    default = [a for a in evaluated["adapted"] or [] if a in comparable] or comparable[:1]
+    adapted = st.sidebar.multiselect("Adapted runs", comparable, default=default, format_func=data.Arm.describe)
     if not adapted:
         st.info("Choose at least one adapted run in the sidebar.")
         return

@@ -78,6 +78,27 @@ class Arm:
                 f" · {self.digest[:8]}")
 
 
+def latest_evaluation(client: MlflowClient) -> Run | None:
+    """The newest finished evaluate run of any experiment: the comparison the viewer opens on."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`{TAG_STAGE}` = 'evaluate' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.end_time DESC"], max_results=1) if experiments else []
+    return runs[0] if runs else None
+
+
+def opening_choice(evaluation: Run | None, experiments: list, baselines: list[Arm] | None = None,
+                   adapted: list[Arm] | None = None) -> dict:
+    """Which experiment, baseline and adapted arms to open on: those of the latest evaluation, when it
+    is in the list (else None, meaning the first)."""
+    if evaluation is None:
+        return {"experiment": None, "baseline": None, "adapted": None}
+    tags = evaluation.data.tags
+    experiment = next((i for i, e in enumerate(experiments) if e.experiment_id == evaluation.info.experiment_id), None)
+    baseline = next((i for i, b in enumerate(baselines or []) if b.digest == tags.get("tta.baseline_digest")), None)
+    chosen = [a for a in adapted or [] if a.digest == tags.get("tta.adapt_digest")]
+    return {"experiment": experiment, "baseline": baseline, "adapted": chosen or None}
+
+
 def list_experiments(client: MlflowClient) -> list:
     """Experiments that hold at least one baseline or adapt stage run."""
     return [e for e in client.search_experiments() if _stage_runs(e.experiment_id)]
