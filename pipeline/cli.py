@@ -10,7 +10,7 @@ import sys
 import click
 
 from .cluster import PREEMPTED_EXIT_CODE, Preempted, Shard
-from .config import ConfigError, load_config
+from .config import ConfigError, grid_points, load_config
 
 CLIPS_FAILED_EXIT_CODE = 3  # the stage ran to its end, but some clips failed (each run's tta.error says why)
 SHORTCUTS = {"rank": "adaptation.rank", "steps": "adaptation.steps", "lr": "adaptation.lr",
@@ -138,6 +138,24 @@ def experiment(**kw) -> None:
     from .stages.experiment import run_experiment
 
     run_experiment(config)
+
+
+@main.command()
+@config_options("num_clips")
+@click.option("--grid", "grid", multiple=True, required=True, metavar="KEY=V1,V2",
+              help="a swept setting and its values, e.g. --grid adaptation.rank=4,16 (repeatable: every combination; "
+                   "one --grid may hold several space-separated items, as MLproject's -P grid=... passes them)")
+def sweep(grid: tuple[str, ...], **kw: str) -> None:
+    """Every arm of a grid against one baseline: adapt and evaluate each, then rank them by gain."""
+    try:
+        points = grid_points([item for text in grid for item in text.split()])
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    sets = kw.pop("sets")
+    configs = [resolve(sets=sets + tuple(f"{k}={v}" for k, v in point.items()), **kw) for point in points]
+    from .stages.sweep import run_sweep
+
+    run_sweep(points, configs)
 
 
 @main.command()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import types
 import typing
@@ -206,6 +207,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | None
             raise
         raise ConfigError(f"override {culprit}={overrides[culprit]}: {str(exc).removeprefix(source + ': ')}") from None
     return config
+
+
+def grid_points(grid: list[str]) -> list[dict[str, str]]:
+    """`key=v1,v2` items -> every combination as overrides, in the order given."""
+    axes = []
+    for item in grid:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ConfigError(f"--grid {item!r}: expected KEY=VALUE1,VALUE2,...")
+        axes.append([(key.strip(), v.strip()) for v in values.split(",") if v.strip()])
+    return [dict(point) for point in itertools.product(*axes)]
 
 
 def _build(cls, raw: dict, prefix: str, source: str):

@@ -316,3 +316,20 @@ def test_pretraining_new_settings_writes_beside_the_weights_results_refer_to(pre
     assert written != Path(config.model.weights) and written.parent == Path(config.model.weights).parent
     assert Path(config.model.weights).read_bytes() == kept
     assert pretrain(other) == written  # up to date now: found again, not retrained
+
+
+def test_a_2x2_sweep_runs_every_arm_against_one_baseline(prepared, store):
+    """`sweep --grid adaptation.rank=2,4 --grid adaptation.lr=1e-3,2e-3`: one baseline, four adapted arms,
+    each evaluated, and a last table ranking them by their paired gain."""
+    result = subprocess.run(cli("sweep", "--config", str(prepared), "--grid", "adaptation.rank=2,4",
+                                "--grid", "adaptation.lr=1e-3,2e-3"), cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exp = mlflow.get_experiment_by_name(load_config(prepared).experiment)
+    stages = [r.data.tags["tta.stage"] for r in MlflowClient().search_runs([exp.experiment_id],
+                                                                           "tags.`tta.kind` = 'stage'")]
+    assert sorted(stages) == ["adapt"] * 4 + ["baseline"] + ["evaluate"] * 4
+    table = result.stdout[result.stdout.index("sweep: 4 arms"):].splitlines()[2:]
+    assert sorted(line.split()[0] for line in table) == sorted(
+        f"lora-r{r}-lr{lr}-3steps" for r in (2, 4) for lr in ("0.001", "0.002"))
+    gains = [float(line.split()[2]) for line in table]
+    assert gains == sorted(gains, reverse=True)
