@@ -35,6 +35,8 @@ def test_stages_log_parent_children_and_evaluate(prepared, store):
     summary = evaluate(config)
     parent = mlflow.get_run(baseline_id)
     assert parent.data.params["adaptation.rank"] == "4" and parent.data.tags["git_commit"]
+    dataset = parent.inputs.dataset_inputs[0].dataset  # the clips, as the UI's Dataset column shows them
+    assert dataset.name == "data/test" and json.loads(dataset.profile)["num_rows"] == 3
     children = clip_runs("tiny", "baseline")
     assert len(children) == 3 and all(r.data.tags["mlflow.parentRunId"] == baseline_id for r in children)
     child = children[0]

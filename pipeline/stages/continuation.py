@@ -251,6 +251,7 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
         mlflow.set_tags({"tta.arm": arm_label(config, stage), TAG_WEIGHTS: continuer.weights,
                          "tta.baseline_digest": stage_digest(config, "baseline"),
                          "tta.conditioned_pixel_frames": continuer.layout.conditioned_pixel_frames})
+        log_clips_as_dataset(config, stage, clips)
         if continuer.lpips_note:
             mlflow.set_tag("tta.lpips", continuer.lpips_note)
             print(f"[{stage}] {continuer.lpips_note}", file=sys.stderr, flush=True)
@@ -268,6 +269,17 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
         mlflow.log_metrics({"clips_total": len(clips), "clips_failed": recorder.failures})
     ranks.finish()
     return parent.info.run_id
+
+
+def log_clips_as_dataset(config: Config, stage: str, clips: list[ClipRecord]) -> None:
+    """The clips of this invocation as the run's MLflow dataset input (the UI's Dataset column),
+    named after the data folder and split, with the manifest as its source."""
+    import pandas as pd
+
+    d = config.data
+    dataset = mlflow.data.from_pandas(pd.DataFrame([vars(c) for c in clips]), source=str(d.manifest),
+                                      name=f"{Path(d.output_dir).name}/{d.split}")
+    mlflow.log_input(dataset, context=stage)
 
 
 def _reporter(stage: str, progress: Progress) -> Callable[[str, BaseException | None], None]:
