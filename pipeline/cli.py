@@ -108,7 +108,7 @@ def adapt(shard: str, **kw) -> None:
 
 def _exit_if_clips_failed(stage: str, run_id: str) -> None:
     """The last line says how many clips failed, and the exit code is CLIPS_FAILED_EXIT_CODE."""
-    if not run_id:  # a rank > 0 of a multi-GPU run: rank 0 reports
+    if not run_id:  # nothing was left to do, or a rank > 0 of a multi-GPU run (rank 0 reports)
         return
     from mlflow.tracking import MlflowClient
 

@@ -17,7 +17,7 @@ from conftest import ROOT, cli, write_config
 from pipeline.config import load_config
 from pipeline.data.manifest import read_manifest, select_clips
 from pipeline.stages.preprocess import run_preprocess
-from pipeline.tracking.runs import _experiment_id
+from pipeline.tracking.runs import get_or_create_experiment
 from test_viewer import free_port
 
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -155,4 +155,4 @@ def test_experiment_created_by_another_worker_meanwhile_is_used(server, monkeypa
             return None
         return lookup(name)
     monkeypatch.setattr(mlflow, "get_experiment_by_name", created_meanwhile)
-    assert _experiment_id("raced") == lookup("raced").experiment_id
+    assert get_or_create_experiment("raced") == lookup("raced").experiment_id

@@ -32,6 +32,7 @@ def test_stages_log_parent_children_and_evaluate(prepared, store):
     config = load_config(prepared)
     baseline_id = run_stage(config, "baseline")
     run_stage(config, "adapt")
+    assert run_stage(config, "adapt") == ""  # nothing left to do: no second, empty stage run
     summary = evaluate(config)
     parent = mlflow.get_run(baseline_id)
     assert parent.data.params["adaptation.rank"] == "4" and parent.data.tags["git_commit"]
@@ -62,8 +63,9 @@ def test_stages_log_parent_children_and_evaluate(prepared, store):
     psnr = primary(summary, "psnr")
     assert psnr["n"] == 3 and psnr["ci_low"] <= psnr["diff_mean"] <= psnr["ci_high"]
     # each arm's own figures on its stage run, for MLflow's compare view
-    stage_runs = {r.data.tags["tta.stage"]: r for r in MlflowClient().search_runs(
-        [parent.info.experiment_id], "tags.`tta.kind` = 'stage'")}
+    found = MlflowClient().search_runs([parent.info.experiment_id], "tags.`tta.kind` = 'stage'")
+    assert sorted(r.data.tags["tta.stage"] for r in found) == ["adapt", "baseline", "evaluate"]
+    stage_runs = {r.data.tags["tta.stage"]: r for r in found}
     adapted_run = stage_runs["adapt"].data.metrics
     assert adapted_run["eval.psnr_gain"] == pytest.approx(psnr["diff_mean"])
     assert adapted_run["eval.psnr_gain_ci_low"] == pytest.approx(psnr["ci_low"]) and "eval.clips_failed" in adapted_run

@@ -6,6 +6,7 @@ baseline stage also scores the reference predictors (REFERENCE_LABELS) on every 
 """
 from __future__ import annotations
 
+import os
 import random
 import resource
 import sys
@@ -33,7 +34,7 @@ from ..models.ltx_video import frames_to_tensor, tensor_to_frames
 from ..progress import Progress
 from ..seeds import derive_seed
 from ..tracking.runs import (TAG_CLASS, TAG_INPUTS, TAG_PARTNER, TAG_SOURCE, TAG_WEIGHTS, finished_clips,
-                             stage_run)
+                             get_or_create_experiment, stage_run)
 from .latent_cache import LatentCache
 from .recorder import Recorder
 
@@ -227,7 +228,8 @@ class Continuer:
 
 def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, shard: Shard = Shard()) -> str:
     """Run baseline or adapt over the configured clips (this task's shard of them); returns the
-    stage's parent run id. SIGTERM/SIGUSR1 abandon the current clip and raise Preempted."""
+    stage's parent run id ("" when every clip already had a result, or on a rank > 0).
+    SIGTERM/SIGUSR1 abandon the current clip and raise Preempted."""
     d = config.data
     if ranks.world_size() > 1 and stage != "adapt":
         raise ValueError(f"{stage}: several processes per clip (torchrun) only help the adapt stage")
@@ -246,6 +248,12 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
         _follow_main_rank(continuer, d.manifest, {c.clip_id: c for c in clips}, partners)
         ranks.finish()
         return ""
+    if ranks.world_size() == 1 and "MLFLOW_RUN_ID" not in os.environ:  # nothing to do: no empty stage run
+        done = finished_clips(get_or_create_experiment(config.experiment), stage, digest, inputs, continuer.weights)
+        if all(c.clip_id in done for c in clips):
+            print(f"[{stage}] nothing to do: all {len(clips)} clips already have a finished result for this "
+                  "config, model and clip content", flush=True)
+            return ""
     with preemptible(), stage_run(config, stage, digest, arm_run_name(config, stage)) as parent:
         mlflow.log_param("shard", str(shard))
         mlflow.set_tags({"tta.arm": arm_label(config, stage), TAG_WEIGHTS: continuer.weights,

@@ -42,7 +42,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _experiment_id(name: str) -> str:
+def get_or_create_experiment(name: str) -> str:
     """The experiment `name`, created if new."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment:
@@ -82,7 +82,7 @@ def stage_run(config: Config, stage: str, digest: str, name: str | None = None):
     Inside `mlflow run` the run it created is used when it is in that experiment; inside another
     active run (the `experiment` stage) the stage run is nested under it.
     """
-    experiment_id = _experiment_id(config.experiment)
+    experiment_id = get_or_create_experiment(config.experiment)
     tags = {TAG_STAGE: stage, TAG_DIGEST: digest, TAG_KIND: "stage", "git_commit": git_commit()}
     launcher = _launcher_run(experiment_id)
     if launcher is not None:
