@@ -290,6 +290,9 @@ def run() -> None:
     except Preempted as exc:
         click.echo(f"{exc}: the current clip was abandoned; rerun (or requeue) to resume", err=True)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except (ConfigError, FileNotFoundError) as exc:  # a setup problem the message names: one line, no traceback
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
     finally:
         mlflow = sys.modules.get("mlflow")  # imported by the stages only
         if mlflow is not None and mlflow.active_run() is not None:  # a crash leaves no run dangling as RUNNING

@@ -30,7 +30,7 @@ class DataConfig:
     split_id: int = 1  # ucf101, hmdb51: which official split (1-3)
     sample: int = 0  # videos per split, stratified by class (0 = all)
     start_frame: int = 0  # first source frame of each clip
-    output_dir: str = "data/synthetic"  # where preprocess writes clips and manifest.csv
+    output_dir: str = ""  # where preprocess writes clips, manifest.csv and config.yaml ("": data/synthetic, or data/<input folder's name>)
     frames: int = 16  # T
     context: int = 8  # K
     height: int = 32
@@ -127,7 +127,7 @@ class EvaluationConfig:
 
 @dataclass
 class Config:
-    experiment: str = "demo"
+    experiment: str = ""  # the MLflow experiment every stage records into ("": the data folder's name)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -184,9 +184,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | None
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = _read_preset(path)
         source = str(path)
     for key, value in (overrides or {}).items():
         if value == "" or value is None:
@@ -200,6 +198,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | None
         node[leaf] = yaml.safe_load(value) if isinstance(value, str) else value
     try:
         config = _build(Config, raw, prefix="", source=source)
+        _derive(config)
         _check(config, source)
     except ConfigError as exc:  # name the override that caused it, not the file
         culprit = next((k for k in overrides or {} if f"'{k}'" in str(exc) and overrides[k] not in ("", None)), None)
@@ -207,6 +206,35 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | None
             raise
         raise ConfigError(f"override {culprit}={overrides[culprit]}: {str(exc).removeprefix(source + ': ')}") from None
     return config
+
+
+def _read_preset(path: Path) -> dict:
+    """A YAML preset; `base: other.yaml` (beside it) supplies every value it does not set."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    if "base" not in raw:
+        return raw
+    base = path.parent / str(raw.pop("base"))
+    if not base.exists():
+        raise ConfigError(f"{path}: base preset {base} does not exist")
+    return _merged(_read_preset(base), raw)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _derive(config: Config) -> None:
+    """The defaults that follow from other values: a dataset's own folder, an experiment named after it."""
+    d = config.data
+    if not d.output_dir:
+        d.output_dir = "data/synthetic" if d.source == "synthetic" else f"data/{Path(d.input_dir).name or d.source}"
+    if not config.experiment:
+        config.experiment = Path(d.output_dir).name
 
 
 def grid_points(grid: list[str]) -> list[dict[str, str]]:
@@ -241,6 +269,8 @@ def _build(cls, raw: dict, prefix: str, source: str):
 
 def _coerce(kind, value, key: str, source: str):
     if isinstance(kind, types.UnionType):
+        if value is None and type(None) in typing.get_args(kind):
+            return None
         kind = next(k for k in typing.get_args(kind) if k is not type(None))
     if kind is float and isinstance(value, str):
         try:

@@ -36,7 +36,8 @@ def write_manifest(path: str | Path, records: list[ClipRecord]) -> Path:
 def read_manifest(path: str | Path) -> list[ClipRecord]:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"manifest {path} does not exist: run the preprocess stage first")
+        raise FileNotFoundError(f"manifest {path} does not exist: make it with `python -m pipeline preprocess` "
+                                f"and the same --config and --set (data.output_dir={path.parent})")
     casts = {fl.name: fl.type for fl in fields(ClipRecord)}
     records = []
     with open(path, newline="") as f:

@@ -48,13 +48,14 @@ def generate_synthetic(config: DataConfig) -> tuple[list[ClipRecord], list[tuple
 
 
 def clips_from_folder(config: DataConfig) -> tuple[list[ClipRecord], list[tuple[str, str]]]:
-    """Videos in class sub-folders (a plain folder, or the official UCF-101 / HMDB51 layout)."""
+    """Videos in class sub-folders (the official UCF-101 / HMDB51 layout too), or directly in the
+    folder (their class is then the folder's name)."""
     root = Path(config.input_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"data.input_dir={root} is not a directory (expected one sub-folder per class)")
-    videos = sorted(p for p in root.rglob("*") if p.is_file() and p.parent != root)
+        raise FileNotFoundError(f"data.input_dir={root} is not a directory of videos")
+    videos = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not videos:
-        raise FileNotFoundError(f"data.input_dir={root} has no files in class sub-folders")
+        raise FileNotFoundError(f"data.input_dir={root} holds no files")
     splits, skipped = _assign_splits(config, root, videos)
     chosen = [(key, split) for split in ("train", "test") for key in _sample(config, splits, split)]
     records = []
@@ -66,8 +67,8 @@ def clips_from_folder(config: DataConfig) -> tuple[list[ClipRecord], list[tuple[
         try:
             if video.suffix.lower() not in VIDEO_SUFFIXES:
                 raise VideoError(video, f"not a video file suffix ({video.suffix or 'none'})")
-            records.append(store_clip(config, clip_id, rel.parts[0], fit_clip(video, config), split, str(video),
-                                      config.start_frame))
+            records.append(store_clip(config, clip_id, _label(rel, root), fit_clip(video, config), split,
+                                      str(video), config.start_frame))
         except VideoError as exc:
             skipped.append((str(video), exc.reason))
             print(f"[preprocess] skipped {exc}", flush=True)
@@ -86,8 +87,13 @@ def _assign_splits(config: DataConfig, root: Path, videos: list[Path]):
 
 
 def _sample(config: DataConfig, splits: dict[str, str], split: str) -> list[str]:
-    items = [(k, Path(k).parts[0]) for k, s in splits.items() if s == split]
+    items = [(k, _label(Path(k), Path(config.input_dir))) for k, s in splits.items() if s == split]
     return [k for k, _ in stratified_sample(items, config.sample, config.seed)]
+
+
+def _label(relative: Path, root: Path) -> str:
+    """A video's class: its sub-folder, or the folder's own name for a video directly in it."""
+    return relative.parts[0] if len(relative.parts) > 1 else root.name
 
 
 def fit_clip(path: Path, config: DataConfig) -> np.ndarray:

@@ -24,7 +24,7 @@ from .. import ranks
 from ..adaptation import make_adapter
 from ..adaptation.trainer import adapt_to_clip
 from ..cluster import Shard, check_store_for_many_writers, preemptible
-from ..config import NOT_RESULT_SETTINGS, Config
+from ..config import NOT_RESULT_SETTINGS, Config, ConfigError
 from ..data.manifest import ClipRecord, read_manifest, resolve_clip_path, select_clips
 from ..data.video_io import VideoError, frames_hash, read_video
 from ..evaluation.metrics import LOWER_IS_BETTER, LpipsUnavailable, frame_metrics, load_lpips
@@ -239,7 +239,8 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
     split = select_clips(read_manifest(d.manifest), d.split, 0)
     clips = shard.select(select_clips(split, d.split, d.num_clips))
     if not clips:
-        raise ValueError(f"{d.manifest} has no clips in split '{d.split}' for shard {shard}")
+        raise ConfigError(f"{d.manifest} has no clips in split '{d.split}' for shard {shard} (data.split, "
+                          "data.test_fraction at preprocessing)")
     inputs = clip_inputs(config, stage, clips, split)
     partners = partners_for(config, stage, split)
     digest = stage_digest(config, stage)

@@ -15,7 +15,7 @@ from .pretrain import pretrain
 def run_experiment(config: Config) -> dict:
     with stage_run(config, "experiment", config.digest("data", "model", "sampling", "adaptation", "evaluation")):
         run_preprocess(config)
-        if not config.model.pretrained:
+        if not config.model.pretrained and config.pretrain.steps > 0:  # 0: model.weights used as they are
             weights = pretrain(config)
             config = replace(config, model=replace(config.model, weights=str(weights)))
         run_stage(config, "baseline")

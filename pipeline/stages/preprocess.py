@@ -1,7 +1,12 @@
-"""The preprocess stage as an MLflow run: clips, manifest and the list of skipped videos."""
+"""The preprocess stage as an MLflow run: clips, manifest, the list of skipped videos, and the
+resolved config beside the manifest, so later stages take the dataset without repeating flags."""
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import mlflow
+import yaml
 
 from ..config import Config
 from ..data.preprocess import preprocess
@@ -16,5 +21,8 @@ def run_preprocess(config: Config):
                             **{f"clips_{s}": n for s, n in splits.items()}})
         mlflow.log_artifact(str(manifest))
         mlflow.log_artifact(str(manifest.with_name("skipped.csv")))
-    print(f"[preprocess] {manifest}: {len(records)} clips ({splits}), {len(skipped)} videos skipped", flush=True)
+    settings = Path(config.data.output_dir) / "config.yaml"
+    settings.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    print(f"[preprocess] {manifest}: {len(records)} clips ({splits}), {len(skipped)} videos skipped; "
+          f"next: python -m pipeline experiment --config {settings}", flush=True)
     return manifest
