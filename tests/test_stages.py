@@ -59,6 +59,9 @@ def test_stages_log_parent_children_and_evaluate(prepared, store):
         config.data.manifest)}[child.data.tags["tta.clip_id"]]
     assert child.data.tags["tta.weights"] == parent.data.tags["tta.weights"] and child.data.tags["git_commit"]
     assert "repeat_last_psnr" in child.data.metrics and "repeat_last_psnr" not in adapted[0].data.metrics
+    # temporal consistency of the continuation, of the truth, and of repeating the last frame (none)
+    assert {"warp_error", "flicker", "truth_warp_error", "truth_flicker"} <= set(child.data.metrics)
+    assert child.data.metrics["repeat_last_warp_error"] == 0 == child.data.metrics["repeat_last_flicker"]
     # evaluation: paired stats, per-frame curves over [K, T), the reference beside the arms, artifacts
     psnr = primary(summary, "psnr")
     assert psnr["n"] == 3 and psnr["ci_low"] <= psnr["diff_mean"] <= psnr["ci_high"]

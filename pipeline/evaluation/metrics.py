@@ -1,5 +1,6 @@
 """Per-frame PSNR, SSIM (torch ports of scikit-image's, batched on the model's device) and LPIPS
-(lpips package) of a continuation against the truth."""
+(lpips package) of a continuation against the truth, and its frame-to-frame consistency
+(temporal.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,9 +9,12 @@ import numpy as np
 import torch
 
 from .gpu_metrics import psnr, ssim, to_float
+from .temporal import temporal_metrics
 
-METRICS = ("psnr", "ssim", "lpips")  # what `frame_metrics` scores, in that order
-LOWER_IS_BETTER = {"lpips"}  # PSNR and SSIM: higher is better
+# the per-frame scores evaluate compares between arms: against the truth (`frame_metrics`), and the
+# warping error of each frame against the one before it (`temporal_metrics`)
+METRICS = ("psnr", "ssim", "lpips", "warp_error")
+LOWER_IS_BETTER = {"lpips", "warp_error"}  # PSNR and SSIM: higher is better
 PSNR_CAP = 100.0  # identical frames have infinite PSNR; capped so that means stay finite
 FETCH_COMMAND = "python -m pipeline fetch-weights"
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's ImageNet AlexNet, the LPIPS backbone
@@ -45,6 +49,13 @@ def fetch_lpips_weights() -> Path:
 
     alexnet(weights=AlexNet_Weights.IMAGENET1K_V1)
     return backbone_weights_path()
+
+
+def continuation_metrics(prediction: np.ndarray, truth: np.ndarray, last_context: np.ndarray, lpips_model=None,
+                         device: str | torch.device = "cpu") -> dict[str, list[float]]:
+    """Per-frame scores of a continuation of the last context frame: against the truth, and each frame
+    against the one before it (warp error, flicker)."""
+    return {**frame_metrics(prediction, truth, lpips_model, device), **temporal_metrics(last_context, prediction)}
 
 
 @torch.no_grad()

@@ -27,7 +27,9 @@ from ..cluster import Shard, check_store_for_many_writers, preemptible
 from ..config import NOT_RESULT_SETTINGS, Config, ConfigError
 from ..data.manifest import ClipRecord, read_manifest, resolve_clip_path, select_clips
 from ..data.video_io import VideoError, frames_hash, read_video
-from ..evaluation.metrics import LOWER_IS_BETTER, LpipsUnavailable, frame_metrics, load_lpips
+from ..evaluation.metrics import (LOWER_IS_BETTER, LpipsUnavailable, continuation_metrics, frame_metrics,
+                                  load_lpips)
+from ..evaluation.temporal import temporal_metrics
 from ..models import VideoBackend, load_backend, reference_deviations
 from ..models.base import weights_fingerprint
 from ..models.ltx_video import frames_to_tensor, tensor_to_frames
@@ -185,7 +187,7 @@ class Continuer:
             output = self._decode(latents, seed)
             metrics["decode_seconds"] += time.perf_counter() - start
             start = time.perf_counter()
-            samples.append(frame_metrics(output[K:], frames[K:], self.lpips, backend.device))
+            samples.append(continuation_metrics(output[K:], frames[K:], frames[K - 1], self.lpips, backend.device))
             continuity.append(frame_metrics(output[K:K + 1], frames[K - 1:K], device=backend.device)["psnr"][0])
             metrics["metrics_seconds"] += time.perf_counter() - start
             first = output if first is None else first
@@ -206,6 +208,9 @@ class Continuer:
             per_frame.update(references)
             metrics.update({name: float(np.mean(values)) for name, values in references.items()})
             metrics["truth_continuity_psnr"] = references["repeat_last_psnr"][0]  # frame K against frame K-1
+            # the truth's own frame-to-frame change: what a continuation's warp error and flicker compare with
+            metrics.update({f"truth_{name}": float(np.mean(values))
+                            for name, values in temporal_metrics(frames[K - 1], frames[K:]).items()})
         return ClipOutput(first, metrics, per_frame, per_sample)
 
     def _decode(self, latents: torch.Tensor, seed: int) -> np.ndarray:
@@ -223,7 +228,8 @@ class Continuer:
                                                 torch.Generator(device).manual_seed(seed))
             predictions["vae_recon"] = self._decode(latents, seed)[K:]
         return {f"{ref}_{name}": values for ref, prediction in predictions.items()
-                for name, values in frame_metrics(prediction, frames[K:], self.lpips, device).items()}
+                for name, values in continuation_metrics(prediction, frames[K:], frames[K - 1], self.lpips,
+                                                         device).items()}
 
 
 def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, shard: Shard = Shard()) -> str:

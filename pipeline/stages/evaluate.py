@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from ..config import Config
 from ..data.manifest import read_manifest, select_clips
 from ..evaluation.metrics import LOWER_IS_BETTER, METRICS
+from ..evaluation.temporal import TEMPORAL_METRICS
 from ..evaluation.plots import summary_figure, write_html
 from ..evaluation.stats import holm, mean_se, paired_comparison, paired_frame_difference, per_frame_curve
 from ..tracking.runs import (TAG_ERROR, TAG_STAGE, TAG_WEIGHTS, finished_clips, frame_history, search_all,
@@ -194,6 +195,9 @@ def summarise(config: Config, arms: list[Arm], clip_ids: list[str]) -> dict:
     summary["prefix"] = {arm.name: {m: _mean_se_where(arm, itt, m) for m in PREFIX_METRICS} for arm in arms}
     summary["prefix"]["truth"] = {"first_frame_psnr": (math.nan, math.nan),
                                   "continuity_psnr": _mean_se_where(baseline, itt, "truth_continuity_psnr")}
+    # how much each continuation moves from frame to frame, beside how much the truth does
+    summary["motion"] = {arm.name: {m: _mean_se_where(arm, itt, m) for m in TEMPORAL_METRICS} for arm in arms}
+    summary["motion"]["truth"] = {m: _mean_se_where(baseline, itt, f"truth_{m}") for m in TEMPORAL_METRICS}
     for arm in arms:
         for cost in COSTS:
             values = [arm.scored[c][cost] for c in itt if c in arm.scored and cost in arm.scored[c]]
@@ -267,8 +271,9 @@ def flat_metrics(summary: dict) -> dict[str, float]:
         key = f"{row['a']}-{row['b']}.{_analysis_key(row['analysis'])}.{row['metric']}"
         for stat in ("n", "diff_mean", "ci_low", "ci_high", "t_p_value", "holm_p_value", "wilcoxon_p_value"):
             out[f"{key}.{stat}"] = row[stat]
-    for name, values in summary["prefix"].items():
-        out.update({f"{name}.{m}_mean": mean for m, (mean, _) in values.items()})
+    for block in ("prefix", "motion"):
+        for name, values in summary[block].items():
+            out.update({f"{name}.{m}_mean": mean for m, (mean, _) in values.items()})
     out.update({k: v for k, v in summary["cost"].items()})
     out["clips_scored_by_baseline"] = len(summary["clips"])
     return {k: float(v) for k, v in out.items() if not math.isnan(v)}
@@ -290,14 +295,14 @@ def format_table(summary: dict) -> str:
     lines += [f"  {name}: {arm['label']}" for name, arm in summary["arms"].items() if arm['label'] != name]
     if "lpips" not in metrics:
         lines.append("lpips unavailable (see the stage runs' tta.lpips tag; `python -m pipeline fetch-weights`)")
-    lines += ["", f"{'paired comparison':<44}{'analysis':<16}{'metric':<7}{'n':>4}{'mean [95% CI]':>32}"
+    lines += ["", f"{'paired comparison':<44}{'analysis':<16}{'metric':<11}{'n':>4}{'mean [95% CI]':>32}"
                   f"{'t p':>9}{'Holm p':>9}{'Wilcoxon p':>11}"]
     for row in summary["comparisons"]:
         if row["n"] < 2:
-            lines.append(f"{row['a'] + ' - ' + row['b']:<44}{_analysis_key(row['analysis']):<16}{row['metric']:<7}"
+            lines.append(f"{row['a'] + ' - ' + row['b']:<44}{_analysis_key(row['analysis']):<16}{row['metric']:<11}"
                          f"{row['n']:>4}  fewer than 2 paired clips: no statistics")
             continue
-        lines.append(f"{row['a'] + ' - ' + row['b']:<44}{_analysis_key(row['analysis']):<16}{row['metric']:<7}"
+        lines.append(f"{row['a'] + ' - ' + row['b']:<44}{_analysis_key(row['analysis']):<16}{row['metric']:<11}"
                      f"{row['n']:>4}{row['diff_mean']:>+12.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
                      f"{row['t_p_value']:>9.3g}{row['holm_p_value']:>9.3g}{row['wilcoxon_p_value']:>11.3g}")
     lines.append("itt: every clip the baseline scored, a failed adaptation counted as no change; "
@@ -311,6 +316,10 @@ def format_table(summary: dict) -> str:
         else:
             lines.append(f"  {name:<12}against the truth {_pm(*values['first_frame_psnr'])}, against frame K-1 "
                          f"{_pm(*values['continuity_psnr'])}")
+    lines += ["", "how much does each continuation move? mean change between consecutive frames (flicker) and "
+                  "what optical flow does not explain of it (warp error), 0-1 scale, frame K against K-1 included:"]
+    for name, values in summary["motion"].items():
+        lines.append(f"  {name:<12}flicker {_pm(*values['flicker'])}, warp error {_pm(*values['warp_error'])}")
     lines.append("")
     cost = summary["cost"]
     lines.append(f"seconds per clip: adaptation {cost.get('adapted.adapt_seconds', 0):.2f}, sampling baseline "
