@@ -164,14 +164,13 @@ class LTXVideoBackend(VideoBackend):
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
         text_encoder = T5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
 
-        @torch.no_grad()
-        def encode(text: str) -> tuple[torch.Tensor, torch.Tensor]:
-            tokens = tokenizer([text], padding="max_length", max_length=PROMPT_TOKENS, truncation=True,
-                               add_special_tokens=True, return_tensors="pt")
-            mask = tokens.attention_mask.bool()
-            return text_encoder(tokens.input_ids, attention_mask=mask)[0].float(), mask
-
-        embeds = encode(prompt), encode(negative_prompt)
+        embeds = []  # (embeddings, mask) of the prompt, then of the negative prompt
+        with torch.no_grad():
+            for text in (prompt, negative_prompt):
+                tokens = tokenizer([text], padding="max_length", max_length=PROMPT_TOKENS, truncation=True,
+                                   add_special_tokens=True, return_tensors="pt")
+                mask = tokens.attention_mask.bool()
+                embeds.append((text_encoder(tokens.input_ids, attention_mask=mask)[0].float(), mask))
         del text_encoder
         return cls(transformer, vae, scheduler, *embeds, **kw)
 
