@@ -28,7 +28,7 @@ def clip_runs(experiment: str, stage: str):
     return MlflowClient().search_runs([exp.experiment_id], f"tags.`tta.stage` = '{stage}' and tags.`tta.kind` = 'clip'")
 
 
-def test_stages_log_parent_children_and_evaluate(prepared, store):
+def test_stages_log_parent_children_and_evaluate(prepared, store, capsys):
     config = load_config(prepared)
     baseline_id = run_stage(config, "baseline")
     run_stage(config, "adapt")
@@ -65,6 +65,9 @@ def test_stages_log_parent_children_and_evaluate(prepared, store):
     # evaluation: paired stats, per-frame curves over [K, T), the reference beside the arms, artifacts
     psnr = primary(summary, "psnr")
     assert psnr["n"] == 3 and psnr["ci_low"] <= psnr["diff_mean"] <= psnr["ci_high"]
+    # the link that opens MLflow 3's UI on the runs table, not its GenAI overview
+    assert (f"/#/experiments/{parent.info.experiment_id}/runs?workflowType=machine_learning"
+            in capsys.readouterr().out)
     # each arm's own figures on its stage run, for MLflow's compare view
     found = MlflowClient().search_runs([parent.info.experiment_id], "tags.`tta.kind` = 'stage'")
     assert sorted(r.data.tags["tta.stage"] for r in found) == ["adapt", "baseline", "evaluate"]

@@ -95,6 +95,9 @@ def evaluate(config: Config) -> dict:
             mlflow.log_artifacts(tmp)
         summary["run_id"] = parent.info.run_id
     print(format_table(summary), flush=True)
+    # MLflow 3's UI opens experiments on its GenAI overview unless the link asks for the runs table
+    print(f"in the MLflow UI (`mlflow ui`): /#/experiments/{experiment_id}/runs?workflowType=machine_learning; "
+          "the viewer: `make viewer`", flush=True)
     return summary
 
 
