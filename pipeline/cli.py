@@ -35,9 +35,15 @@ def config_options(*shortcuts: str):
 ARM = ("rank", "steps", "lr", "alpha", "num_clips")  # the shortcuts of commands that run or read an arm
 
 
+def split_items(texts: tuple[str, ...]) -> list[str]:
+    """Repeated options whose values may each hold several space-separated items (as MLproject's
+    -P set=... and -P grid=... pass them)."""
+    return [item for text in texts for item in text.split()]
+
+
 def parse_sets(sets: tuple[str, ...]) -> dict[str, str]:
     overrides = {}
-    for item in (pair for text in sets for pair in text.split()):
+    for item in split_items(sets):
         if "=" not in item:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
         key, value = item.split("=", 1)
@@ -148,7 +154,7 @@ def experiment(**kw) -> None:
 def sweep(grid: tuple[str, ...], **kw: str) -> None:
     """Every arm of a grid against one baseline: adapt and evaluate each, then rank them by gain."""
     try:
-        points = grid_points([item for text in grid for item in text.split()])
+        points = grid_points(split_items(grid))
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     sets = kw.pop("sets")

@@ -174,6 +174,15 @@ def sensitive(backend):
     return backend
 
 
+def twelve_step_setup(config_path, conditioning: str = "reference"):
+    """The randomised tiny backend at 12 sampling steps (past the 10 of full oscillation guidance),
+    with the layout and encoded context of the test clip: (config, backend, layout, context)."""
+    config = load_config(config_path, {"sampling.steps": "12", "model.conditioning": conditioning})
+    backend = sensitive(load_backend(config))
+    layout = backend.frame_layout(config.data.frames, config.data.context, 32, 32)
+    return config, backend, layout, backend.encode(_clip(backend, layout)[:, :, : layout.conditioned_pixel_frames])
+
+
 def _shape_args(backend, latent_frames: int, h: int, w: int) -> dict:
     from pipeline.models.opensora_v13 import SPATIAL, decoded_frames
 
@@ -189,10 +198,7 @@ def test_v13_baseline_equals_upstream_rflow_sample(config_path):
     scaling), for the same noise; 12 steps reach past the 10 of full oscillation guidance."""
     from opensora.schedulers.rf import RFLOW
 
-    config = load_config(config_path, {"sampling.steps": "12"})
-    backend = sensitive(load_backend(config))
-    layout = backend.frame_layout(config.data.frames, config.data.context, 32, 32)
-    context = backend.encode(_clip(backend, layout)[:, :, : layout.conditioned_pixel_frames])
+    config, backend, layout, context = twelve_step_setup(config_path)
     ours = backend.sample(context, layout.latent_frames, seed=3)
 
     batch, channels, clean, h, w = context.shape
@@ -208,8 +214,7 @@ def test_v13_baseline_equals_upstream_rflow_sample(config_path):
                               z_cond_mask=cond_mask, mask_index=list(range(clean)), use_sdedit=True,
                               use_oscillation_guidance_for_text=True, use_oscillation_guidance_for_image=True)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-    clean_prefix = sensitive(load_backend(load_config(config_path, {"sampling.steps": "12",
-                                                                    "model.conditioning": "clean_prefix"})))
+    clean_prefix = twelve_step_setup(config_path, "clean_prefix")[1]
     assert not torch.allclose(clean_prefix.sample(context, layout.latent_frames, seed=3), theirs, atol=1e-2)
 
 
@@ -257,10 +262,7 @@ def test_v20_baseline_equals_upstream_i2v_denoiser(config_path):
         pytest.skip(f"opensora.utils.sampling does not import here: {exc}")
     from pipeline.models.opensora_v20 import image_ids, pack, unpack
 
-    config = load_config(config_path, {"sampling.steps": "12"})
-    backend = sensitive(load_backend(config))
-    layout = backend.frame_layout(config.data.frames, config.data.context, 32, 32)
-    context = backend.encode(_clip(backend, layout)[:, :, : layout.conditioned_pixel_frames])
+    config, backend, layout, context = twelve_step_setup(config_path)
     ours = backend.sample(context, layout.latent_frames, seed=3)
 
     batch, channels, clean, h, w = context.shape
@@ -278,8 +280,7 @@ def test_v20_baseline_equals_upstream_i2v_denoiser(config_path):
                                    guidance=config.sampling.guidance, text_osci=True, image_osci=True,
                                    scale_temporal_osci=False, patch_size=2)
     torch.testing.assert_close(ours, unpack(theirs, frames, h, w), atol=1e-4, rtol=1e-4)
-    clean_prefix = sensitive(load_backend(load_config(config_path, {"sampling.steps": "12",
-                                                                    "model.conditioning": "clean_prefix"})))
+    clean_prefix = twelve_step_setup(config_path, "clean_prefix")[1]
     assert not torch.allclose(clean_prefix.sample(context, frames, seed=3), ours, atol=1e-2)
 
 

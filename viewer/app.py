@@ -38,6 +38,8 @@ def main() -> None:
     opening = data.opening_choice(evaluation, experiments)
     experiment = st.sidebar.selectbox("Experiment", experiments, index=opening["experiment"] or 0,
                                       format_func=lambda e: e.name)
+    if evaluation is not None and evaluation.info.experiment_id != experiment.experiment_id:
+        evaluation = None  # another experiment was chosen: its own newest arms
     arms = data.list_arms(experiment.experiment_id)
     baselines = [a for a in arms if a.stage == "baseline"]
     adapted_all = [a for a in arms if a.stage == "adapt"]
@@ -47,9 +49,7 @@ def main() -> None:
     reasons = {(b.key, a.key): data.why_not_comparable(b, a) for b in baselines for a in adapted_all}
     # open on the newest baseline that some adapted arm was made against
     first = next((i for i, b in enumerate(baselines) if any(not reasons[b.key, a.key] for a in adapted_all)), 0)
-    evaluated = data.opening_choice(evaluation if opening["experiment"] is not None and
-                                    experiments[opening["experiment"]] == experiment else None,
-                                    experiments, baselines, adapted_all)
+    evaluated = data.opening_choice(evaluation, experiments, baselines, adapted_all)
     baseline = st.sidebar.selectbox("Baseline run", baselines,
                                     index=first if evaluated["baseline"] is None else evaluated["baseline"],
                                     format_func=data.Arm.describe)

@@ -60,7 +60,13 @@ def evaluate(config: Config) -> dict:
     digests = {"baseline": stage_digest(config, "baseline"), "adapt": stage_digest(config, "adapt")}
     with stage_run(config, "evaluate", digests["adapt"], f"evaluate {arm_run_name(config, 'adapt')}") as parent:
         experiment_id = parent.info.experiment_id
-        weights = _weights_of_newest(experiment_id, "adapt", digests["adapt"], config)
+        adapted_run = _newest_stage_run(experiment_id, "adapt", digests["adapt"])
+        if adapted_run is None:
+            raise ValueError(f"experiment '{config.experiment}' has no adapt run with this config (digest "
+                             f"{digests['adapt']}): run the adapt stage with the same config and experiment first")
+        # the results evaluated are those made with the weights of the arm's newest stage run (older
+        # results of other weights are never mixed in)
+        weights = adapted_run.data.tags.get(TAG_WEIGHTS, "")
 
         def load(name: str, stage: str, cfg: Config, label: str) -> Arm:
             digest, arm_inputs = stage_digest(cfg, stage), clip_inputs(cfg, stage, clips, split)
@@ -85,7 +91,7 @@ def evaluate(config: Config) -> dict:
                          TAG_WEIGHTS: weights})
         mlflow.log_metrics(flat_metrics(summary))
         stage_runs = {"baseline": _newest_stage_run(experiment_id, "baseline", digests["baseline"]),
-                      "adapted": _newest_stage_run(experiment_id, "adapt", digests["adapt"])}
+                      "adapted": adapted_run}
         if "sham" in summary["arms"]:
             stage_runs["sham"] = _newest_stage_run(experiment_id, "adapt", stage_digest(sham_config, "adapt"))
         summary_on_stage_runs(summary, {name: run for name, run in stage_runs.items() if run is not None})
@@ -107,21 +113,11 @@ def _newest_stage_run(experiment_id: str, stage: str, digest: str) -> Run | None
     return runs[0] if runs else None
 
 
-def _weights_of_newest(experiment_id: str, stage: str, digest: str, config: Config) -> str:
-    """The model weights of the newest stage run of this arm: the results evaluated are those made
-    with them (older results of other weights are never mixed in)."""
-    run = _newest_stage_run(experiment_id, stage, digest)
-    if run is None:
-        raise ValueError(f"experiment '{config.experiment}' has no {stage} run with this config (digest {digest}): "
-                         f"run the {stage} stage with the same config and experiment first")
-    return run.data.tags.get(TAG_WEIGHTS, "")
-
-
 def summary_on_stage_runs(summary: dict, stage_runs: dict[str, Run]) -> None:
     """Each arm's own figures on its newest stage run, under the same names for every arm (`eval.psnr_mean`,
     `eval.psnr_gain` with `_ci_low`/`_ci_high`/`_p` against the baseline, ITT; failures; seconds per
     clip), so MLflow's compare view and charts line arms up without opening the evaluate run."""
-    client = MlflowClient()
+    client, now = MlflowClient(), int(time.time() * 1000)
     for name, run in stage_runs.items():
         arm = summary["arms"][name]
         metrics = {f"eval.{m}_mean": mean for m, (mean, _) in arm["means"].items()}
@@ -132,7 +128,7 @@ def summary_on_stage_runs(summary: dict, stage_runs: dict[str, Run]) -> None:
                 gain = f"eval.{row['metric']}_gain"
                 metrics.update({gain: row["diff_mean"], f"{gain}_ci_low": row["ci_low"],
                                 f"{gain}_ci_high": row["ci_high"], f"{gain}_p": row["t_p_value"]})
-        client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0)
+        client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0)
                                                    for k, v in metrics.items() if not math.isnan(float(v))])
 
 

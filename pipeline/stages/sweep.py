@@ -1,14 +1,15 @@
 """A sweep: every arm of a grid of adaptation settings over the same clips, against one baseline.
 
-`python -m pipeline sweep --grid adaptation.rank=4,16,64 --grid adaptation.lr=1e-4,2e-4` (every point's
-config is checked before anything runs: `config.grid_points`) runs the baseline once (its key leaves the adaptation settings out, so every
-arm pairs with it), then adapts and evaluates each arm in turn. Finished clips are reused as in
-every stage, so a rerun or a grown grid only computes what is new. The last table ranks the arms
-by their paired gain.
+`python -m pipeline sweep --grid adaptation.rank=4,16,64 --grid adaptation.lr=1e-4,2e-4` checks every
+point's config before anything runs (`config.grid_points`), runs the baseline once (its key leaves
+the adaptation settings out, so every arm pairs with it), then adapts and evaluates each arm in
+turn. Finished clips are reused as in every stage, so a rerun or a grown grid only computes what is
+new. The last table ranks the arms by their paired gain.
 """
 from __future__ import annotations
 
 from ..config import Config
+from ..evaluation.metrics import LOWER_IS_BETTER
 from .continuation import arm_run_name, run_stage
 from .evaluate import evaluate
 
@@ -26,8 +27,7 @@ def run_sweep(points: list[dict[str, str]], configs: list[Config], metric: str =
         results.append({"arm": arm_run_name(config, "adapt"), "point": point, "n": row["n"],
                         "gain": row["diff_mean"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
                         "p": row["t_p_value"], "failed": summary["arms"]["adapted"]["failed"]})
-    better = -1 if metric == "lpips" else 1
-    results.sort(key=lambda r: better * r["gain"], reverse=True)
+    results.sort(key=lambda r: r["gain"], reverse=metric not in LOWER_IS_BETTER)
     print(format_sweep(results, metric), flush=True)
     return results
 
