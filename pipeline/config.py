@@ -111,7 +111,7 @@ class AdaptationConfig:
     warmup: int = 4
     batch_size: int = 4  # noise draws of the same clip per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    deepspeed: bool = True  # method full on a GPU: DeepSpeed ZeRO with bf16 and fp32 master weights
+    deepspeed: bool = True  # method full on a GPU: DeepSpeed ZeRO in the model's dtype (bf16 weights get fp32 masters)
     zero_stage: int = 2  # 0-2
     offload: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
     init_seed: int = 0  # the LoRA adapters' initial weights, the same for every clip

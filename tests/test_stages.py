@@ -328,6 +328,31 @@ def test_pretraining_new_settings_writes_beside_the_weights_results_refer_to(pre
     assert pretrain(other) == written  # up to date now: found again, not retrained
 
 
+def test_killed_pretraining_resumes_to_the_same_weights(prepared, tmp_path, monkeypatch):
+    """A pretraining run cut off mid-way resumes from its checkpoint (weights, optimizer, batches and
+    noise) and ends bitwise where an uninterrupted run ends."""
+    from safetensors.torch import load_file
+
+    from pipeline.stages import pretrain as stage
+
+    config = load_config(prepared, {"pretrain.steps": "75"})
+    clips = stage.training_clips(config)
+    whole = stage.train_weights(config, tmp_path / "whole.safetensors", clips)
+    monkeypatch.setattr(stage, "CHECKPOINT_SECONDS", 0)  # a checkpoint at every log step (25, 50)
+
+    def killed(step: int, loss: float) -> None:
+        if step == 50:
+            raise KeyboardInterrupt  # before the checkpoint at step 50: the one at 25 is the last
+    cut = tmp_path / "cut.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        stage.train_weights(config, cut, clips, killed)
+    assert not cut.exists() and cut.with_name(cut.name + ".resume").exists()
+    stage.train_weights(config, cut, clips)
+    assert not cut.with_name(cut.name + ".resume").exists()
+    a, b = load_file(str(whole)), load_file(str(cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_2x2_sweep_runs_every_arm_against_one_baseline(prepared, store):
     """`sweep --grid adaptation.rank=2,4 --grid adaptation.lr=1e-3,2e-3`: one baseline, four adapted arms,
     each evaluated, and a last table ranking them by their paired gain."""

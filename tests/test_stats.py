@@ -25,6 +25,8 @@ def test_per_frame_difference_matches_a_paired_t_interval_at_each_frame():
         assert (curve["ci_low"][f], curve["ci_high"][f]) == pytest.approx((interval.low, interval.high))
     single = paired_frame_difference(baseline[:1].tolist(), adapted[:1].tolist())
     assert all(math.isnan(x) for x in single["ci_low"])
+    # an arm with no clip paired yet (all of its clips killed or not run): no curve, no crash
+    assert paired_frame_difference([], []) == {"mean": [], "ci_low": [], "ci_high": []}
 
 
 def test_paired_comparison_with_one_clip_has_no_interval():

@@ -40,7 +40,8 @@ class Reference:
 
 # short names for the predictors the baseline stage logs (pipeline.stages.continuation.REFERENCE_LABELS)
 REPEAT_LAST = Reference("repeat_last", "repeat last", "repeat last frame (no model)")
-REFERENCES = (REPEAT_LAST, Reference("vae_recon", "VAE recon", "VAE recon of the target (the VAE's ceiling)"))
+REFERENCES = (REPEAT_LAST, Reference("linear_motion", "linear motion", "last frames' motion continued (no model)"),
+              Reference("vae_recon", "VAE recon", "VAE recon of the target (the VAE's ceiling)"))
 
 
 @dataclass

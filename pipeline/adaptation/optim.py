@@ -2,6 +2,7 @@
 `micro_step(loss)` once per micro-batch, `step()` once per optimizer step (after `accum` micro-steps)."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -10,9 +11,16 @@ import torch
 from .. import ranks
 
 
-def linear_warmup(optimizer: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """lr * (step + 1) / warmup for the first `warmup` steps, then lr: the first step already moves."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+def linear_warmup(optimizer: torch.optim.Optimizer, warmup: int, decay_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr * (step + 1) / warmup for the first `warmup` steps, then lr: the first step already moves.
+    With `decay_steps`, a cosine from lr down to lr / 10 at step `decay_steps` after the warmup."""
+    def factor(step: int) -> float:
+        if step < warmup or not decay_steps:
+            return min(1.0, (step + 1) / max(1, warmup))
+        progress = min(1.0, (step - warmup) / max(1, decay_steps - warmup))
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class Optimizer:
@@ -31,11 +39,11 @@ class Optimizer:
 class TorchAdamW(Optimizer):
     """AdamW with linear warmup, gradients averaged over `accum` micro-batches."""
 
-    def __init__(self, params: list[torch.nn.Parameter], lr: float, warmup: int, accum: int = 1):
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, warmup: int, accum: int = 1, decay_steps: int = 0):
         self.params = params
         fused = all(p.is_cuda for p in params)  # one kernel for all parameters on a GPU
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused or None)
-        self.schedule = linear_warmup(self.optimizer, warmup)
+        self.schedule = linear_warmup(self.optimizer, warmup, decay_steps)
         self.accum = accum
 
     def micro_step(self, loss: torch.Tensor) -> None:

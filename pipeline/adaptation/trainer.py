@@ -31,15 +31,15 @@ class NonFiniteLoss(RuntimeError):
 
 
 def train(optimizer: Optimizer, loss_fn: Callable[[int], torch.Tensor], steps: int,
-          on_step: Callable[[int, float], None] | None = None, log_every: int = 10) -> list[float]:
-    """`steps` optimizer steps of `optimizer.accum` micro-batches each; `loss_fn(step)` returns the
-    loss of one micro-batch. Returns the mean loss of each step.
+          on_step: Callable[[int, float], None] | None = None, log_every: int = 10, start: int = 0) -> list[float]:
+    """Optimizer steps `start` to `steps` of `optimizer.accum` micro-batches each; `loss_fn(step)`
+    returns the loss of one micro-batch. Returns the mean loss of each step.
 
     Losses are read back from the device only at logging intervals and at the end (no per-step sync);
     a NaN or infinite loss stops training with NonFiniteLoss naming the step range."""
     pending: list[torch.Tensor] = []
     losses: list[float] = []
-    for step in range(steps):
+    for step in range(start, steps):
         micro = []
         for _ in range(optimizer.accum):
             loss = loss_fn(step)

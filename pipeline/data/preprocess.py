@@ -18,7 +18,7 @@ from ..config import DataConfig
 from ..progress import Progress
 from .datasets import official_splits, stratified_sample
 from .manifest import ClipRecord, write_manifest
-from .synthetic import MOTION_CLASSES, render_clip
+from .synthetic import synthetic_clip
 from .video_io import VideoError, frames_hash, read_video, write_clip
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v"}
@@ -34,15 +34,12 @@ def store_clip(config: DataConfig, clip_id: str, label: str, frames: np.ndarray,
 
 
 def generate_synthetic(config: DataConfig) -> tuple[list[ClipRecord], list[tuple[str, str]]]:
+    """The test split's clips (the train split is rendered by pretraining itself, in memory)."""
     records = []
-    plan = [("train", i) for i in range(config.train_clips)] + [("test", i) for i in range(config.test_clips)]
-    progress = Progress("preprocess", len(plan))
-    for split, i in plan:
-        label = MOTION_CLASSES[i % len(MOTION_CLASSES)]
-        clip_id = f"{split}_{label}_{i:04d}"
-        rng = np.random.default_rng([config.seed, split == "test", i])
-        frames = render_clip(label, config.frames, config.height, config.width, rng)
-        records.append(store_clip(config, clip_id, label, frames, split, "synthetic"))
+    progress = Progress("preprocess", config.test_clips)
+    for i in range(config.test_clips):
+        clip_id, label, frames = synthetic_clip(config, i, "test")
+        records.append(store_clip(config, clip_id, label, frames, "test", "synthetic"))
         progress.advance(clip_id)
     return records, []
 

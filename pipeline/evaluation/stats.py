@@ -48,9 +48,12 @@ def per_frame_curve(rows: list[list[float]]) -> tuple[list[float], list[float]]:
 
 def paired_frame_difference(baseline: list[list[float]], adapted: list[list[float]],
                             confidence: float = 0.95) -> dict[str, list[float]]:
-    """Per frame index, the mean of adapted - baseline over clips with its t confidence interval."""
+    """Per frame index, the mean of adapted - baseline over clips with its t confidence interval
+    (empty lists when no clip is paired yet)."""
+    n = len(adapted)
+    if n == 0:
+        return {"mean": [], "ci_low": [], "ci_high": []}
     diff = np.asarray(adapted, dtype=float) - np.asarray(baseline, dtype=float)
-    n = len(diff)
     mean = diff.mean(0)
     if n < 2:
         nan = np.full_like(mean, math.nan)

@@ -29,7 +29,7 @@ from ..data.manifest import ClipRecord, read_manifest, resolve_clip_path, select
 from ..data.video_io import VideoError, frames_hash, read_video
 from ..evaluation.metrics import (LOWER_IS_BETTER, LpipsUnavailable, continuation_metrics, frame_metrics,
                                   load_lpips)
-from ..evaluation.temporal import temporal_metrics
+from ..evaluation.temporal import extrapolate_motion, temporal_metrics
 from ..models import VideoBackend, load_backend, reference_deviations
 from ..models.base import weights_fingerprint
 from ..models.ltx_video import frames_to_tensor, tensor_to_frames
@@ -48,6 +48,7 @@ STAGE_SECTIONS = {
 
 # scored by the baseline stage on every clip, like an arm, as metrics `<name>_<metric>`
 REFERENCE_LABELS = {"repeat_last": "repeat the last context frame (no model: a floor)",
+                    "linear_motion": "the last two context frames' optical flow continued (no model: a floor)",
                     "vae_recon": "VAE reconstruction of the target (the VAE's ceiling)"}
 
 
@@ -218,10 +219,13 @@ class Continuer:
         return tensor_to_frames(self.backend.decode(latents, generator))[: self.config.data.frames]  # some decode more
 
     def _references(self, clip: ClipFrames) -> dict[str, list[float]]:
-        """Predictors scored like an arm, per frame of [K, T): the last context frame repeated (no
-        model: a floor), and with a VAE the target encoded and decoded (what the VAE alone allows)."""
+        """Predictors scored like an arm, per frame of [K, T): the last context frame repeated and the
+        last two frames' motion continued (no model: floors), and with a VAE the target encoded and
+        decoded (what the VAE alone allows)."""
         K, frames, device = self.config.data.context, clip.frames, self.backend.device
         predictions = {"repeat_last": np.repeat(frames[K - 1: K], len(frames) - K, axis=0)}
+        if K >= 2:
+            predictions["linear_motion"] = extrapolate_motion(frames[K - 2], frames[K - 1], len(frames) - K)
         if self.backend.vae is not None:
             seed = derive_seed(self.config.sampling.seed, "vae_recon")
             latents = self.backend.latents_from(self.backend.encode(frames_to_tensor(frames, device)),

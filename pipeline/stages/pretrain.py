@@ -1,17 +1,26 @@
 """Pretrain the small default model on the train split so that it can continue clips at all.
 
 Rectified-flow training with a random clean prefix (and sometimes none), the same objective the
-backend uses at test time. The result is a safetensors file that records the digest of its settings;
-a rerun with the same settings skips. Weights are never overwritten (results refer to them): new
-settings write `<name>.<digest>.safetensors` beside `model.weights`, and later stages of the same
-`experiment` command use that file.
+backend uses at test time, AdamW with warmup and a cosine decay. The result is a safetensors file that
+records the digest of what made it (settings, and the training clips: the synthetic generator's
+version, or a folder's clip hashes); a rerun with the same digest skips. Weights are never overwritten
+(results refer to them): a new digest writes `<name>.<digest>.safetensors` beside `model.weights`, and
+later stages of the same `experiment` command use that file. A killed run resumes from its last
+checkpoint (`<weights>.resume`, every two minutes) with the same batches and noise.
+
+Synthetic train clips are rendered here, in memory (preprocess writes only the test split of the
+synthetic source); other sources read the train split of the manifest.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import random
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import mlflow
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -19,12 +28,11 @@ from safetensors.torch import save_file
 from ..adaptation.optim import TorchAdamW
 from ..adaptation.trainer import train
 from ..config import Config
+from ..data import synthetic
 from ..data.manifest import read_manifest, resolve_clip_path, select_clips
-from ..data.video_io import read_video
 from ..models import load_backend
 from ..models.ltx_video import frames_to_tensor
 from ..progress import Progress
-from ..tracking.runs import stage_run
 
 # what the weights depend on: the training clips, the architecture and the training settings (the
 # loss is the backend's adaptation loss, with its noise-level draw)
@@ -33,10 +41,17 @@ INPUTS = ("data.source", "data.input_dir", "data.splits_dir", "data.split_id", "
           "data.test_fraction", "data.frames", "data.height", "data.width", "data.fps", "data.train_clips",
           "data.seed", "model.backend", "model.pretrained", "model.patch_size", "model.layers", "model.heads",
           "model.head_dim", "model.prompt", "model.dtype", "adaptation.timesteps", "pretrain")
+CHECKPOINT_SECONDS = 120
 
 
 def weights_digest(config: Config) -> str:
-    return config.digest(*INPUTS, exclude=("model.weights",))
+    """The settings' digest and what identifies the training clips' content."""
+    if config.data.source == "synthetic":
+        clips = f"synthetic generator {synthetic.GENERATOR_VERSION}"
+    else:
+        clips = ",".join(r.content_hash for r in select_clips(read_manifest(config.data.manifest), "train", 0))
+    settings = config.digest(*INPUTS, exclude=("model.weights",))
+    return hashlib.sha256(f"{settings} {clips}".encode()).hexdigest()[:16]
 
 
 def weights_path(config: Config) -> Path:
@@ -49,6 +64,11 @@ def weights_path(config: Config) -> Path:
 
 
 def pretrain(config: Config) -> Path:
+    """The pretrain stage: train (or find) the small default's weights, tracked as an MLflow run."""
+    import mlflow
+
+    from ..tracking.runs import stage_run
+
     if config.model.pretrained:
         raise ValueError("pretrain trains the small default model; model.pretrained is set, so there is nothing to do")
     weights = weights_path(config)
@@ -60,47 +80,109 @@ def pretrain(config: Config) -> Path:
         print(f"[pretrain] {config.model.weights} holds weights of other settings; writing {weights} beside it "
               f"(use it with --set model.weights={weights})", flush=True)
     with stage_run(config, "pretrain", digest):
-        seed = config.pretrain.seed
-        torch.manual_seed(seed)
-        backend = load_backend(config, random_weights=True)
-        videos = _load_split(config, "train").to(backend.device)
-        latents = backend.encode(videos)
-        frames = latents.shape[2]
-        rng = random.Random(seed)
-        generator = torch.Generator(backend.device).manual_seed(seed)
-        p = config.pretrain
-        progress = Progress("pretrain", p.steps, every_seconds=10)
-
-        def loss_fn(step: int) -> torch.Tensor:
-            batch = latents[torch.tensor(rng.sample(range(len(latents)), p.batch_size))]
-            clean = 0 if rng.random() < p.unconditional_prob else rng.randint(1, frames - 1)
-            return backend.training_loss(batch, clean, generator)
-
-        def on_step(step: int, loss: float) -> None:
-            mlflow.log_metric("train_loss", loss, step=step)
-            progress.update(step, f"step {step}", f"loss {loss:.4f}")
-
-        backend.transformer.requires_grad_(True).train()
-        optimizer = TorchAdamW(list(backend.transformer.parameters()), p.lr, p.warmup)
-        train(optimizer, loss_fn, p.steps, on_step, log_every=25)
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in backend.transformer.state_dict().items()}
-        partial = weights.with_name(weights.name + ".partial")
-        save_file(state, str(partial), metadata={"digest": digest})
-        partial.replace(weights)
+        train_weights(config, weights, training_clips(config),
+                      lambda step, loss: mlflow.log_metric("train_loss", loss, step=step))
         mlflow.log_metric("weights_mb", weights.stat().st_size / 2**20)
     return weights
+
+
+def train_weights(config: Config, weights: Path, clips: torch.Tensor, log=None) -> Path:
+    """Train the small default on `clips` ((N, T, H, W, 3) uint8) and write `weights`, resuming from
+    `<weights>.resume` when a run with the same digest was cut off. No MLflow: the GPU machines run it
+    directly (`log(step, loss)` is called every 25 steps)."""
+    p, digest = config.pretrain, weights_digest(config)
+    if len(clips) < p.batch_size:
+        raise ValueError(f"{len(clips)} training clips, fewer than pretrain.batch_size={p.batch_size}")
+    torch.manual_seed(p.seed)
+    backend = load_backend(config, random_weights=True)
+    if backend.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    clips = clips.to(backend.device)
+    rng = random.Random(p.seed)
+    generator = torch.Generator(backend.device).manual_seed(p.seed)
+    backend.transformer.requires_grad_(True).train()
+    optimizer = TorchAdamW(list(backend.transformer.parameters()), p.lr, p.warmup, decay_steps=p.steps)
+    resume = weights.with_name(weights.name + ".resume")
+    start = _restore(resume, digest, backend.transformer, optimizer, rng, generator)
+    progress = Progress("pretrain", p.steps, done=start, every_seconds=10)
+    saved = time.monotonic()
+
+    def loss_fn(step: int) -> torch.Tensor:
+        batch = torch.cat([frames_to_tensor(clips[i], backend.device) for i in rng.sample(range(len(clips)), p.batch_size)])
+        clean = 0 if rng.random() < p.unconditional_prob else rng.randint(1, batch.shape[2] - 1)
+        return backend.training_loss(batch, clean, generator)
+
+    def on_step(step: int, loss: float) -> None:
+        nonlocal saved
+        progress.update(step, f"step {step}", f"loss {loss:.4f}")
+        if log is not None:
+            log(step, loss)
+        if time.monotonic() - saved > CHECKPOINT_SECONDS and step < p.steps:
+            _checkpoint(resume, digest, step, backend.transformer, optimizer, rng, generator)
+            saved = time.monotonic()
+
+    # on_step runs after the step's update, so a checkpoint at step s holds the state before step s
+    train(optimizer, loss_fn, p.steps, on_step, log_every=25, start=start)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in backend.transformer.state_dict().items()}
+    partial = weights.with_name(weights.name + ".partial")
+    save_file(state, str(partial), metadata={"digest": digest})
+    partial.replace(weights)
+    resume.unlink(missing_ok=True)
+    return weights
+
+
+def training_clips(config: Config) -> torch.Tensor:
+    """The train split as (N, T, H, W, 3) uint8: synthetic clips rendered in parallel (each from its own
+    seed, so the worker count changes nothing), or the manifest's train clips."""
+    d = config.data
+    if d.source == "synthetic":
+        indices = range(d.train_clips)
+        progress = Progress("pretrain: rendering train clips", d.train_clips)
+        with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+            clips = []
+            for i, clip in enumerate(pool.map(_render_train_clip, [(d, i) for i in indices], chunksize=16)):
+                clips.append(clip)
+                progress.update(i + 1, "")
+        return torch.from_numpy(np.stack(clips))
+    from ..data.video_io import read_video
+
+    records = select_clips(read_manifest(d.manifest), "train", 0)
+    return torch.from_numpy(np.stack([read_video(resolve_clip_path(d.manifest, r), d.frames)[0][: d.frames]
+                                      for r in records]))
+
+
+def _render_train_clip(args) -> np.ndarray:
+    return synthetic.synthetic_clip(*args, split="train")[2]
+
+
+def _checkpoint(path: Path, digest: str, step: int, model: torch.nn.Module, optimizer: TorchAdamW,
+                rng: random.Random, generator: torch.Generator) -> None:
+    state = {"digest": digest, "step": step, "model": model.state_dict(), "optimizer": optimizer.optimizer.state_dict(),
+             "schedule": optimizer.schedule.state_dict(), "rng": rng.getstate(), "generator": generator.get_state()}
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    partial.replace(path)
+
+
+def _restore(path: Path, digest: str, model: torch.nn.Module, optimizer: TorchAdamW, rng: random.Random,
+             generator: torch.Generator) -> int:
+    """The step to start from: that of the checkpoint at `path` when it has the same digest, else 0."""
+    if not path.exists():
+        return 0
+    state = torch.load(path, map_location=next(model.parameters()).device, weights_only=False)
+    if state["digest"] != digest:
+        print(f"[pretrain] {path} is of other settings; starting from step 0", flush=True)
+        return 0
+    model.load_state_dict(state["model"])
+    optimizer.optimizer.load_state_dict(state["optimizer"])
+    optimizer.schedule.load_state_dict(state["schedule"])
+    rng.setstate(state["rng"])
+    generator.set_state(state["generator"].cpu())
+    print(f"[pretrain] resuming {path} at step {state['step']}", flush=True)
+    return state["step"]
 
 
 def _digest_of(path: Path) -> str | None:
     with safe_open(str(path), "pt") as f:
         return (f.metadata() or {}).get("digest")
-
-
-def _load_split(config: Config, split: str) -> torch.Tensor:
-    d = config.data
-    records = select_clips(read_manifest(d.manifest), split, 0)
-    if len(records) < config.pretrain.batch_size:
-        raise ValueError(f"{d.manifest}: {len(records)} '{split}' clips, fewer than pretrain.batch_size")
-    clips = [frames_to_tensor(read_video(resolve_clip_path(d.manifest, r), d.frames)[0][: d.frames]) for r in records]
-    return torch.cat(clips)
