@@ -36,7 +36,7 @@ def test_three_real_videos_through_the_readme_commands(store, tmp_path):
     run = subprocess.run(cli("experiment", "--config", str(out / "config.yaml")), cwd=ROOT, capture_output=True,
                          text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "my_videos: lora r16 40 steps on context" in run.stdout and "3 clips the baseline scored" in run.stdout
+    assert "my_videos: lora r16 20 steps on context" in run.stdout and "3 clips the baseline scored" in run.stdout
     exp = mlflow.get_experiment_by_name("my_videos")
     clips = MlflowClient().search_runs([exp.experiment_id], "tags.`tta.kind` = 'clip'")
     assert len(clips) == 9 and all(c.info.status == "FINISHED" for c in clips)  # baseline, adapted, sham

@@ -15,10 +15,12 @@ import pytest
 from conftest import ROOT, use_store
 from pipeline.config import load_config
 from pipeline.data.manifest import read_manifest
+from pipeline.data.synthetic import MOTION_CLASSES
 from pipeline.stages.continuation import Continuer, run_stage, stage_digest
 from pipeline.tracking.runs import frame_curve
 from viewer import data
 
+MOTION = "last frames' motion continued (no model)"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = ROOT / "test-artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -149,7 +151,7 @@ def test_pairing_failures_and_references(filled_store, tmp_path):
     arms = [adapted[R4], adapted[R8], adapted[SHAM]]
     rows = data.clip_rows(baseline, arms)
     clips = [r["clip"] for r in rows]
-    assert len(rows) == 3 and {r["class"] for r in rows} <= {"bounce", "orbit", "rotate", "scale"}
+    assert len(rows) == 3 and {r["class"] for r in rows} <= set(MOTION_CLASSES)
     for row in rows:
         assert row["A2 Δpsnr"] == pytest.approx(adapted[R8].value(row["clip"], "psnr") - row["baseline psnr"])
         assert row["A3 result"] == "finished"  # the sham's inputs name the clip's frames, then its partner's
@@ -171,7 +173,7 @@ def test_pairing_failures_and_references(filled_store, tmp_path):
     assert complete["n"] == 2 and complete["diff_mean"] == pytest.approx(sum(finished_deltas) / 2)
 
     summary = {r["arm"]: r for r in data.summary_rows(baseline, {"A1": adapted[R4], "A2": adapted[R8]}, clips, "psnr")}
-    assert list(summary) == ["baseline", "repeat last frame (no model)", f"A1: {R4}", f"A2: {R8}"]
+    assert list(summary) == ["baseline", "repeat last frame (no model)", MOTION, f"A1: {R4}", f"A2: {R8}"]
     a1 = summary[f"A1: {R4}"]
     assert a1["failed"] == "1 (33%)" and a1["clips"] == "3"
     assert a1[data.ITT_COLUMN].startswith(f"{itt['diff_mean']:+.4f} [")
@@ -231,9 +233,9 @@ def test_viewer_in_browser(filled_store, browser):
         headers = [h.strip() for h in summary.locator("thead th").all_inner_texts()]
         cells = [dict(zip(headers, (c.strip() for c in r.locator("th, td").all_inner_texts())))
                  for r in summary.locator("tbody tr").all()]
-        assert [r["arm"] for r in cells] == ["baseline", "repeat last frame (no model)", f"A1: {R4}"]
-        assert cells[2]["failed"] == "1 (33%)" and cells[2][data.COMPLETE_COLUMN].endswith("(n=2)")
-        assert cells[2][data.ITT_COLUMN].startswith(("+", "-"))
+        assert [r["arm"] for r in cells] == ["baseline", "repeat last frame (no model)", MOTION, f"A1: {R4}"]
+        assert cells[3]["failed"] == "1 (33%)" and cells[3][data.COMPLETE_COLUMN].endswith("(n=2)")
+        assert cells[3][data.ITT_COLUMN].startswith(("+", "-"))
 
         # the composed side-by-side video: every column plays together, one frame per clip frame
         duration = page.evaluate("""async () => { const v = document.querySelector('video');
@@ -263,10 +265,10 @@ def test_viewer_in_browser(filled_store, browser):
             el => ({title: (el.layout.title.text || "").replace(/<[^>]+>/g, ""), x: el.data.map(t => t.x || [])}))""")
         points = {t["title"].split(": ", 1)[-1].split(" (")[0]: [len(x) for x in t["x"]] for t in traces}
         means = next(t["x"][0] for t in traces if "mean ± SE per arm" in t["title"])
-        assert means == ["baseline", "repeat last frame (no model)", "A1"]
+        assert means == ["baseline", "repeat last frame (no model)", MOTION, "A1"]
         assert points["adapted − baseline per clip"] == [2]  # the clips A1 finished
-        assert points["baseline vs each arm per clip"] == [3, 2]  # repeat last, A1
-        assert points["psnr per frame"] == [2 * horizon, horizon] * 3  # band and line: baseline, repeat last, A1
+        assert points["baseline vs each arm per clip"] == [3, 3, 2]  # repeat last, linear motion, A1
+        assert points["psnr per frame"] == [2 * horizon, horizon] * 4  # band and line: baseline, 2 references, A1
         assert [[len(x) for x in t["x"]] for t in traces if t["title"].startswith("cost vs gain")] == [[1]]
         page.locator(".js-plotly-plot").last.scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "viewer-plots.png"))
