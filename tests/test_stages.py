@@ -19,7 +19,7 @@ from conftest import ROOT, cli, write_config
 from pipeline.config import load_config
 from pipeline.data.manifest import ClipRecord, read_manifest, write_manifest
 from pipeline.data.video_io import frames_hash, read_video, write_clip, write_video
-from pipeline.stages.continuation import run_stage, stage_digest
+from pipeline.stages.continuation import REFERENCE_LABELS, run_stage, stage_digest
 from pipeline.stages.evaluate import evaluate, format_table
 
 
@@ -52,13 +52,14 @@ def test_stages_log_parent_children_and_evaluate(prepared, store, capsys):
     artifacts = {a.path for a in MlflowClient().list_artifacts(child.info.run_id, "clip")}
     assert artifacts == {"clip/context.mp4", "clip/target.mp4", "clip/output.mp4", "clip/frame_metrics.json"}
     adapted = clip_runs("tiny", "adapt")
-    model_metrics = {k for k in child.data.metrics if not k.startswith(("repeat_last", "reference", "truth"))}
+    model_metrics = {k for k in child.data.metrics if not k.startswith((*REFERENCE_LABELS, "reference", "truth"))}
     assert set(adapted[0].data.metrics) >= model_metrics | {"adapt_seconds", "adapt_steps_per_second"}
     assert {a.path for a in MlflowClient().list_artifacts(adapted[0].info.run_id, "clip")} == artifacts  # no weights
     assert child.data.tags["tta.inputs"] == {r.clip_id: r.content_hash for r in read_manifest(
         config.data.manifest)}[child.data.tags["tta.clip_id"]]
     assert child.data.tags["tta.weights"] == parent.data.tags["tta.weights"] and child.data.tags["git_commit"]
-    assert "repeat_last_psnr" in child.data.metrics and "repeat_last_psnr" not in adapted[0].data.metrics
+    assert {"repeat_last_psnr", "linear_motion_psnr"} <= set(child.data.metrics)
+    assert "repeat_last_psnr" not in adapted[0].data.metrics
     # temporal consistency of the continuation, of the truth, and of repeating the last frame (none)
     assert {"warp_error", "flicker", "truth_warp_error", "truth_flicker"} <= set(child.data.metrics)
     assert child.data.metrics["repeat_last_warp_error"] == 0 == child.data.metrics["repeat_last_flicker"]
@@ -77,7 +78,7 @@ def test_stages_log_parent_children_and_evaluate(prepared, store, capsys):
     assert adapted_run["eval.psnr_gain_ci_low"] == pytest.approx(psnr["ci_low"]) and "eval.clips_failed" in adapted_run
     assert stage_runs["baseline"].data.metrics["eval.psnr_mean"] == pytest.approx(
         summary["arms"]["baseline"]["means"]["psnr"][0]) and "eval.psnr_gain" not in stage_runs["baseline"].data.metrics
-    assert set(summary["arms"]) == {"baseline", "adapted", "repeat_last"}
+    assert set(summary["arms"]) == {"baseline", "adapted", "repeat_last", "linear_motion"}
     assert summary["arms"]["adapted"]["failed"] == 0
     curve = summary["per_frame"]["psnr"]["differences"]["adapted - baseline"]
     assert curve["frame"] == [3, 4, 5] and all(lo <= m <= hi for lo, m, hi in zip(curve["ci_low"], curve["mean"],
