@@ -36,7 +36,7 @@ class DataConfig:
     height: int = 32
     width: int = 32
     fps: float = 8.0
-    train_clips: int = 512  # synthetic source only
+    train_clips: int = 512  # synthetic source: clips pretraining renders in memory (preprocess writes only the test split)
     test_clips: int = 16  # synthetic source; folder source: share of videos held out below
     test_fraction: float = 0.2  # folder source: share of videos held out as test
     split: str = "test"  # the split that baseline/adapt run on
