@@ -95,8 +95,6 @@ def train_weights(config: Config, weights: Path, clips: torch.Tensor, log=None) 
         raise ValueError(f"{len(clips)} training clips, fewer than pretrain.batch_size={p.batch_size}")
     torch.manual_seed(p.seed)
     backend = load_backend(config, random_weights=True)
-    if backend.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     clips = clips.to(backend.device)
     rng = random.Random(p.seed)
     generator = torch.Generator(backend.device).manual_seed(p.seed)
@@ -121,8 +119,14 @@ def train_weights(config: Config, weights: Path, clips: torch.Tensor, log=None) 
             _checkpoint(resume, digest, step, backend.transformer, optimizer, rng, generator)
             saved = time.monotonic()
 
-    # on_step runs after the step's update, so a checkpoint at step s holds the state before step s
-    train(optimizer, loss_fn, p.steps, on_step, log_every=25, start=start)
+    # on_step(s) runs after s steps: a checkpoint taken there resumes at step index s
+    # TF32 matmuls on a GPU for training only: the stages that follow in this process sample in full fp32
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = backend.device.type == "cuda"
+    try:
+        train(optimizer, loss_fn, p.steps, on_step, log_every=25, start=start)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in backend.transformer.state_dict().items()}
     partial = weights.with_name(weights.name + ".partial")
@@ -137,11 +141,11 @@ def training_clips(config: Config) -> torch.Tensor:
     seed, so the worker count changes nothing), or the manifest's train clips."""
     d = config.data
     if d.source == "synthetic":
-        indices = range(d.train_clips)
         progress = Progress("pretrain: rendering train clips", d.train_clips)
         with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
             clips = []
-            for i, clip in enumerate(pool.map(_render_train_clip, [(d, i) for i in indices], chunksize=16)):
+            jobs = [(d, i) for i in range(d.train_clips)]
+            for i, clip in enumerate(pool.map(_render_train_clip, jobs, chunksize=16)):
                 clips.append(clip)
                 progress.update(i + 1, "")
         return torch.from_numpy(np.stack(clips))
