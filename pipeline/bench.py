@@ -327,26 +327,42 @@ def artifact_files(client, run_id: str, path: str | None = None) -> list:
 
 
 def evaluation_seconds(clips: int, frames: int, size: int, device: torch.device, chunk: int = 512) -> dict:
-    """Seconds to score clips x frames x size^2 RGB frames with PSNR, SSIM (gpu_metrics) and LPIPS.
-    LPIPS runs with a randomly initialised AlexNet here: timing only (its values are never reported)."""
+    """Seconds to score clips x frames x size^2 RGB frames, batched on `device`: PSNR, SSIM
+    (gpu_metrics), LPIPS and FloLPIPS with randomly initialised AlexNet and RAFT-small (timing only:
+    their values are never reported), and FVD's I3D features when its weights are there (there is no
+    random I3D: it exists only as StyleGAN-V's TorchScript file)."""
     import lpips
+    from torchvision.models.optical_flow import raft_small
 
+    from .evaluation.flolpips import flolpips_tensors
+    from .evaluation.fvd import i3d_features, load_i3d
     from .evaluation.gpu_metrics import psnr, ssim
+    from .evaluation.weights import WEIGHTS, WeightsUnavailable
 
     generator = torch.Generator(device).manual_seed(0)
     shape = (clips * frames, 3, size, size)
     truth = torch.randint(0, 256, shape, generator=generator, device=device, dtype=torch.uint8)
     prediction = torch.randint(0, 256, shape, generator=generator, device=device, dtype=torch.uint8)
     net = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False).to(device).eval()
+    flow = raft_small().to(device).eval()
 
     @torch.no_grad()
     def score():
         for start in range(0, shape[0], chunk):
             p, t = prediction[start:start + chunk].float(), truth[start:start + chunk].float()
             psnr(p, t), ssim(p, t), net(p / 127.5 - 1, t / 127.5 - 1)
+            flolpips_tensors(p / 127.5 - 1, t / 127.5 - 1, net, flow)
 
-    seconds = median_seconds(score, device, warmup=1, iters=3)
-    return {"clips": clips, "frames": frames, "size": size, "seconds": seconds}
+    result = {"clips": clips, "frames": frames, "size": size, "seconds": median_seconds(score, device, warmup=1,
+                                                                                         iters=3)}
+    try:
+        i3d = load_i3d(WEIGHTS["i3d"].verified("fvd"), device)
+    except WeightsUnavailable as exc:
+        return {**result, "fvd_seconds": None, "fvd": str(exc)}
+    videos = prediction.view(clips, frames, 3, size, size).permute(0, 1, 3, 4, 2)
+    result["fvd_seconds"] = median_seconds(lambda: [i3d_features(i3d, videos[i:i + 8], device)
+                                                    for i in range(0, clips, 8)], device, warmup=1, iters=3)
+    return result
 
 
 def format_table(results: list[Result], peak: float) -> str:

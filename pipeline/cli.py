@@ -230,7 +230,7 @@ def download_dataset(name: str, dest: str) -> None:
 @click.option("--checkpointing", type=click.Choice(["off", "on", "both"]), default="both", show_default=True)
 @click.option("--paths", default="plain,fast", show_default=True, help="plain (the reference) and/or fast")
 @click.option("--out", default="", help="also append one JSON line per result to this file")
-@click.option("--evaluation", is_flag=True, help="time PSNR+SSIM+LPIPS of 100 clips x 37 frames x 256 px instead")
+@click.option("--evaluation", is_flag=True, help="time every metric of 100 clips x 37 frames x 256 px instead")
 @click.option("--stage-clips", default=0, help="instead: run the baseline and adapt stages on this many synthetic "
                                                "clips (the first --frames and --sizes) and print their time split")
 @click.option("--vae", is_flag=True, help="instead: time the LTX-Video VAE (encode context, decode clip) per shape")
@@ -284,10 +284,12 @@ def bench_opensora(config_path: str, steps: int, sets: tuple[str, ...]) -> None:
 
 @main.command("fetch-weights")
 def fetch_weights() -> None:
-    """Download LPIPS's AlexNet backbone once (on a machine with internet) into the torch hub cache."""
-    from .evaluation.metrics import fetch_lpips_weights
+    """Download the metrics' networks once (on a machine with internet) into the torch hub cache:
+    AlexNet (LPIPS, FloLPIPS), RAFT-small (FloLPIPS), I3D (FVD)."""
+    from .evaluation.weights import fetch_all
 
-    click.echo(f"AlexNet weights at {fetch_lpips_weights()}")
+    for name, path in fetch_all().items():
+        click.echo(f"{name} weights at {path}")
 
 
 def run() -> None:

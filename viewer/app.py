@@ -78,7 +78,7 @@ def main() -> None:
     if not rows:
         st.warning("The chosen baseline has no finished clip.")
         return
-    measured = [m for m in data.METRICS if any(not math.isnan(r[f"baseline {m}"]) for r in rows)]
+    measured = [m for m in data.COMPARED if any(not math.isnan(r[f"baseline {m}"]) for r in rows)]
     metric = st.sidebar.radio("Metric", measured)
     rows, shown = clip_table(rows, metric)
     if rows:
@@ -88,6 +88,7 @@ def main() -> None:
 
 
 def clip_table(rows: list[dict], metric: str) -> tuple[list[dict], list[dict]]:
+        set_metrics(evaluation)
     """The clips of the chosen classes (what the statistics cover) and those of them shown (also by outcome)."""
     st.header("Clips")
     left, right = st.columns(2)
@@ -141,6 +142,16 @@ def clip_view(client: MlflowClient, baseline: data.Arm, names: dict[str, data.Ar
     clip_id = st.selectbox("Clip", [r["clip"] for r in rows])
     runs = {"baseline": baseline.clips[clip_id]}
     for short, arm in names.items():
+def set_metrics(evaluation) -> None:
+    """The metrics of an arm's whole set of clips (FVD), from the latest evaluate run of this experiment."""
+    rows = data.set_metric_rows(evaluation)
+    if rows:
+        st.subheader("Over each arm's set of clips")
+        st.table(rows, hide_index=True)
+        st.caption(f"From the latest evaluate run ({evaluation.data.tags.get('mlflow.runName', '')}): its arms, not "
+                   "necessarily those chosen in the sidebar. FVD is noisy below a few hundred clips.")
+
+
         if run := data.finished_run(baseline, arm, clip_id):
             runs[short] = run
         else:
@@ -159,11 +170,11 @@ def clip_view(client: MlflowClient, baseline: data.Arm, names: dict[str, data.Ar
     st.video(video.read_bytes())
     total = len(columns["ground truth"])
     frame = st.slider("Frame", 0, total - 1, context, key="frame")
-    histories = {name: {m: frame_history(run.info.run_id, m) for m in data.METRICS} for name, run in runs.items()}
+    histories = {name: {m: frame_history(run.info.run_id, m) for m in data.COMPARED} for name, run in runs.items()}
     # after the context the context column holds its last frame: what the repeat-last predictor scored
     repeat = data.REPEAT_LAST
     histories["context"] = {f"{repeat.column} {m}": frame_history(runs["baseline"].info.run_id, f"{repeat.prefix}_{m}")
-                            for m in data.METRICS}
+                            for m in data.COMPARED}
     cells = st.columns(len(columns))
     for cell, (name, frames) in zip(cells, columns.items()):
         values = histories.get(name, {})

@@ -19,7 +19,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import NOT_RESULT_SETTINGS
-from pipeline.evaluation.metrics import LOWER_IS_BETTER, METRICS
+from pipeline.evaluation.registry import COMPARED, FRAME_METRICS, ON_TRUTH, SET_METRICS, improved
 from pipeline.evaluation.stats import holm, mean_se, paired_comparison
 from pipeline.tracking.runs import (TAG_CLASS, TAG_DIGEST, TAG_ERROR, TAG_INPUTS, TAG_KIND, TAG_STAGE, TAG_WEIGHTS,
                                     finished_clips, search_all)
@@ -190,9 +190,11 @@ def clip_rows(baseline: Arm, adapted: list[Arm]) -> list[dict]:
     rows = []
     for clip_id, run in sorted(baseline.clips.items()):
         row = {"clip": clip_id, "class": run.data.tags.get(TAG_CLASS, "")}
-        row.update({f"baseline {m}": baseline.value(clip_id, m) for m in METRICS})
+        row.update({f"baseline {m}": baseline.value(clip_id, m) for m in FRAME_METRICS})
+        # the truth's own frame-to-frame change, what the arms' temporal consistency reads against
+        row.update({f"truth {m}": baseline.value(clip_id, f"truth_{m}") for m in ON_TRUTH})
         for r in refs:
-            row.update({f"{r.column} {m}": baseline.value(clip_id, f"{r.prefix}_{m}") for m in METRICS})
+            row.update({f"{r.column} {m}": baseline.value(clip_id, f"{r.prefix}_{m}") for m in COMPARED})
         # does the prefix condition the model: its first generated frame against the last context frame
         row["baseline continuity psnr"] = baseline.value(clip_id, "continuity_psnr")
         row["truth continuity psnr"] = baseline.value(clip_id, "truth_continuity_psnr")
@@ -201,9 +203,10 @@ def clip_rows(baseline: Arm, adapted: list[Arm]) -> list[dict]:
             own = finished_run(baseline, arm, clip_id)
             metrics = own.data.metrics if own else {}
             row[f"A{i} result"] = clip_result(baseline, arm, clip_id)
-            for m in METRICS:
+            for m in COMPARED:
                 row[f"A{i} {m}"] = metrics.get(m, math.nan)
                 row[f"A{i} Δ{m}"] = row[f"A{i} {m}"] - row[f"baseline {m}"]
+            row.update({f"A{i} {m}": metrics.get(m, math.nan) for m in FRAME_METRICS if m not in COMPARED})
             row[f"A{i} continuity psnr"] = metrics.get("continuity_psnr", math.nan)
             row[f"A{i} adapt s"] = metrics.get("adapt_seconds", math.nan)
             row[f"A{i} sample s"] = metrics.get("sample_seconds", math.nan)
@@ -218,7 +221,17 @@ def outcome(row: dict, arm_index: int, metric: str) -> str:
         return "no result"
     if delta == 0:
         return "no change"
-    return "helped" if (delta < 0) == (metric in LOWER_IS_BETTER) else "hurt"
+    return "helped" if improved(metric, delta) else "hurt"
+
+
+def set_metric_rows(evaluation: Run | None) -> list[dict[str, str]]:
+    """Each arm's set metrics (FVD) as the evaluate run logged them (`<arm>.<metric>`), one row per arm."""
+    if evaluation is None:
+        return []
+    logged = evaluation.data.metrics
+    arms = sorted({k.split(".")[0] for k in logged if k.count(".") == 1 and k.split(".")[1] in SET_METRICS})
+    return [{"arm": arm, **{m: f"{logged[f'{arm}.{m}']:.2f} over {logged[f'{m}.clips']:.0f} clips"
+                            for m in SET_METRICS if f"{arm}.{m}" in logged}} for arm in arms]
 
 
 def compare(baseline: dict[str, float], other: dict[str, float]) -> dict[str, float]:

@@ -1,61 +1,70 @@
-"""Per-frame PSNR, SSIM (torch ports of scikit-image's, batched on the model's device) and LPIPS
-(lpips package) of a continuation against the truth, and its frame-to-frame consistency
-(temporal.py)."""
+"""The metrics of a continuation (registry.py describes each): per frame PSNR, SSIM (torch ports of
+scikit-image's, batched on the model's device), LPIPS (lpips package), warp error and flicker
+(temporal.py) and FloLPIPS (flolpips.py); per clip the I3D features FVD is computed from over an
+arm's clips (fvd.py). `Scorer` loads the networks they need once per stage."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from .flolpips import flolpips, load_flow_network
+from .fvd import i3d_features, load_i3d
 from .gpu_metrics import psnr, ssim, to_float
+from .registry import LOWER_IS_BETTER, METRICS  # noqa: F401  (LOWER_IS_BETTER: for pipeline/stages/sweep.py)
 from .temporal import temporal_metrics
+from .weights import WEIGHTS, WeightsUnavailable, required
 
-# the per-frame scores evaluate compares between arms: against the truth (`frame_metrics`), and the
-# warping error of each frame against the one before it (`temporal_metrics`)
-METRICS = ("psnr", "ssim", "lpips", "warp_error")
-LOWER_IS_BETTER = {"lpips", "warp_error"}  # PSNR and SSIM: higher is better
 PSNR_CAP = 100.0  # identical frames have infinite PSNR; capped so that means stay finite
-FETCH_COMMAND = "python -m pipeline fetch-weights"
-ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's ImageNet AlexNet, the LPIPS backbone
-
-
-def backbone_weights_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
-
-
-class LpipsUnavailable(RuntimeError):
-    pass
 
 
 def load_lpips(net: str = "alex", device: str | torch.device = "cpu"):
-    """LPIPS with its pretrained backbone, or LpipsUnavailable saying how to fetch the weights.
+    """LPIPS with its pretrained backbone, or WeightsUnavailable saying how to fetch the weights.
     A random backbone is never used for reported values."""
     import lpips
 
     if net != "alex":
-        raise LpipsUnavailable(f"evaluation.lpips_net={net!r}: only 'alex' is supported")
-    if not backbone_weights_path().exists():
-        raise LpipsUnavailable(
-            f"LPIPS unavailable: AlexNet weights not found at {backbone_weights_path()}. "
-            f"Fetch them once on a machine with internet: `{FETCH_COMMAND}` (set TORCH_HOME to share them)."
-        )
+        raise WeightsUnavailable(f"lpips unavailable: evaluation.lpips_net={net!r}, only 'alex' is supported")
+    required("lpips", METRICS["lpips"].weights)
     return lpips.LPIPS(net=net, pretrained=True, verbose=False).to(device).eval()
 
 
-def fetch_lpips_weights() -> Path:
-    """Download the AlexNet backbone into the torch hub cache (run once, on a node with internet)."""
-    from torchvision.models import AlexNet_Weights, alexnet
+class Scorer:
+    """The networks of the metrics that need weights, loaded once on the model's device; a metric
+    whose weights are absent is left out, and `unavailable` says why (metric -> one line).
+    `networks`: metric -> the networks its values depend on, in words, for the runs' tags."""
 
-    alexnet(weights=AlexNet_Weights.IMAGENET1K_V1)
-    return backbone_weights_path()
+    def __init__(self, lpips: bool, lpips_net: str, device: str | torch.device):
+        self.device = device
+        self.unavailable: dict[str, str] = {}
+        self.lpips = self.flow = self.i3d = None
+        if lpips:
+            self.lpips = self._load("lpips", load_lpips, lpips_net, device)
+            flow = self._load("flolpips", lambda: load_flow_network(
+                required("flolpips", METRICS["flolpips"].weights)["raft_small"], device))
+            self.flow = flow if self.lpips is not None else None  # FloLPIPS weights LPIPS's own distance maps
+        self.i3d = self._load("fvd", lambda: load_i3d(required("fvd", METRICS["fvd"].weights)["i3d"], device))
+        self.networks = {m: " + ".join(WEIGHTS[w].network for w in METRICS[m].weights)
+                         for m, net in (("lpips", self.lpips), ("flolpips", self.flow), ("fvd", self.i3d)) if net is not None}
 
+    def _load(self, metric: str, load, *args):
+        try:
+            return load(*args)
+        except WeightsUnavailable as exc:
+            self.unavailable[metric] = str(exc)
+            return None
 
-def continuation_metrics(prediction: np.ndarray, truth: np.ndarray, last_context: np.ndarray, lpips_model=None,
-                         device: str | torch.device = "cpu") -> dict[str, list[float]]:
-    """Per-frame scores of a continuation of the last context frame: against the truth, and each frame
-    against the one before it (warp error, flicker)."""
-    return {**frame_metrics(prediction, truth, lpips_model, device), **temporal_metrics(last_context, prediction)}
+    def frames(self, prediction: np.ndarray, truth: np.ndarray, last_context: np.ndarray) -> dict[str, list[float]]:
+        """Per-frame scores of a continuation of the last context frame: against the truth, and each
+        frame against the one before it (warp error, flicker); FloLPIPS per frame with a successor."""
+        scores = {**frame_metrics(prediction, truth, self.lpips, self.device), **temporal_metrics(last_context,
+                                                                                                    prediction)}
+        if self.flow is not None and len(prediction) > 1:
+            scores["flolpips"] = flolpips(prediction, truth, self.lpips, self.flow)
+        return scores
+
+    def features(self, videos: np.ndarray) -> np.ndarray | None:
+        """(B, D) I3D features of (B, T, H, W, 3) uint8 videos, for FVD; None without the network."""
+        return None if self.i3d is None else i3d_features(self.i3d, videos, self.device)
 
 
 @torch.no_grad()

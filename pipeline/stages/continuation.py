@@ -27,8 +27,8 @@ from ..cluster import Shard, check_store_for_many_writers, preemptible
 from ..config import NOT_RESULT_SETTINGS, Config, ConfigError
 from ..data.manifest import ClipRecord, read_manifest, resolve_clip_path, select_clips
 from ..data.video_io import VideoError, frames_hash, read_video
-from ..evaluation.metrics import (LOWER_IS_BETTER, LpipsUnavailable, continuation_metrics, frame_metrics,
-                                  load_lpips)
+from ..evaluation.metrics import Scorer, frame_metrics
+from ..evaluation.registry import LOWER_IS_BETTER
 from ..evaluation.temporal import extrapolate_motion, temporal_metrics
 from ..models import VideoBackend, load_backend, reference_deviations
 from ..models.base import weights_fingerprint
@@ -98,6 +98,7 @@ class ClipOutput:
     metrics: dict[str, float]  # per clip: mean over samples, best-of-N, spread, references, costs
     per_frame: dict[str, list[float]]  # per frame of [K, T): mean over samples; references
     per_sample: dict[str, list[float]]  # per sample: its clip mean
+    features: dict[str, np.ndarray]  # for FVD: 'i3d' (one row per sample), 'truth_i3d' (baseline); {} without I3D
 
 
 class Continuer:
@@ -113,12 +114,7 @@ class Continuer:
         self.layout = self.backend.frame_layout(d.frames, d.context, d.height, d.width)
         self.adapter = make_adapter(self.backend, config.adaptation) if stage == "adapt" else None
         self.latents = LatentCache.for_stage(config, self.backend, self.layout.conditioned_pixel_frames)
-        self.lpips, self.lpips_note = None, ""
-        if config.evaluation.lpips:
-            try:
-                self.lpips = load_lpips(config.evaluation.lpips_net, self.backend.device)
-            except LpipsUnavailable as exc:
-                self.lpips_note = str(exc)
+        self.scorer = Scorer(config.evaluation.lpips, config.evaluation.lpips_net, self.backend.device)
 
     def load_clip(self, manifest: Path, record: ClipRecord) -> np.ndarray:
         """The clip's T frames, checked against its shape and the manifest's content hash."""
@@ -177,7 +173,7 @@ class Continuer:
         cfg, layout, backend = self.config, self.layout, self.backend
         K, frames = cfg.data.context, clip.frames
         context_latents, metrics = self.adapt(clip)
-        samples, continuity, first = [], [], None
+        samples, continuity, first, videos = [], [], None, []
         metrics.update(sample_seconds=0.0, decode_seconds=0.0, metrics_seconds=0.0)
         for n in range(cfg.sampling.samples):
             seed = derive_seed(cfg.sampling.seed, clip.record.clip_id, n)
@@ -188,10 +184,15 @@ class Continuer:
             output = self._decode(latents, seed)
             metrics["decode_seconds"] += time.perf_counter() - start
             start = time.perf_counter()
-            samples.append(continuation_metrics(output[K:], frames[K:], frames[K - 1], self.lpips, backend.device))
+            samples.append(self.scorer.frames(output[K:], frames[K:], frames[K - 1]))
             continuity.append(frame_metrics(output[K:K + 1], frames[K - 1:K], device=backend.device)["psnr"][0])
             metrics["metrics_seconds"] += time.perf_counter() - start
             first = output if first is None else first
+            videos.append(output[K:])
+        start = time.perf_counter()
+        features = self.scorer.features(np.stack(videos))
+        metrics["metrics_seconds"] += time.perf_counter() - start
+        features = {} if features is None else {"i3d": features}
         metrics.update(_peak_memory(backend.device))
         per_frame = {name: np.mean([s[name] for s in samples], axis=0).tolist() for name in samples[0]}
         per_sample = {name: [float(np.mean(s[name])) for s in samples] for name in samples[0]}
@@ -212,7 +213,9 @@ class Continuer:
             # the truth's own frame-to-frame change: what a continuation's warp error and flicker compare with
             metrics.update({f"truth_{name}": float(np.mean(values))
                             for name, values in temporal_metrics(frames[K - 1], frames[K:]).items()})
-        return ClipOutput(first, metrics, per_frame, per_sample)
+            if features:
+                features["truth_i3d"] = self.scorer.features(frames[None, K:])
+        return ClipOutput(first, metrics, per_frame, per_sample, features)
 
     def _decode(self, latents: torch.Tensor, seed: int) -> np.ndarray:
         generator = torch.Generator(self.backend.device).manual_seed(seed)
@@ -232,8 +235,7 @@ class Continuer:
                                                 torch.Generator(device).manual_seed(seed))
             predictions["vae_recon"] = self._decode(latents, seed)[K:]
         return {f"{ref}_{name}": values for ref, prediction in predictions.items()
-                for name, values in continuation_metrics(prediction, frames[K:], frames[K - 1], self.lpips,
-                                                         device).items()}
+                for name, values in self.scorer.frames(prediction, frames[K:], frames[K - 1]).items()}
 
 
 def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, shard: Shard = Shard()) -> str:
@@ -271,9 +273,10 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
                          "tta.baseline_digest": stage_digest(config, "baseline"),
                          "tta.conditioned_pixel_frames": continuer.layout.conditioned_pixel_frames})
         log_clips_as_dataset(config, stage, clips)
-        if continuer.lpips_note:
-            mlflow.set_tag("tta.lpips", continuer.lpips_note)
-            print(f"[{stage}] {continuer.lpips_note}", file=sys.stderr, flush=True)
+        mlflow.set_tags({f"tta.network.{metric}": network for metric, network in continuer.scorer.networks.items()})
+        for metric, note in continuer.scorer.unavailable.items():
+            mlflow.set_tag(f"tta.{metric}", note)
+            print(f"[{stage}] {note}", file=sys.stderr, flush=True)
         done = finished_clips(parent.info.experiment_id, stage, digest, inputs, continuer.weights)
         todo = [c for c in clips if c.clip_id not in done]
         ranks.broadcast([c.clip_id for c in todo])
@@ -365,7 +368,8 @@ def _run_clip(continuer: Continuer, recorder: Recorder, run: Future, clip_id: st
     metrics = out.metrics  # reference_seconds (the baseline's reference predictors) is a part of its own
     metrics.update(load_seconds=load_seconds, record_seconds=end - recording, clip_seconds=end - start,
                    non_model_share=(load_seconds + metrics["metrics_seconds"] + end - recording) / (end - start))
-    recorder.record(run, clip_id, clip.frames, out.first, metrics, out.per_frame, out.per_sample, weights)
+    recorder.record(run, clip_id, clip.frames, out.first, metrics, out.per_frame, out.per_sample, weights,
+                    out.features)
 
 
 def arm_run_name(config: Config, stage: str) -> str:

@@ -20,18 +20,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow.entities import Metric, Run
 from mlflow.tracking import MlflowClient
 
 from ..config import Config
 from ..data.manifest import read_manifest, select_clips
-from ..evaluation.metrics import LOWER_IS_BETTER, METRICS
-from ..evaluation.temporal import TEMPORAL_METRICS
+from ..evaluation.fvd import fvd
 from ..evaluation.plots import summary_figure, write_html
+from ..evaluation.registry import COMPARED, ON_TRUTH, REGISTRY, improved
 from ..evaluation.stats import holm, mean_se, paired_comparison, paired_frame_difference, per_frame_curve
+from ..evaluation.weights import FETCH_COMMAND, WEIGHTS
 from ..tracking.runs import (TAG_ERROR, TAG_STAGE, TAG_WEIGHTS, finished_clips, frame_history, search_all,
                              stage_run)
 from .continuation import REFERENCE_LABELS, arm_label, arm_run_name, clip_inputs, stage_digest
+from .recorder import FEATURES_FILE
 
 PREFIX_METRICS = ("first_frame_psnr", "continuity_psnr")  # frame K against the truth, against frame K-1
 COSTS = ("adapt_seconds", "sample_seconds", "adapt_steps_per_second", "non_model_share", "peak_gpu_memory_mb",
@@ -87,6 +90,7 @@ def evaluate(config: Config) -> dict:
                 arms.append(sham)
         summary = summarise(config, arms, [c.clip_id for c in clips])
         summary["per_frame"] = per_frame(arms, summary)
+        summary["sets"] = set_metrics(arms, summary["clips"], d.frames - d.context)
         mlflow.set_tags({"tta.baseline_digest": digests["baseline"], "tta.adapt_digest": digests["adapt"],
                          TAG_WEIGHTS: weights})
         mlflow.log_metrics(flat_metrics(summary))
@@ -122,6 +126,7 @@ def summary_on_stage_runs(summary: dict, stage_runs: dict[str, Run]) -> None:
         arm = summary["arms"][name]
         metrics = {f"eval.{m}_mean": mean for m, (mean, _) in arm["means"].items()}
         metrics.update({"eval.clips_failed": arm["failed"], "eval.failure_rate": arm["failure_rate"]})
+        metrics.update({f"eval.{m}": result["arms"][name]["value"] for m, result in summary["sets"].items()})
         metrics.update({f"eval.{k.split('.', 1)[1]}": v for k, v in summary["cost"].items() if k.startswith(name + ".")})
         for row in summary["comparisons"]:
             if row["a"] == name and row["b"] == "baseline" and _analysis_key(row["analysis"]) == "itt":
@@ -136,7 +141,7 @@ def summarise(config: Config, arms: list[Arm], clip_ids: list[str]) -> dict:
     """Arms, failures and paired comparisons over the clips the baseline scored (`clip_ids` in order)."""
     baseline = arms[0]
     itt = [c for c in clip_ids if c in baseline.scored]
-    names = [m for m in METRICS if all(m in baseline.scored[c] for c in itt)]
+    names = [m for m in COMPARED if all(m in baseline.scored[c] for c in itt)]
     references = [ref for ref in REFERENCE_LABELS if all(f"{ref}_psnr" in baseline.scored[c] for c in itt)]
     summary = {
         "title": f"{config.experiment}: {arms[1].label} vs baseline, {len(itt)} clips the baseline scored",
@@ -195,8 +200,8 @@ def summarise(config: Config, arms: list[Arm], clip_ids: list[str]) -> dict:
     summary["prefix"]["truth"] = {"first_frame_psnr": (math.nan, math.nan),
                                   "continuity_psnr": _mean_se_where(baseline, itt, "truth_continuity_psnr")}
     # how much each continuation moves from frame to frame, beside how much the truth does
-    summary["motion"] = {arm.name: {m: _mean_se_where(arm, itt, m) for m in TEMPORAL_METRICS} for arm in arms}
-    summary["motion"]["truth"] = {m: _mean_se_where(baseline, itt, f"truth_{m}") for m in TEMPORAL_METRICS}
+    summary["motion"] = {arm.name: {m: _mean_se_where(arm, itt, m) for m in ON_TRUTH} for arm in arms}
+    summary["motion"]["truth"] = {m: _mean_se_where(baseline, itt, f"truth_{m}") for m in ON_TRUTH}
     for arm in arms:
         for cost in COSTS:
             values = [arm.scored[c][cost] for c in itt if c in arm.scored and cost in arm.scored[c]]
@@ -227,7 +232,29 @@ def _why_excluded(clip: str, baseline: Arm) -> str:
 def _better(metric: str, diff: float) -> str:
     if math.isnan(diff) or diff == 0:
         return "no change"
-    return "better" if (diff < 0) == (metric in LOWER_IS_BETTER) else "worse"
+    return "better" if improved(metric, diff) else "worse"
+
+
+def set_metrics(arms: list[Arm], clips: list[str], frames: int) -> dict:
+    """FVD of each arm over the clips every arm finished (all their samples) against the truth's
+    continuations of the same clips; {} when a run has no I3D features (no weights when it ran)."""
+    shared = [c for c in clips if all(c in arm.runs for arm in arms)]
+    features = {arm.name: [_clip_features(arm.runs[c]) for c in shared] for arm in arms}
+    if not shared or any(f is None for clip_features in features.values() for f in clip_features):
+        return {}
+    real = np.concatenate([f["truth_i3d"] for f in features["baseline"]])
+    return {"fvd": {"clips": len(shared), "frames": frames, "network": WEIGHTS["i3d"].network, "arms": {
+        name: {"value": fvd(np.concatenate([f["i3d"] for f in clip_features]), real),
+               "videos": sum(len(f["i3d"]) for f in clip_features)} for name, clip_features in features.items()}}}
+
+
+def _clip_features(run: Run) -> dict[str, np.ndarray] | None:
+    client = MlflowClient()
+    if f"clip/{FEATURES_FILE}" not in {a.path for a in client.list_artifacts(run.info.run_id, "clip")}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        with np.load(client.download_artifacts(run.info.run_id, f"clip/{FEATURES_FILE}", tmp)) as saved:
+            return dict(saved)
 
 
 def per_frame(arms: list[Arm], summary: dict) -> dict:
@@ -266,6 +293,9 @@ def flat_metrics(summary: dict) -> dict[str, float]:
                     f"{name}.clips_not_run": arm["not_run"]})
         for m, (mean, se) in arm["means"].items():
             out.update({f"{name}.{m}_mean": mean, f"{name}.{m}_se": se})
+    for m, result in summary["sets"].items():
+        out.update({f"{name}.{m}": arm["value"] for name, arm in result["arms"].items()})
+        out[f"{m}.clips"] = result["clips"]
     for row in summary["comparisons"]:
         key = f"{row['a']}-{row['b']}.{_analysis_key(row['analysis'])}.{row['metric']}"
         for stat in ("n", "diff_mean", "ci_low", "ci_high", "t_p_value", "holm_p_value", "wilcoxon_p_value"):
@@ -292,8 +322,9 @@ def format_table(summary: dict) -> str:
         lines.append(f"{name:<13}{arm['scored']:>7}{failed:>9}" + "".join(f"{_pm(*arm['means'][m]):>19}"
                                                                         for m in metrics))
     lines += [f"  {name}: {arm['label']}" for name, arm in summary["arms"].items() if arm['label'] != name]
-    if "lpips" not in metrics:
-        lines.append("lpips unavailable (see the stage runs' tta.lpips tag; `python -m pipeline fetch-weights`)")
+    lines += [f"{m.name}: {m.definition}" for m in REGISTRY if m.weights and m.name in metrics]
+    lines += [f"{m.name} unavailable (see the stage runs' tta.{m.name} tag; `{FETCH_COMMAND}`)" for m in REGISTRY
+              if m.weights and m.name not in metrics and m.name not in summary["sets"]]
     lines += ["", f"{'paired comparison':<44}{'analysis':<16}{'metric':<11}{'n':>4}{'mean [95% CI]':>32}"
                   f"{'t p':>9}{'Holm p':>9}{'Wilcoxon p':>11}"]
     for row in summary["comparisons"]:
@@ -319,6 +350,11 @@ def format_table(summary: dict) -> str:
                   "what optical flow does not explain of it (warp error), 0-1 scale, frame K against K-1 included:"]
     for name, values in summary["motion"].items():
         lines.append(f"  {name:<12}flicker {_pm(*values['flicker'])}, warp error {_pm(*values['warp_error'])}")
+    for m, result in summary["sets"].items():
+        lines += ["", f"{m} ({result['network']}) over the {result['clips']} clips every arm finished, "
+                      f"{result['frames']} frames each, every sample, against the truth's continuations of the same "
+                      f"clips; noisy below a few hundred clips:"]
+        lines += [f"  {name:<12}{arm['value']:.2f} ({arm['videos']} videos)" for name, arm in result["arms"].items()]
     lines.append("")
     cost = summary["cost"]
     lines.append(f"seconds per clip: adaptation {cost.get('adapted.adapt_seconds', 0):.2f}, sampling baseline "

@@ -27,6 +27,8 @@ from ..config import DataConfig
 from ..data.video_io import write_video
 from ..tracking.runs import end_clip_run, start_clip_run
 
+FEATURES_FILE = "features.npz"  # a clip's I3D features, for FVD over an arm's clips
+
 
 class Recorder:
     def __init__(self, data: DataConfig, stage: str, digest: str, parent: Run,
@@ -54,11 +56,11 @@ class Recorder:
 
     def record(self, run: Future, clip_id: str, frames: np.ndarray, output: np.ndarray, metrics: dict[str, float],
                per_frame: dict[str, list[float]], per_sample: dict[str, list[float]],
-               weights: dict[str, torch.Tensor]) -> None:
-        """Encode the clip's videos and log them with its metrics (and adapted weights, if any) in the
-        background."""
+               weights: dict[str, torch.Tensor], features: dict[str, np.ndarray]) -> None:
+        """Encode the clip's videos and log them with its metrics (and adapted weights and FVD features,
+        if any) in the background."""
         folder = Path(tempfile.mkdtemp(prefix="clip-videos-"))
-        files = self.io.submit(write_clip_files, folder, frames, output, per_frame, self.data, weights)
+        files = self.io.submit(write_clip_files, folder, frames, output, per_frame, self.data, weights, features)
         self.waiting.append(self.tracking.submit(self._log, run, clip_id, files, folder, metrics, per_frame,
                                                  per_sample))
 
@@ -100,7 +102,7 @@ class Recorder:
 
 
 def write_clip_files(folder: Path, frames: np.ndarray, output: np.ndarray, per_frame: dict[str, list[float]],
-                     d: DataConfig, weights: dict[str, torch.Tensor]) -> float:
+                     d: DataConfig, weights: dict[str, torch.Tensor], features: dict[str, np.ndarray]) -> float:
     """The files a clip's run keeps; returns the seconds it took."""
     start = time.perf_counter()
     write_video(folder / "context.mp4", frames[: d.context], d.fps)
@@ -109,4 +111,6 @@ def write_clip_files(folder: Path, frames: np.ndarray, output: np.ndarray, per_f
     (folder / "frame_metrics.json").write_text(json.dumps({"first_frame": d.context, **per_frame}))
     if weights:
         save_file(weights, folder / "lora.safetensors")
+    if features:
+        np.savez(folder / FEATURES_FILE, **features)
     return time.perf_counter() - start
