@@ -43,8 +43,9 @@ class Scorer:
                 required("flolpips", METRICS["flolpips"].weights)["raft_small"], device))
             self.flow = flow if self.lpips is not None else None  # FloLPIPS weights LPIPS's own distance maps
         self.i3d = self._load("fvd", lambda: load_i3d(required("fvd", METRICS["fvd"].weights)["i3d"], device))
+        loaded = {"lpips": self.lpips, "flolpips": self.flow, "fvd": self.i3d}
         self.networks = {m: " + ".join(WEIGHTS[w].network for w in METRICS[m].weights)
-                         for m, net in (("lpips", self.lpips), ("flolpips", self.flow), ("fvd", self.i3d)) if net is not None}
+                         for m, net in loaded.items() if net is not None}
 
     def _load(self, metric: str, load, *args):
         try:
