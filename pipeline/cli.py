@@ -146,65 +146,137 @@ def experiment(**kw) -> None:
     run_experiment(config)
 
 
+def slurm_options(func):
+    """Where the jobs' tasks record and what each asks SLURM for (submit, sweep --slurm)."""
+    for option in reversed([
+            click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="",
+                         help="an mlflow server every task can reach (default: $MLFLOW_TRACKING_URI)"),
+            click.option("--partition", default=""),
+            click.option("--gpus", default=1, show_default=True),
+            click.option("--cpus", default=8, show_default=True),
+            click.option("--mem", default="64G", show_default=True),
+            click.option("--time", "time_limit", default="04:00:00", show_default=True),
+            click.option("--scratch", default="/tmp", show_default=True,
+                         help="node-local scratch for caches and temp files"),
+            click.option("--log-dir", default="slurm/logs", show_default=True),
+            click.option("--dry-run", is_flag=True, help="write the sbatch script(s) and print them, do not submit")]):
+        func = option(func)
+    return func
+
+
+def _resources(tracking_uri: str, partition: str, gpus: int, cpus: int, mem: str, time_limit: str, scratch: str,
+               log_dir: str):
+    from .cluster import Resources
+
+    if not tracking_uri or tracking_uri.startswith("sqlite"):
+        raise click.UsageError("a job array needs an mlflow server as the tracking store (--tracking-uri or "
+                               "MLFLOW_TRACKING_URI), not a SQLite file (README: 'Running on a SLURM cluster')")
+    return Resources(partition, gpus, cpus, mem, time_limit, scratch, log_dir)
+
+
+def _sets_text(sets: list[str]) -> str:
+    import shlex
+
+    return " ".join(f"--set {shlex.quote(s)}" for s in sets)
+
+
+TASK_ID = '"${SLURM_ARRAY_TASK_ID:-0}"'  # expanded by the task's shell
+
+
 @main.command()
 @config_options("num_clips")
 @click.option("--grid", "grid", multiple=True, required=True, metavar="KEY=V1,V2",
               help="a swept setting and its values, e.g. --grid adaptation.rank=4,16 (repeatable: every combination; "
                    "one --grid may hold several space-separated items, as MLproject's -P grid=... passes them)")
-def sweep(grid: tuple[str, ...], **kw: str) -> None:
+@click.option("--slurm", is_flag=True, help="submit one job array over the baseline and the arms x --tasks shards, "
+                                            "then a job that evaluates every arm once the array has ended")
+@click.option("--tasks", type=int, default=1, show_default=True, help="with --slurm: shards of the clips per arm")
+@click.option("--task", "task", type=int, default=None, metavar="I",
+              help="run only task I of the sweep's job array: shard I % --tasks of the baseline (I < --tasks) "
+                   "or of arm I // --tasks - 1 (what each array task of --slurm runs)")
+@slurm_options
+def sweep(grid: tuple[str, ...], slurm: bool, tasks: int, task: int | None, tracking_uri: str, dry_run: bool,
+          **kw) -> None:
     """Every arm of a grid against one baseline: adapt and evaluate each, then rank them by gain."""
     try:
         points = grid_points(split_items(grid))
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
+    resources = {k: kw.pop(k) for k in ("partition", "gpus", "cpus", "mem", "time_limit", "scratch", "log_dir")}
     sets = kw.pop("sets")
+    base = resolve(sets=sets, **kw)
     configs = [resolve(sets=sets + tuple(f"{k}={v}" for k, v in point.items()), **kw) for point in points]
+    if tasks < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--tasks")
+    if slurm:
+        _submit_sweep(points, grid, tasks, _resources(tracking_uri, **resources), tracking_uri, dry_run, sets=sets,
+                      **kw)
+        return
+    if task is not None:
+        if not 0 <= task < (len(points) + 1) * tasks:
+            raise click.BadParameter(f"{task} is not in [0, {(len(points) + 1) * tasks}) for {len(points)} arms "
+                                     f"and --tasks {tasks}", param_hint="--task")
+        from .stages.sweep import run_sweep_task
+
+        stage, run_id = run_sweep_task(configs, task, tasks)
+        _exit_if_clips_failed(stage, run_id)
+        return
     from .stages.sweep import run_sweep
 
-    run_sweep(points, configs)
+    run_sweep(points, configs, base)
+
+
+def _submit_sweep(points: list[dict[str, str]], grid: tuple[str, ...], tasks: int, resources, tracking_uri: str,
+                  dry_run: bool, config_path: str, sets: tuple[str, ...] = (), **shortcuts: str) -> None:
+    """The array (the baseline and every arm, each over `tasks` shards), then the sweep itself once the array
+    has ended: every finished clip is reused, so it evaluates each arm and ranks them (and redoes any clip a
+    task left unfinished)."""
+    import shlex
+
+    from .cluster import render_sbatch, sbatch, write_sbatch
+
+    overrides = [*split_items(sets), *(f"{SHORTCUTS[k]}={v}" for k, v in shortcuts.items() if v != "")]
+    sweep = (f"sweep --config {shlex.quote(config_path)} {_sets_text(overrides)} "
+             f"--grid {shlex.quote(' '.join(split_items(grid)))} --tasks {tasks}")
+    size = (len(points) + 1) * tasks
+    array = write_sbatch(render_sbatch(f"{sweep} --task {TASK_ID}", size, tracking_uri, "tta-sweep", resources),
+                         "tta-sweep", resources)
+    final = write_sbatch(render_sbatch(sweep, 0, tracking_uri, "tta-sweep-evaluate", resources),
+                         "tta-sweep-evaluate", resources)
+    what = f"{size} tasks: the baseline and {len(points)} arms, {tasks} shard(s) each"
+    if dry_run:
+        click.echo(array.read_text() + "\n" + final.read_text())
+        click.echo(f"# written to {array} ({what}) and {final}; submit with:\n"
+                   f"job=$(sbatch --parsable {array}) && sbatch --dependency=afterany:${{job%%;*}} {final}")
+        return
+    array_id = sbatch(array)
+    click.echo(f"submitted job array {array_id} ({what}) and job {sbatch(final, after=array_id)}, which evaluates "
+               f"the arms once the array has ended (its log: {resources.log_dir}/tta-sweep-evaluate-*.out)")
 
 
 @main.command()
 @click.option("--stage", type=click.Choice(["baseline", "adapt"]), required=True)
 @click.option("--config", default="conf/demo.yaml", show_default=True)
 @click.option("--tasks", type=int, required=True, help="job-array size: the clips are split into this many shards")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", required=True,
-              help="an mlflow server every task can reach (default: $MLFLOW_TRACKING_URI)")
-@click.option("--partition", default="")
-@click.option("--gpus", default=1, show_default=True)
-@click.option("--cpus", default=8, show_default=True)
-@click.option("--mem", default="64G", show_default=True)
-@click.option("--time", "time_limit", default="04:00:00", show_default=True)
-@click.option("--scratch", default="/tmp", show_default=True, help="node-local scratch for caches and temp files")
-@click.option("--log-dir", default="slurm/logs", show_default=True)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="config overrides passed to every task")
-@click.option("--dry-run", is_flag=True, help="write the sbatch script and print it, do not submit")
-def submit(stage, config, tasks, tracking_uri, partition, gpus, cpus, mem, time_limit, scratch, log_dir, sets,
-           dry_run) -> None:
+@slurm_options
+def submit(stage: str, config: str, tasks: int, sets: tuple[str, ...], tracking_uri: str, dry_run: bool,
+           **resources) -> None:
     """Write the sbatch script of a stage as a job array and submit it with sbatch."""
     import shlex
-    import subprocess
-    from pathlib import Path
 
-    from .cluster import render_sbatch
+    from .cluster import render_sbatch, sbatch, write_sbatch
 
     resolve(config, sets)  # fail here, not on the cluster, on a bad config
-    if tracking_uri.startswith("sqlite"):
-        raise click.UsageError("a job array needs an mlflow server as the tracking store, not a SQLite file "
-                               "(README: 'Running on a SLURM cluster')")
-    extra = " ".join(f"--set {shlex.quote(s)}" for s in sets)
+    slurm = _resources(tracking_uri, **resources)
     job = f"tta-{stage}"
-    script = render_sbatch(stage, config, tasks, tracking_uri, job, partition, gpus, cpus, mem, time_limit,
-                           scratch, str(Path(log_dir).resolve()), extra)
-    Path(log_dir).mkdir(parents=True, exist_ok=True)
-    path = Path("slurm") / "rendered" / f"{job}.sbatch"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(script)
+    command = f"{stage} --config {shlex.quote(config)} --shard {TASK_ID}/{tasks} {_sets_text(list(sets))}"
+    path = write_sbatch(render_sbatch(command, tasks, tracking_uri, job, slurm), job, slurm)
     if dry_run:
-        click.echo(script)
+        click.echo(path.read_text())
         click.echo(f"# written to {path}; submit with: sbatch {path}")
         return
-    click.echo(subprocess.run(["sbatch", str(path)], check=True, capture_output=True, text=True).stdout.strip())
+    click.echo(f"submitted job array {sbatch(path)}")
 
 
 @main.command("download-dataset")

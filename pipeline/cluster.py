@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import string
+import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,13 +78,42 @@ def preemptible():
             signal.signal(s, h)
 
 
-def render_sbatch(stage: str, config: str, tasks: int, tracking_uri: str, job_name: str, partition: str,
-                  gpus: int, cpus: int, mem: str, time: str, scratch: str, log_dir: str, extra: str = "") -> str:
-    """The sbatch script of one stage over a job array of `tasks` shards."""
-    if stage not in ("baseline", "adapt"):
-        raise ValueError(f"stage {stage!r}: only baseline and adapt run as job arrays")
-    partition_line = f"#SBATCH --partition={partition}" if partition else ""
+@dataclass(frozen=True)
+class Resources:
+    """What each task of a job asks SLURM for, and where it writes."""
+
+    partition: str = ""
+    gpus: int = 1
+    cpus: int = 8
+    mem: str = "64G"
+    time: str = "04:00:00"
+    scratch: str = "/tmp"
+    log_dir: str = "slurm/logs"
+
+
+def render_sbatch(command: str, tasks: int, tracking_uri: str, job_name: str, resources: Resources) -> str:
+    """The sbatch script that runs `python -m pipeline <command>`: a job array of `tasks` tasks (each
+    sees its index as SLURM_ARRAY_TASK_ID), or a single job when `tasks` is 0."""
+    r = resources
     return string.Template(TEMPLATE.read_text()).substitute(
-        stage=stage, config=config, tasks=tasks, last=tasks - 1, tracking_uri=tracking_uri, job_name=job_name,
-        partition_line=partition_line, gpus=gpus, cpus=cpus, mem=mem, time=time, scratch=scratch,
-        log_dir=log_dir, extra=extra, repo=str(TEMPLATE.parents[1]), exit_preempted=PREEMPTED_EXIT_CODE)
+        command=command, array_line=f"#SBATCH --array=0-{tasks - 1}" if tasks else "",
+        log_name="%x-%A_%a.out" if tasks else "%x-%j.out", tracking_uri=tracking_uri,
+        job_name=job_name, partition_line=f"#SBATCH --partition={r.partition}" if r.partition else "",
+        gpus=r.gpus, cpus=r.cpus, mem=r.mem, time=r.time, scratch=r.scratch, log_dir=str(Path(r.log_dir).resolve()),
+        repo=str(TEMPLATE.parents[1]), exit_preempted=PREEMPTED_EXIT_CODE)
+
+
+def write_sbatch(script: str, job_name: str, resources: Resources) -> Path:
+    """slurm/rendered/<job_name>.sbatch (and the log folder its tasks write to)."""
+    Path(resources.log_dir).mkdir(parents=True, exist_ok=True)
+    path = TEMPLATE.parent / "rendered" / f"{job_name}.sbatch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    return path
+
+
+def sbatch(path: Path, after: str = "") -> str:
+    """Submit a script (once job `after` has ended, however it ended, when given); returns the job id."""
+    dependency = [f"--dependency=afterany:{after}"] if after else []
+    out = subprocess.run(["sbatch", "--parsable", *dependency, str(path)], check=True, capture_output=True, text=True)
+    return out.stdout.strip().split(";")[0]  # --parsable prints "id" or "id;cluster"

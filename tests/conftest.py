@@ -3,7 +3,12 @@ a real SQLite MLflow store per test."""
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -79,3 +84,35 @@ def store(tmp_path) -> str:
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(backend_uri: str, artifacts: Path):
+    """A real `mlflow server` on loopback over the given store; yields its URI."""
+    port = free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen(["mlflow", "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
+                             str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("mlflow server did not start")
+            time.sleep(0.5)
+    try:
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -13,12 +12,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, cli, write_config
+from conftest import ROOT, cli, mlflow_server, write_config
 from pipeline.config import load_config
 from pipeline.data.manifest import read_manifest, select_clips
 from pipeline.stages.preprocess import run_preprocess
 from pipeline.tracking.runs import get_or_create_experiment
-from test_viewer import free_port
 
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
@@ -26,25 +24,8 @@ ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("server")
-    port = free_port()
-    proc = subprocess.Popen(["mlflow", "server", "--backend-store-uri", f"sqlite:///{base / 'db.sqlite'}",
-                             "--artifacts-destination", str(base / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "2"], env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("mlflow server did not start")
-            time.sleep(0.5)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
+    with mlflow_server(f"sqlite:///{base / 'db.sqlite'}", base / "artifacts") as uri:
+        yield uri
 
 
 @pytest.fixture

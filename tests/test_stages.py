@@ -352,20 +352,3 @@ def test_killed_pretraining_resumes_to_the_same_weights(prepared, tmp_path, monk
     assert not cut.with_name(cut.name + ".resume").exists()
     a, b = load_file(str(whole)), load_file(str(cut))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_a_2x2_sweep_runs_every_arm_against_one_baseline(prepared, store):
-    """`sweep --grid adaptation.rank=2,4 --grid adaptation.lr=1e-3,2e-3`: one baseline, four adapted arms,
-    each evaluated, and a last table ranking them by their paired gain."""
-    result = subprocess.run(cli("sweep", "--config", str(prepared), "--grid", "adaptation.rank=2,4",
-                                "--grid", "adaptation.lr=1e-3,2e-3"), cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    exp = mlflow.get_experiment_by_name(load_config(prepared).experiment)
-    stages = [r.data.tags["tta.stage"] for r in MlflowClient().search_runs([exp.experiment_id],
-                                                                           "tags.`tta.kind` = 'stage'")]
-    assert sorted(stages) == ["adapt"] * 4 + ["baseline"] + ["evaluate"] * 4
-    table = result.stdout[result.stdout.index("sweep: 4 arms"):].splitlines()[2:]
-    assert sorted(line.split()[0] for line in table) == sorted(
-        f"lora-r{r}-lr{lr}-3steps" for r in (2, 4) for lr in ("0.001", "0.002"))
-    gains = [float(line.split()[2]) for line in table]
-    assert gains == sorted(gains, reverse=True)

@@ -4,7 +4,6 @@ import dataclasses
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, use_store
+from conftest import ROOT, free_port, use_store
 from pipeline.config import load_config
 from pipeline.data.manifest import read_manifest
 from pipeline.data.synthetic import MOTION_CLASSES
@@ -25,12 +24,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = ROOT / "test-artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Viewer:

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline.evaluation.stats import mean_se  # noqa: E402
 from pipeline.tracking.runs import frame_curve, frame_history  # noqa: E402
-from viewer import compose, data, figures  # noqa: E402
+from viewer import compose, data, figures, sweep  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "tta-viewer-cache"
 st.set_page_config(page_title="TTA viewer", layout="wide")
@@ -40,6 +40,11 @@ def main() -> None:
                                       format_func=lambda e: e.name)
     if evaluation is not None and evaluation.info.experiment_id != experiment.experiment_id:
         evaluation = None  # another experiment was chosen: its own newest arms
+    sweeps = sweep.list_sweeps(experiment.experiment_id)
+    if sweeps and st.sidebar.radio("View", ["sweep", "arms and clips"],
+                                   index=0 if sweep.opens_on_sweep(sweeps, evaluation) else 1) == "sweep":
+        sweep.show(client, sweeps)
+        return
     arms = data.list_arms(experiment.experiment_id)
     baselines = [a for a in arms if a.stage == "baseline"]
     adapted_all = [a for a in arms if a.stage == "adapt"]
@@ -83,12 +88,12 @@ def main() -> None:
     rows, shown = clip_table(rows, metric)
     if rows:
         summary_and_plots(baseline, names, rows, metric)
+        set_metrics(evaluation)
     if shown:
         clip_view(client, baseline, names, shown)
 
 
 def clip_table(rows: list[dict], metric: str) -> tuple[list[dict], list[dict]]:
-        set_metrics(evaluation)
     """The clips of the chosen classes (what the statistics cover) and those of them shown (also by outcome)."""
     st.header("Clips")
     left, right = st.columns(2)
@@ -137,11 +142,6 @@ def summary_and_plots(baseline: data.Arm, names: dict[str, data.Arm], rows: list
     a.plotly_chart(figures.cost_gain_figure(list(names), seconds, gains, metric), key="cost")
 
 
-def clip_view(client: MlflowClient, baseline: data.Arm, names: dict[str, data.Arm], rows: list[dict]) -> None:
-    st.header("One clip")
-    clip_id = st.selectbox("Clip", [r["clip"] for r in rows])
-    runs = {"baseline": baseline.clips[clip_id]}
-    for short, arm in names.items():
 def set_metrics(evaluation) -> None:
     """The metrics of an arm's whole set of clips (FVD), from the latest evaluate run of this experiment."""
     rows = data.set_metric_rows(evaluation)
@@ -152,6 +152,11 @@ def set_metrics(evaluation) -> None:
                    "necessarily those chosen in the sidebar. FVD is noisy below a few hundred clips.")
 
 
+def clip_view(client: MlflowClient, baseline: data.Arm, names: dict[str, data.Arm], rows: list[dict]) -> None:
+    st.header("One clip")
+    clip_id = st.selectbox("Clip", [r["clip"] for r in rows])
+    runs = {"baseline": baseline.clips[clip_id]}
+    for short, arm in names.items():
         if run := data.finished_run(baseline, arm, clip_id):
             runs[short] = run
         else:

@@ -51,3 +51,22 @@ def cost_gain_figure(names: list[str], seconds: list[float], gains: list[float],
     return fig.update_layout(title=f"cost vs gain per adapted arm: mean Δ{metric} (ITT)",
                              xaxis_title="adaptation seconds per clip", yaxis_title=f"mean Δ{metric} (ITT)",
                              height=380)
+
+
+def gain_by_setting(rows: list[dict], key: str, grid: dict[str, list[str]], metric: str) -> go.Figure:
+    """A sweep's paired gain (with its CI) against one swept setting: one line per combination of the
+    other swept settings, the values in the grid's order."""
+    gain, others = f"Δ{metric} (ITT)", [k for k in grid if k != key]
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(" ".join(f"{k}={row[k]}" for k in others) or "all", []).append(row)
+    fig = go.Figure()
+    for name, members in groups.items():
+        members = sorted(members, key=lambda r: grid[key].index(r[key]))
+        fig.add_trace(go.Scatter(
+            x=[r[key] for r in members], y=[r[gain] for r in members], mode="lines+markers", name=name,
+            error_y={"type": "data", "symmetric": False, "array": [r["CI high"] - r[gain] for r in members],
+                     "arrayminus": [r[gain] - r["CI low"] for r in members]}))
+    fig.add_hline(y=0, line_dash="dash", line_color="grey")
+    return fig.update_layout(title=f"sweep: Δ{metric} (ITT, 95% CI) against {key}", xaxis_title=key,
+                             xaxis_type="category", yaxis_title=f"Δ{metric}", height=380)

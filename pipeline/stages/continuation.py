@@ -35,8 +35,8 @@ from ..models.base import weights_fingerprint
 from ..models.ltx_video import frames_to_tensor, tensor_to_frames
 from ..progress import Progress
 from ..seeds import derive_seed
-from ..tracking.runs import (TAG_CLASS, TAG_INPUTS, TAG_PARTNER, TAG_SOURCE, TAG_WEIGHTS, finished_clips,
-                             get_or_create_experiment, stage_run)
+from ..tracking.runs import (TAG_CLASS, TAG_INPUTS, TAG_PARTNER, TAG_SOURCE, TAG_WEIGHTS,
+                             close_stale_stage_runs, finished_clips, get_or_create_experiment, stage_run)
 from .latent_cache import LatentCache
 from .recorder import Recorder
 
@@ -262,12 +262,14 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
         ranks.finish()
         return ""
     if ranks.world_size() == 1 and "MLFLOW_RUN_ID" not in os.environ:  # nothing to do: no empty stage run
-        done = finished_clips(get_or_create_experiment(config.experiment), stage, digest, inputs, continuer.weights)
+        experiment_id = get_or_create_experiment(config.experiment)
+        done = finished_clips(experiment_id, stage, digest, inputs, continuer.weights)
         if all(c.clip_id in done for c in clips):
+            close_stale_stage_runs(experiment_id, stage, digest, shard)  # a killed run's, done since
             print(f"[{stage}] nothing to do: all {len(clips)} clips already have a finished result for this "
                   "config, model and clip content", flush=True)
             return ""
-    with preemptible(), stage_run(config, stage, digest, arm_run_name(config, stage)) as parent:
+    with preemptible(), stage_run(config, stage, digest, arm_run_name(config, stage), shard) as parent:
         mlflow.log_param("shard", str(shard))
         mlflow.set_tags({"tta.arm": arm_label(config, stage), TAG_WEIGHTS: continuer.weights,
                          "tta.baseline_digest": stage_digest(config, "baseline"),

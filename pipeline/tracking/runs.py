@@ -3,7 +3,8 @@
 A clip's result is identified by (stage, config digest, clip id, the content hash of the frames it
 was made from, the fingerprint of the model weights loaded). Rerunning a stage skips clips that
 already have a FINISHED child run with that key; child runs left RUNNING by a killed process are
-marked KILLED when their clip is redone, so each clip ends with exactly one finished result.
+marked KILLED when their clip is redone, so each clip ends with exactly one finished result; stage
+runs left RUNNING are marked KILLED by the next run of the same stage, digest and shard.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from ..cluster import Preempted
+from ..cluster import Preempted, Shard
 from ..config import Config
 from ..evaluation.stats import per_frame_curve
 
@@ -27,6 +28,7 @@ TAG_STAGE, TAG_DIGEST, TAG_CLIP = "tta.stage", "tta.digest", "tta.clip_id"
 TAG_CLASS, TAG_SOURCE, TAG_ERROR, TAG_KIND = "tta.class", "tta.source", "tta.error", "tta.kind"
 TAG_INPUTS, TAG_WEIGHTS = "tta.inputs", "tta.weights"  # content hash of the clip's frames used; model fingerprint
 TAG_PARTNER = "tta.partner"  # the sham arm: the clip whose context was adapted on
+TAG_SHARD = "tta.shard"  # a stage run's part of the clips: I/N
 TAG_MOVED = "tta.moved_to"  # a run `mlflow run` opened outside the config's experiment: where the results went
 
 
@@ -74,23 +76,45 @@ def _launcher_run(experiment_id: str) -> str | None:
     return None
 
 
+def gpu_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def close_stale_stage_runs(experiment_id: str, stage: str, digest: str, shard: Shard = Shard()) -> None:
+    """Stage runs of this stage, digest and shard left RUNNING by a process that died (kill -9, a node
+    lost): only one process works on a shard at a time, so whoever runs it next marks them KILLED."""
+    stale = search_all(experiment_id, f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_DIGEST}` = '{digest}' "
+                                   f"and tags.`{TAG_SHARD}` = '{shard}' and tags.`{TAG_KIND}` = 'stage' "
+                                   "and attributes.status = 'RUNNING'")
+    for run in stale:
+        MlflowClient().set_tag(run.info.run_id, TAG_ERROR, "its process stopped without ending the run (killed?); "
+                                                          "marked KILLED by the next run of this stage and shard")
+        MlflowClient().set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+
+
 @contextmanager
-def stage_run(config: Config, stage: str, digest: str, name: str | None = None):
+def stage_run(config: Config, stage: str, digest: str, name: str | None = None, shard: Shard = Shard()):
     """The parent run of one stage invocation, named `name` (default: the stage), in the experiment
-    the config names: every resolved config value as a param, git commit tag.
+    the config names: every resolved config value as a param, git commit tag; on a GPU, MLflow's
+    system metrics (GPU utilisation and memory, CPU, RAM) as `system/*`.
 
     Inside `mlflow run` the run it created is used when it is in that experiment; inside another
-    active run (the `experiment` stage) the stage run is nested under it.
+    active run (the `experiment` and `sweep` stages) the stage run is nested under it.
     """
     experiment_id = get_or_create_experiment(config.experiment)
-    tags = {TAG_STAGE: stage, TAG_DIGEST: digest, TAG_KIND: "stage", "git_commit": git_commit()}
+    close_stale_stage_runs(experiment_id, stage, digest, shard)
+    tags = {TAG_STAGE: stage, TAG_DIGEST: digest, TAG_SHARD: str(shard), TAG_KIND: "stage",
+            "git_commit": git_commit()}
     launcher = _launcher_run(experiment_id)
+    system_metrics = gpu_present()
     if launcher is not None:
-        run = mlflow.start_run(run_id=launcher)
+        run = mlflow.start_run(run_id=launcher, log_system_metrics=system_metrics)
         mlflow.set_tags({**tags, "mlflow.runName": name or stage})
     else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=name or stage,
-                               nested=mlflow.active_run() is not None, tags=tags)
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=name or stage, tags=tags,
+                               nested=mlflow.active_run() is not None, log_system_metrics=system_metrics)
     with run:
         mlflow.log_params(config.flat())
         try:
