@@ -81,6 +81,7 @@ class PretrainConfig:
     lr: float = 1e-3
     warmup: int = 100
     unconditional_prob: float = 0.1  # share of steps trained with no clean prefix
+    ema: float = 0.0  # > 0: the weights written are an exponential moving average of the trained ones, this decay per step
     seed: int = 0  # the small default's initial weights, batches and noise
 
 
@@ -157,7 +158,7 @@ NOT_RESULT_SETTINGS = {
     "model.cache_latents",  # the cached latents are the encoder's output, bit for bit (tests/test_latent_cache.py)
     "model.weights",  # a path: the weights actually loaded are fingerprinted into the key instead
     "pretrain.steps", "pretrain.batch_size", "pretrain.lr", "pretrain.warmup", "pretrain.unconditional_prob",
-    "pretrain.seed",  # pretraining reaches results only through the weights, which are fingerprinted
+    "pretrain.seed", "pretrain.ema",  # pretraining reaches results only through the weights, which are fingerprinted
 }
 
 CHOICES = {

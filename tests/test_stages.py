@@ -329,14 +329,15 @@ def test_pretraining_new_settings_writes_beside_the_weights_results_refer_to(pre
     assert pretrain(other) == written  # up to date now: found again, not retrained
 
 
-def test_killed_pretraining_resumes_to_the_same_weights(prepared, tmp_path, monkeypatch):
-    """A pretraining run cut off mid-way resumes from its checkpoint (weights, optimizer, batches and
-    noise) and ends bitwise where an uninterrupted run ends."""
+@pytest.mark.parametrize("ema", ["0", "0.9"])
+def test_killed_pretraining_resumes_to_the_same_weights(prepared, tmp_path, monkeypatch, ema):
+    """A pretraining run cut off mid-way resumes from its checkpoint (weights, optimizer, moving
+    average, batches and noise) and ends bitwise where an uninterrupted run ends."""
     from safetensors.torch import load_file
 
     from pipeline.stages import pretrain as stage
 
-    config = load_config(prepared, {"pretrain.steps": "75"})
+    config = load_config(prepared, {"pretrain.steps": "75", "pretrain.ema": ema})
     clips = stage.training_clips(config)
     whole = stage.train_weights(config, tmp_path / "whole.safetensors", clips)
     monkeypatch.setattr(stage, "CHECKPOINT_SECONDS", 0)  # a checkpoint at every log step (25, 50)
@@ -352,3 +353,16 @@ def test_killed_pretraining_resumes_to_the_same_weights(prepared, tmp_path, monk
     assert not cut.with_name(cut.name + ".resume").exists()
     a, b = load_file(str(whole)), load_file(str(cut))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_stage_runs_ask_for_mlflow_system_metrics_on_a_gpu(prepared, store, monkeypatch, gpu):
+    """With a CUDA device the stage run starts MLflow's system-metrics monitor. There is no GPU here, so
+    the probe is told there is one: MLflow's real monitor then records what this machine has (CPU and
+    memory; its GPU figures need NVML, i.e. a GPU)."""
+    from pipeline.tracking import runs
+
+    monkeypatch.setattr(runs, "gpu_present", lambda: gpu)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    metrics = mlflow.get_run(run_stage(load_config(prepared), "baseline")).data.metrics
+    assert ("system/cpu_utilization_percentage" in metrics) == gpu

@@ -1,8 +1,9 @@
 """Pretrain the small default model on the train split so that it can continue clips at all.
 
 Rectified-flow training with a random clean prefix (and sometimes none), the same objective the
-backend uses at test time, AdamW with warmup and a cosine decay. The result is a safetensors file that
-records the digest of what made it (settings, and the training clips: the synthetic generator's
+backend uses at test time, AdamW with warmup and a cosine decay; with `pretrain.ema`
+the weights written are an exponential moving average of the trained ones. The result is a safetensors
+file that records the digest of what made it (settings, and the training clips: the synthetic generator's
 version, or a folder's clip hashes); a rerun with the same digest skips. Weights are never overwritten
 (results refer to them): a new digest writes `<name>.<digest>.safetensors` beside `model.weights`, and
 later stages of the same `experiment` command use that file. A killed run resumes from its last
@@ -100,12 +101,17 @@ def train_weights(config: Config, weights: Path, clips: torch.Tensor, log=None) 
     generator = torch.Generator(backend.device).manual_seed(p.seed)
     backend.transformer.requires_grad_(True).train()
     optimizer = TorchAdamW(list(backend.transformer.parameters()), p.lr, p.warmup, decay_steps=p.steps)
+    model = backend.transformer
+    # the moving average starts at the initial weights, whose share has decayed to nothing by the end
+    average = {name: w.detach().clone() for name, w in model.named_parameters()} if p.ema > 0 else None
     resume = weights.with_name(weights.name + ".resume")
-    start = _restore(resume, digest, backend.transformer, optimizer, rng, generator)
+    start = _restore(resume, digest, model, optimizer, rng, generator, average)
     progress = Progress("pretrain", p.steps, done=start, every_seconds=10)
     saved = time.monotonic()
 
     def loss_fn(step: int) -> torch.Tensor:
+        if average is not None and step > 0:  # the weights that optimizer step `step - 1` made
+            _update_average(average, model, p.ema)
         batch = torch.cat([frames_to_tensor(clips[i], backend.device) for i in rng.sample(range(len(clips)), p.batch_size)])
         clean = 0 if rng.random() < p.unconditional_prob else rng.randint(1, batch.shape[2] - 1)
         return backend.training_loss(batch, clean, generator)
@@ -116,7 +122,7 @@ def train_weights(config: Config, weights: Path, clips: torch.Tensor, log=None) 
         if log is not None:
             log(step, loss)
         if time.monotonic() - saved > CHECKPOINT_SECONDS and step < p.steps:
-            _checkpoint(resume, digest, step, backend.transformer, optimizer, rng, generator)
+            _checkpoint(resume, digest, step, model, optimizer, rng, generator, average)
             saved = time.monotonic()
 
     # on_step(s) runs after s steps: a checkpoint taken there resumes at step index s
@@ -127,8 +133,12 @@ def train_weights(config: Config, weights: Path, clips: torch.Tensor, log=None) 
         train(optimizer, loss_fn, p.steps, on_step, log_every=25, start=start)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    state = model.state_dict()
+    if average is not None:
+        _update_average(average, model, p.ema)
+        state.update(average)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in backend.transformer.state_dict().items()}
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     partial = weights.with_name(weights.name + ".partial")
     save_file(state, str(partial), metadata={"digest": digest})
     partial.replace(weights)
@@ -161,16 +171,17 @@ def _render_train_clip(args) -> np.ndarray:
 
 
 def _checkpoint(path: Path, digest: str, step: int, model: torch.nn.Module, optimizer: TorchAdamW,
-                rng: random.Random, generator: torch.Generator) -> None:
+                rng: random.Random, generator: torch.Generator, average: dict[str, torch.Tensor] | None) -> None:
     state = {"digest": digest, "step": step, "model": model.state_dict(), "optimizer": optimizer.optimizer.state_dict(),
-             "schedule": optimizer.schedule.state_dict(), "rng": rng.getstate(), "generator": generator.get_state()}
+             "schedule": optimizer.schedule.state_dict(), "rng": rng.getstate(), "generator": generator.get_state(),
+             "average": average}
     partial = path.with_name(path.name + ".partial")
     torch.save(state, partial)
     partial.replace(path)
 
 
 def _restore(path: Path, digest: str, model: torch.nn.Module, optimizer: TorchAdamW, rng: random.Random,
-             generator: torch.Generator) -> int:
+             generator: torch.Generator, average: dict[str, torch.Tensor] | None) -> int:
     """The step to start from: that of the checkpoint at `path` when it has the same digest, else 0."""
     if not path.exists():
         return 0
@@ -183,8 +194,17 @@ def _restore(path: Path, digest: str, model: torch.nn.Module, optimizer: TorchAd
     optimizer.schedule.load_state_dict(state["schedule"])
     rng.setstate(state["rng"])
     generator.set_state(state["generator"].cpu())
+    if average is not None:
+        for name, value in state["average"].items():
+            average[name].copy_(value)
     print(f"[pretrain] resuming {path} at step {state['step']}", flush=True)
     return state["step"]
+
+
+@torch.no_grad()
+def _update_average(average: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    for name, w in model.named_parameters():
+        average[name].lerp_(w, 1 - decay)
 
 
 def _digest_of(path: Path) -> str | None:
