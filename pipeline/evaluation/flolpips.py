@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .gpu_metrics import to_float
 
 MIN_SIZE = 128  # RAFT-small's 4-level correlation pyramid on 1/8-resolution features needs 16 px there
+FLOW_BATCH = 64  # frame pairs per RAFT call
 
 
 def load_flow_network(path, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -43,7 +44,9 @@ def optical_flow(model: torch.nn.Module, first: torch.Tensor, second: torch.Tens
         first, second = (F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
                          for x in (first, second))
     pad = (0, -first.shape[-1] % 8, 0, -first.shape[-2] % 8)  # RAFT needs sizes divisible by 8
-    flow = model(F.pad(first, pad, mode="replicate"), F.pad(second, pad, mode="replicate"))[-1]  # its last refinement
+    first, second = F.pad(first, pad, mode="replicate"), F.pad(second, pad, mode="replicate")
+    # in chunks: cuDNN's grid sampler refuses RAFT's correlation lookup for 511 pairs of 256 px at once
+    flow = torch.cat([model(a, b)[-1] for a, b in zip(first.split(FLOW_BATCH), second.split(FLOW_BATCH))])  # its last refinement
     flow = flow[..., :h * scale, :w * scale]
     return flow if scale == 1 else F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False) / scale
 
