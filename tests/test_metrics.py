@@ -106,6 +106,18 @@ def test_flolpips_plumbing_with_random_networks():
     assert flolpips(truth, truth, model, flow) == [0.0, 0.0]
 
 
+def test_optical_flow_in_chunks_equals_one_call(monkeypatch):
+    """RAFT runs on FLOW_BATCH frame pairs at a time: the chunks put together are the flow of one call."""
+    from pipeline.evaluation import flolpips as module
+
+    torch.manual_seed(0)
+    flow = raft_small().eval()
+    first, second = (torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in (1, 2))
+    whole = module.optical_flow(flow, first, second)
+    monkeypatch.setattr(module, "FLOW_BATCH", 2)
+    assert torch.allclose(module.optical_flow(flow, first, second), whole, atol=1e-4)  # float order only (flows ~20 px)
+
+
 def test_i3d_features_reach_the_network_as_stylegan_v_feeds_it(torch_home):
     detector = load_i3d(install_stand_in_i3d())
     videos = np.random.default_rng(0).integers(0, 256, (2, 5, 16, 16, 3), dtype=np.uint8)

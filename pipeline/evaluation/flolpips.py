@@ -45,8 +45,9 @@ def optical_flow(model: torch.nn.Module, first: torch.Tensor, second: torch.Tens
                          for x in (first, second))
     pad = (0, -first.shape[-1] % 8, 0, -first.shape[-2] % 8)  # RAFT needs sizes divisible by 8
     first, second = F.pad(first, pad, mode="replicate"), F.pad(second, pad, mode="replicate")
-    # in chunks: cuDNN's grid sampler refuses RAFT's correlation lookup for 511 pairs of 256 px at once
-    flow = torch.cat([model(a, b)[-1] for a, b in zip(first.split(FLOW_BATCH), second.split(FLOW_BATCH))])  # its last refinement
+    # RAFT's last refinement, in chunks: cuDNN's grid sampler refuses its correlation lookup for 511
+    # pairs of 256 px at once
+    flow = torch.cat([model(a, b)[-1] for a, b in zip(first.split(FLOW_BATCH), second.split(FLOW_BATCH))])
     flow = flow[..., :h * scale, :w * scale]
     return flow if scale == 1 else F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False) / scale
 

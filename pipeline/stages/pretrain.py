@@ -99,9 +99,9 @@ def train_weights(config: Config, weights: Path, clips: torch.Tensor, log=None) 
     clips = clips.to(backend.device)
     rng = random.Random(p.seed)
     generator = torch.Generator(backend.device).manual_seed(p.seed)
-    backend.transformer.requires_grad_(True).train()
-    optimizer = TorchAdamW(list(backend.transformer.parameters()), p.lr, p.warmup, decay_steps=p.steps)
     model = backend.transformer
+    model.requires_grad_(True).train()
+    optimizer = TorchAdamW(list(model.parameters()), p.lr, p.warmup, decay_steps=p.steps)
     # the moving average starts at the initial weights, whose share has decayed to nothing by the end
     average = {name: w.detach().clone() for name, w in model.named_parameters()} if p.ema > 0 else None
     resume = weights.with_name(weights.name + ".resume")
