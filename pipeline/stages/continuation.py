@@ -303,7 +303,12 @@ def log_clips_as_dataset(config: Config, stage: str, clips: list[ClipRecord]) ->
     d = config.data
     dataset = mlflow.data.from_pandas(pd.DataFrame([vars(c) for c in clips]), source=str(d.manifest),
                                       name=f"{Path(d.output_dir).name}/{d.split}")
-    mlflow.log_input(dataset, context=stage)
+    try:
+        mlflow.log_input(dataset, context=stage)
+    except mlflow.exceptions.MlflowException:
+        # the tracking server checks for the dataset and then inserts it, so two shards logging the
+        # same clips at once can both miss it and one insert fails; the second try finds its row
+        mlflow.log_input(dataset, context=stage)
 
 
 def _reporter(stage: str, progress: Progress) -> Callable[[str, BaseException | None], None]:
