@@ -176,3 +176,30 @@ def test_the_registry_is_the_one_list_of_metrics():
     assert all(w in WEIGHTS for m in registry.REGISTRY for w in m.weights)
     protocol = (ROOT / "docs" / "protocol.md").read_text()
     assert all(f"| `{m.name}` |" in protocol for m in registry.REGISTRY)  # each defined in the docs
+
+
+class ShortVideoRefusingI3dStandIn(RandomI3dStandIn):
+    """The random stand-in, refusing videos shorter than I3D's temporal pooling can take."""
+
+    def forward(self, x: torch.Tensor, rescale: bool, resize: bool, return_features: bool) -> torch.Tensor:
+        if x.shape[2] < 16:
+            raise RuntimeError("input image (T: 1 H: 7 W: 7) smaller than kernel size (kT: 2 kH: 7 kW: 7)")
+        return self.proj(x.float().mean(dim=(2, 3, 4)) / 255)
+
+
+def test_continuations_too_short_for_i3d_leave_fvd_unavailable_and_the_clips_scored(prepared, store, torch_home):
+    path = install_stand_in_i3d()
+    torch.jit.script(ShortVideoRefusingI3dStandIn()).save(str(path))
+    WEIGHTS["i3d"].record.write_text(sha256(path) + "\n")
+    config = load_config(prepared, {"experiment": "short-fvd"})
+    run_stage(config, "baseline")
+    experiment = mlflow.get_experiment_by_name("short-fvd").experiment_id
+    runs = MlflowClient().search_runs([experiment], "tags.`tta.stage` = 'baseline'")
+    stage = next(r for r in runs if r.data.tags["tta.kind"] == "stage")
+    clips = [r for r in runs if r.data.tags["tta.kind"] == "clip"]
+    assert clips and all(r.info.status == "FINISHED" and "psnr" in r.data.metrics for r in clips)
+    frames = config.data.frames - config.data.context
+    note = stage.data.tags["tta.fvd"]
+    assert note.startswith(f"fvd unavailable: I3D cannot take {frames}-frame continuations of 16x16 (")
+    assert "smaller than kernel size (kT: 2 kH: 7 kW: 7))" in note and "\n" not in note
+    assert "tta.network.fvd" not in stage.data.tags

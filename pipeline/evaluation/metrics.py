@@ -63,6 +63,22 @@ class Scorer:
             scores["flolpips"] = flolpips(prediction, truth, self.lpips, self.flow)
         return scores
 
+    def check_fvd_input(self, frames: int, height: int, width: int) -> None:
+        """I3D pools over time down to a minimum length (it fails on videos below about 10 frames;
+        StyleGAN-V scores 16 or more): one blank video of the continuation's shape through it here,
+        so that a continuation it cannot take leaves FVD unavailable instead of failing every clip."""
+        if self.i3d is None:
+            return
+        try:
+            self.features(np.zeros((1, frames, height, width, 3), dtype=np.uint8))
+        except (RuntimeError, torch.jit.Error) as exc:
+            self.i3d = None
+            self.networks.pop("fvd")
+            # a TorchScript error's last line is the failing operation's own message
+            reason = [line.strip() for line in str(exc).splitlines() if line.strip()][-1]
+            self.unavailable["fvd"] = (f"fvd unavailable: I3D cannot take {frames}-frame continuations of "
+                                       f"{height}x{width} ({reason}); FVD is usually computed on 16 frames or more")
+
     def features(self, videos: np.ndarray) -> np.ndarray | None:
         """(B, D) I3D features of (B, T, H, W, 3) uint8 videos, for FVD; None without the network."""
         return None if self.i3d is None else i3d_features(self.i3d, videos, self.device)

@@ -115,6 +115,7 @@ class Continuer:
         self.adapter = make_adapter(self.backend, config.adaptation) if stage == "adapt" else None
         self.latents = LatentCache.for_stage(config, self.backend, self.layout.conditioned_pixel_frames)
         self.scorer = Scorer(config.evaluation.lpips, config.evaluation.lpips_net, self.backend.device)
+        self.scorer.check_fvd_input(d.frames - d.context, d.height, d.width)
 
     def load_clip(self, manifest: Path, record: ClipRecord) -> np.ndarray:
         """The clip's T frames, checked against its shape and the manifest's content hash."""
