@@ -292,14 +292,14 @@ def test_mlflow_run_as_typed_lands_in_the_configs_experiment(prepared, store, tm
     """`mlflow run . -e adapt -P rank=16` with no other flag, offline: MLflow finds the environment
     `make` registered (here in a fresh env root) instead of building one with pyenv, and the run
     lands in the experiment the config names, under the arm's name; the run `mlflow run` opened in
-    Default only points there."""
+    Default only points there. Run again, it finds every clip done and opens no stage run."""
     env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}",
            "MLFLOW_ENV_ROOT": str(tmp_path / "envs")}
     subprocess.run([os.sys.executable, "-m", "pipeline.tracking.project_env"], cwd=ROOT, env=env, check=True,
                    capture_output=True)
-    result = subprocess.run(["mlflow", "run", ".", "-e", "adapt", "-P", "rank=16", "-P", f"config={prepared}",
-                             "-P", "set=adaptation.warmup=0 adaptation.init_seed=3"],  # any other overrides
-                            cwd=ROOT, env=env, capture_output=True, text=True)
+    command = ["mlflow", "run", ".", "-e", "adapt", "-P", "rank=16", "-P", f"config={prepared}",
+               "-P", "set=adaptation.warmup=0 adaptation.init_seed=3"]  # any other overrides
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     exp = mlflow.get_experiment_by_name(load_config(prepared).experiment)
     parents = MlflowClient().search_runs([exp.experiment_id], "tags.`tta.kind` = 'stage' and "
@@ -315,6 +315,12 @@ def test_mlflow_run_as_typed_lands_in_the_configs_experiment(prepared, store, tm
     default = MlflowClient().search_runs(["0"])
     assert len(default) == 1 and default[0].data.tags["tta.moved_to"] == exp.name
     assert default[0].info.status == "FINISHED" and default[0].info.run_name == f"moved to {exp.name}"
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)  # every clip done
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr[-3000:]
+    assert len(MlflowClient().search_runs([exp.experiment_id], "tags.`tta.kind` = 'stage'")) == 1
+    launcher = [r for r in MlflowClient().search_runs(["0"]) if r.info.run_id != default[0].info.run_id]
+    assert len(launcher) == 1 and launcher[0].info.run_name == "nothing to do: lora-r16-lr0.001-3steps"
+    assert launcher[0].info.status == "FINISHED" and "tta.kind" not in launcher[0].data.tags
 
 
 def test_pretraining_new_settings_writes_beside_the_weights_results_refer_to(prepared, store):

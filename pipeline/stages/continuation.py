@@ -6,7 +6,6 @@ baseline stage also scores the reference predictors (REFERENCE_LABELS) on every 
 """
 from __future__ import annotations
 
-import os
 import random
 import resource
 import sys
@@ -36,7 +35,8 @@ from ..models.ltx_video import frames_to_tensor, tensor_to_frames
 from ..progress import Progress
 from ..seeds import derive_seed
 from ..tracking.runs import (TAG_CLASS, TAG_INPUTS, TAG_PARTNER, TAG_SOURCE, TAG_WEIGHTS,
-                             close_stale_stage_runs, finished_clips, get_or_create_experiment, stage_run)
+                             close_stale_stage_runs, finished_clips, get_or_create_experiment, name_launcher_run_idle,
+                             stage_run)
 from .latent_cache import LatentCache
 from .recorder import Recorder
 
@@ -262,11 +262,12 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
         _follow_main_rank(continuer, d.manifest, {c.clip_id: c for c in clips}, partners)
         ranks.finish()
         return ""
-    if ranks.world_size() == 1 and "MLFLOW_RUN_ID" not in os.environ:  # nothing to do: no empty stage run
+    if ranks.world_size() == 1:  # nothing to do: no empty stage run
         experiment_id = get_or_create_experiment(config.experiment)
         done = finished_clips(experiment_id, stage, digest, inputs, continuer.weights)
         if all(c.clip_id in done for c in clips):
             close_stale_stage_runs(experiment_id, stage, digest, shard)  # a killed run's, done since
+            name_launcher_run_idle(f"nothing to do: {arm_run_name(config, stage)}")
             print(f"[{stage}] nothing to do: all {len(clips)} clips already have a finished result for this "
                   "config, model and clip content", flush=True)
             return ""

@@ -30,6 +30,7 @@ TAG_INPUTS, TAG_WEIGHTS = "tta.inputs", "tta.weights"  # content hash of the cli
 TAG_PARTNER = "tta.partner"  # the sham arm: the clip whose context was adapted on
 TAG_SHARD = "tta.shard"  # a stage run's part of the clips: I/N
 TAG_MOVED = "tta.moved_to"  # a run `mlflow run` opened outside the config's experiment: where the results went
+TAG_NOTHING_TO_DO = "tta.nothing_to_do"  # a run `mlflow run` opened for a stage whose clips all had results
 
 
 @functools.cache
@@ -74,6 +75,15 @@ def _launcher_run(experiment_id: str) -> str | None:
     client.set_tag(run_id, "mlflow.runName", f"moved to {name}")
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     return None
+
+
+def name_launcher_run_idle(note: str) -> None:
+    """The run `mlflow run` opened for an invocation with nothing to record only says so (tag
+    `tta.nothing_to_do`); it cannot be deleted, because `mlflow run` ends it after this process."""
+    run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    if run_id is not None:
+        MlflowClient().set_tag(run_id, TAG_NOTHING_TO_DO, note)
+        MlflowClient().set_tag(run_id, "mlflow.runName", note)
 
 
 def gpu_present() -> bool:
