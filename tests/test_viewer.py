@@ -328,3 +328,9 @@ def test_the_viewer_opens_on_the_latest_evaluation(filled_store):
     assert experiments[opening["experiment"]].name == config.experiment
     assert baselines[opening["baseline"]].digest == stage_digest(config, "baseline")
     assert [a.label for a in opening["adapted"]] == [R8] and adapted[0].label != R8  # not simply the newest
+    started = client.create_run(experiments[0].experiment_id, tags={"tta.kind": "stage", "tta.stage": "adapt",
+                                                                     "tta.digest": "0" * 16, "tta.arm": "just started"})
+    try:  # an arm with no clip recorded yet is not offered
+        assert {a.digest for a in data.list_arms(experiments[0].experiment_id)} == {a.digest for a in arms}
+    finally:
+        client.delete_run(started.info.run_id)

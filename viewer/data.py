@@ -111,7 +111,8 @@ def _stage_runs(experiment_id: str) -> list[Run]:
 
 
 def list_arms(experiment_id: str) -> list[Arm]:
-    """One arm per (stage, digest, weights), newest first, with its finished and failed clip runs."""
+    """One arm per (stage, digest, weights), newest first, with its finished and failed clip runs;
+    an arm with no clip recorded yet (just started, or killed before its first clip) is left out."""
     arms: dict[str, Arm] = {}
     for run in _stage_runs(experiment_id):
         tags = run.data.tags
@@ -122,7 +123,7 @@ def list_arms(experiment_id: str) -> list[Arm]:
         arm.clips = finished_clips(experiment_id, arm.stage, arm.digest, weights=arm.weights)
         failed = finished_clips(experiment_id, arm.stage, arm.digest, weights=arm.weights, status="FAILED")
         arm.failed = {c: r for c, r in failed.items() if c not in arm.clips}
-    return list(arms.values())
+    return [arm for arm in arms.values() if arm.clips or arm.failed]
 
 
 def why_not_comparable(baseline: Arm, arm: Arm) -> str:
