@@ -231,10 +231,12 @@ def vae_seconds(frames: int, size: int, device: torch.device, config: dict = LTX
 
 @torch.no_grad()
 def sampling_seconds(frames: int, size: int, device: torch.device, guidance: float, steps: int = 50,
-                     transformer_config: dict = LTX_VIDEO_2B, vae_config: dict = LTX_VIDEO_VAE) -> dict:
-    """One continuation as the baseline samples it (LTXConditionPipeline's sampler: posterior draw,
-    context re-noising, linear-quadratic sigmas, guidance in one batched forward) with LTX-Video 2B
-    and its VAE's latent layout, random weights, bf16 and compiled blocks on a GPU."""
+                     transformer_config: dict = LTX_VIDEO_2B, vae_config: dict = LTX_VIDEO_VAE,
+                     batch: int = 1) -> dict:
+    """Continuations of `batch` clips in one batch as the baseline samples them (LTXConditionPipeline's
+    sampler: posterior draw, context re-noising, linear-quadratic sigmas, guidance in one batched
+    forward) with LTX-Video 2B and its VAE's latent layout, random weights, bf16 and compiled blocks
+    on a GPU."""
     from .models.ltx_video import LTXVideoBackend
 
     cuda = device.type == "cuda"
@@ -249,12 +251,15 @@ def sampling_seconds(frames: int, size: int, device: torch.device, guidance: flo
     layout = backend.frame_layout(frames, context_frames(frames), size, size)
     side = size // backend.spatial_ratio
     # the posterior's mean and log-variance, as the latent cache holds them
-    encoding = torch.randn(1, 2 * transformer_config["in_channels"], layout.latent_context, side, side, device=device)
+    encodings = torch.randn(batch, 2 * transformer_config["in_channels"], layout.latent_context, side, side,
+                            device=device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = median_seconds(lambda: backend.sample(encoding, layout.latent_frames, seed=0), device, warmup=1, iters=3)
+    seconds = median_seconds(lambda: backend.sample_batch(encodings, layout.latent_frames, list(range(batch))),
+                             device, warmup=1, iters=3)
     return {"frames": frames, "size": size, "tokens": layout.latent_frames * side * side, "steps": steps,
-            "guidance": guidance, "passes": 2 if guidance > 1 else 1, "sample_s": seconds,
+            "guidance": guidance, "passes": 2 if guidance > 1 else 1, "batch": batch, "sample_s": seconds,
+            "sample_s_per_clip": seconds / batch,
             "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0}
 
 

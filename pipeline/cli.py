@@ -307,7 +307,10 @@ def download_dataset(name: str, dest: str) -> None:
                                                "clips (the first --frames and --sizes) and print their time split")
 @click.option("--vae", is_flag=True, help="instead: time the LTX-Video VAE (encode context, decode clip) per shape")
 @click.option("--sampling", is_flag=True, help="instead: time one baseline sample (50 steps, guidance 1 and 3) per shape")
-def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, stage_clips, vae, sampling) -> None:
+@click.option("--batch", default="1", show_default=True, help="with --sampling: comma-separated numbers of clips "
+                                                               "sampled in one batch")
+def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, stage_clips, vae, sampling,
+          batch) -> None:
     """Speed and memory of TTA steps on LTX-Video 2B with random weights (needs a GPU)."""
     import json
     import tempfile
@@ -328,7 +331,9 @@ def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, 
                 if vae:
                     click.echo(json.dumps(vae_seconds(f, size, torch.device("cuda"))))
                 for guidance in (1.0, 3.0) if sampling else ():
-                    click.echo(json.dumps(sampling_seconds(f, size, torch.device("cuda"), guidance)))
+                    for clips in ints(batch):
+                        click.echo(json.dumps(sampling_seconds(f, size, torch.device("cuda"), guidance,
+                                                               batch=clips)))
         return
     if stage_clips:
         with tempfile.TemporaryDirectory() as workdir:

@@ -143,3 +143,21 @@ def test_compiled_blocks_match_eager_and_compile_once_for_all_blocks():
     assert graphs == [0, 1, 1]  # the training graph, again one for all three blocks
     torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(grads[2], grads[0], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("make", [pixel_backend, vae_backend])
+def test_a_batch_of_contexts_and_seeds_samples_as_one_call_per_pair(make):
+    """Each continuation of a batch comes from its own generator (posterior draw, initial noise, the
+    context re-noised at every step, both guidance branches), so one batch equals one call per
+    context and seed up to float rounding."""
+    backend = make()  # the reference settings: posterior sampled, context re-noised, guidance 3
+    layout = backend.frame_layout(9, 5, 32, 32)
+    clips = torch.rand(2, 3, layout.conditioned_pixel_frames, 32, 32) * 2 - 1
+    contexts = torch.cat([backend.encode(clip[None]) for clip in clips])[[0, 0, 1]]  # one clip twice, another
+    seeds = [3, 4, 3]
+    batched = backend.sample_batch(contexts, layout.latent_frames, seeds)
+    one_by_one = torch.cat([backend.sample(c[None], layout.latent_frames, s) for c, s in zip(contexts, seeds)])
+    assert torch.allclose(batched, one_by_one, atol=1e-5)
+    assert not torch.allclose(batched[0], batched[1], atol=1e-2)  # another seed, another continuation
+    with pytest.raises(ValueError, match="one seed per context"):
+        backend.sample_batch(contexts, layout.latent_frames, seeds[:2])

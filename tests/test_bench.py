@@ -88,5 +88,6 @@ def test_vae_timing_encodes_the_context_and_decodes_the_clip():
 def test_sampling_timing_samples_the_baseline_continuation(guidance, passes):
     timing = bench.sampling_seconds(17, 64, torch.device("cpu"), guidance, steps=2,
                                     transformer_config={**TINY, "in_channels": 128, "out_channels": 128},
-                                    vae_config=NARROW_VAE)
-    assert (timing["tokens"], timing["passes"]) == (3 * 2 * 2, passes) and timing["sample_s"] > 0
+                                    vae_config=NARROW_VAE, batch=2)
+    assert (timing["tokens"], timing["passes"], timing["batch"]) == (3 * 2 * 2, passes, 2)
+    assert timing["sample_s_per_clip"] == timing["sample_s"] / 2 > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,13 @@ class VideoBackend(ABC):
     def sample(self, context: torch.Tensor, latent_frames: int, seed: int) -> torch.Tensor:
         """Continue the context's encoding to `latent_frames` latent frames, as the model's reference
         pipeline does with its generator seeded by `seed`."""
+
+    def sample_batch(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int]) -> torch.Tensor:
+        """Continuation i of context i (a batch of encodings) from seeds[i]. Backends with a batched
+        sampler draw them in one batch, each from its own generator, equal to one `sample` call per
+        context and seed up to float rounding; this default makes those calls."""
+        return torch.cat([self.sample(context[None], latent_frames, seed)
+                          for context, seed in zip(contexts, seeds, strict=True)])
 
     @abstractmethod
     def enable_gradient_checkpointing(self) -> None:

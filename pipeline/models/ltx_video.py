@@ -19,6 +19,7 @@ prompt at finetrainers' rate (adaptation.prompt_dropout), so every branch guidan
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -288,16 +289,23 @@ class LTXVideoBackend(VideoBackend):
             return retrieve_timesteps(self.scheduler, self.sampling_steps, self.device, timesteps)[0]
         return retrieve_timesteps(self.scheduler, self.sampling_steps, self.device)[0]
 
-    @torch.no_grad()
     def sample(self, context: torch.Tensor, latent_frames: int, seed: int) -> torch.Tensor:
+        return self.sample_batch(context, latent_frames, [seed])
+
+    @torch.no_grad()
+    def sample_batch(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int]) -> torch.Tensor:
         """LTXConditionPipeline(conditions=[LTXVideoCondition(video=context, frame_index=0)],
-        output_type="latent"), with its generator seeded by `seed`."""
-        generator = torch.Generator(self.device).manual_seed(seed)
-        batch, _, _, h, w = context.shape
+        generator=[one per seed], output_type="latent"): continuation i of context i drawn from the
+        generator seeded by seeds[i], in one batch, as one call per context and seed draws it."""
+        if len(contexts) != len(seeds):
+            raise ValueError(f"{len(contexts)} contexts and {len(seeds)} seeds: one seed per context")
+        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
+        batch, (_, _, _, h, w) = len(seeds), contexts.shape
         channels = self.transformer.config.in_channels // self.patch**2
         shape = (batch, channels, latent_frames, h, w)
-        noise = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
-        context_latents = self.latents_from(context, generator).float()
+        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=self.device, dtype=torch.float32)
+                           for g in generators])
+        context_latents = torch.cat([self.latents_from(c[None], g).float() for c, g in zip(contexts, generators)])
         grid = self._grid(shape)
         x = _pack(torch.cat([context_latents, noise[:, :, context_latents.shape[2]:]], dim=2), self.patch)
         mask = torch.zeros(x.shape[:2], device=self.device)
@@ -305,11 +313,13 @@ class LTXVideoBackend(VideoBackend):
         init = x.clone()
         guided = self.guidance > 1
         coords = self._video_coords(2 * batch if guided else batch, grid)
-        prompt = tuple(torch.cat(pair) for pair in zip(self.negative_prompt, self.prompt)) if guided else self.prompt
+        prompt = tuple(torch.cat([n.expand(batch, *n.shape[1:]), p.expand(batch, *p.shape[1:])])
+                       for n, p in zip(self.negative_prompt, self.prompt)) if guided else self.prompt
         for t in self.timesteps():
             if self.cond_noise_scale > 0:
-                renoised = init + self.cond_noise_scale * torch.randn(x.shape, generator=generator, device=x.device,
-                                                                      dtype=x.dtype) * (t / 1000.0) ** 2
+                fresh = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype)
+                                   for g in generators])
+                renoised = init + self.cond_noise_scale * fresh * (t / 1000.0) ** 2
                 x = torch.where(mask[..., None] > 1 - 1e-6, renoised, x)
             token_t = torch.minimum(t.expand(batch).unsqueeze(-1).float(), (1 - mask) * 1000.0)
             if guided:

@@ -169,20 +169,20 @@ class Continuer:
         return context_latents, {**timing, **adapt_to_clip(backend, self.adapter, window, cfg.adaptation, noise_seed)}
 
     def run(self, clip: ClipFrames) -> ClipOutput:
-        """Adapt (adapt stage), then `sampling.samples` continuations, each from the seed derived from
-        (sampling.seed, clip id, sample): the same noise in every arm."""
+        """Adapt (adapt stage), then `sampling.samples` continuations in one batch, each from the seed
+        derived from (sampling.seed, clip id, sample): the same noise in every arm."""
         cfg, layout, backend = self.config, self.layout, self.backend
         K, frames = cfg.data.context, clip.frames
         context_latents, metrics = self.adapt(clip)
         samples, continuity, first, videos = [], [], None, []
-        metrics.update(sample_seconds=0.0, decode_seconds=0.0, metrics_seconds=0.0)
-        for n in range(cfg.sampling.samples):
-            seed = derive_seed(cfg.sampling.seed, clip.record.clip_id, n)
+        seeds = [derive_seed(cfg.sampling.seed, clip.record.clip_id, n) for n in range(cfg.sampling.samples)]
+        start = time.perf_counter()
+        latents = backend.sample_batch(context_latents.expand(len(seeds), *context_latents.shape[1:]),
+                                       layout.latent_frames, seeds)
+        metrics.update(sample_seconds=_seconds_since(start, backend.device), decode_seconds=0.0, metrics_seconds=0.0)
+        for seed, sample_latents in zip(seeds, latents):
             start = time.perf_counter()
-            latents = backend.sample(context_latents, layout.latent_frames, seed)
-            metrics["sample_seconds"] += _seconds_since(start, backend.device)
-            start = time.perf_counter()
-            output = self._decode(latents, seed)
+            output = self._decode(sample_latents[None], seed)
             metrics["decode_seconds"] += time.perf_counter() - start
             start = time.perf_counter()
             samples.append(self.scorer.frames(output[K:], frames[K:], frames[K - 1]))
