@@ -195,12 +195,14 @@ class SkyReelsV2Backend(VideoBackend):
         latents = torch.randn((batch, channels, latent_frames, h, w), generator=generator, device=self.device,
                               dtype=torch.float32)
         latents[:, :, :prefix] = context.to(self.dtype)
+        # the same prompt on both branches makes the guided velocity the unguided one, bit for bit
+        guided = self.guidance > 1 and not torch.equal(self.prompt, self.negative_prompt)
         self.scheduler.set_timesteps(self.sampling_steps, device=self.device)
         for t in self.scheduler.timesteps:
             timestep = t.expand(batch, latent_frames).clone()
             timestep[:, :prefix] = 0
             v = self._velocity(latents, timestep, self.prompt)
-            if self.guidance > 1:
+            if guided:
                 uncond = self._velocity(latents, timestep, self.negative_prompt)
                 v = uncond + self.guidance * (v - uncond)
             latents[:, :, prefix:] = self.scheduler.step(v[:, :, prefix:], t, latents[:, :, prefix:],
