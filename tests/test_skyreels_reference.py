@@ -166,3 +166,11 @@ def test_zero_adaptation_steps_is_the_baseline_and_a_lora_step_trains():
 def test_guidance_other_than_the_pipelines_is_labelled():
     assert reference_deviations(config(**{"sampling.guidance": "6"})) == []
     assert reference_deviations(config(**{"sampling.guidance": "3"})) == ["guidance 3"]
+
+
+def test_preset_conditions_on_exactly_the_context(backend):
+    preset = load_config("conf/skyreels-v2.yaml")
+    d = preset.data
+    layout = backend.frame_layout(d.frames, d.context, d.height, d.width)
+    assert (layout.latent_frames, layout.latent_context, layout.conditioned_pixel_frames) == (17, 9, d.context)
+    assert reference_deviations(preset, adapted=True) == []
