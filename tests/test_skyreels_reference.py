@@ -13,7 +13,7 @@ from pipeline.adaptation.trainer import adapt_to_clip
 from pipeline.config import load_config
 from pipeline.models import load_backend, reference_deviations
 from pipeline.models.ltx_video import frames_to_tensor
-from pipeline.models.skyreels_v2 import SkyReelsV2Backend
+from pipeline.models.skyreels_v2 import PROMPT_TOKENS, SkyReelsV2Backend
 
 FRAMES, CONTEXT, SIZE, STEPS, SEED, FPS = 13, 7, 32, 4, 7, 24
 
@@ -27,6 +27,37 @@ def backend() -> SkyReelsV2Backend:
 def clip() -> list[Image.Image]:
     frames = np.random.default_rng(0).integers(0, 256, (FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
     return [Image.fromarray(f) for f in frames]
+
+
+def test_from_pretrained_loads_a_diffusers_directory(tmp_path, monkeypatch):
+    """The loading path users take for Skywork/SkyReels-V2-DF-1.3B-540P-Diffusers, on a tiny checkpoint
+    with a tiny UMT5 (prompt cleaning, which needs ftfy, left out)."""
+    from diffusers import UniPCMultistepScheduler
+    from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2_diffusion_forcing_v2v as v2v
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    monkeypatch.setattr("diffusers.utils.is_ftfy_available", lambda: True)
+    monkeypatch.setattr(v2v, "prompt_clean", str.strip)
+    words = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "ball": 4}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=8, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    tiny = SkyReelsV2Backend.small(fps=FPS)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    SkyReelsV2DiffusionForcingVideoToVideoPipeline(tokenizer, text_encoder, tiny.transformer, tiny.vae,
+                                                   scheduler).save_pretrained(tmp_path)
+
+    backend = SkyReelsV2Backend.from_pretrained(str(tmp_path), prompt="a ball", fps=FPS, sampling_steps=2,
+                                                dtype=torch.bfloat16)
+    assert backend.prompt.shape == (1, PROMPT_TOKENS, 32) and backend.prompt.dtype == torch.bfloat16
+    assert backend.prompt[0, :2].abs().sum() > 0 and not backend.prompt[0, 2:].any()  # zeroed after its tokens
+    assert not backend.negative_prompt.any()  # "" has no tokens
+    assert backend.scheduler.config.flow_shift == 8.0 and backend.vae.dtype == torch.float32
+    assert backend.transformer.dtype == torch.bfloat16
+    latents = backend.sample(backend.encode(torch.zeros(1, 3, 5, 16, 16)), 3, seed=0)
+    assert backend.decode(latents, torch.Generator()).shape == (1, 3, 9, 16, 16)
 
 
 def reference_pipeline(backend: SkyReelsV2Backend) -> SkyReelsV2DiffusionForcingVideoToVideoPipeline:

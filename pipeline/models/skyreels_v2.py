@@ -105,8 +105,8 @@ class SkyReelsV2Backend(VideoBackend):
         if not is_ftfy_available():
             raise ImportError("the SkyReels-V2 pipeline cleans prompts with ftfy: pip install ftfy")
         dtype = kw.get("dtype", torch.float32)
-        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
-        pipe = SkyReelsV2DiffusionForcingVideoToVideoPipeline.from_pretrained(path, vae=vae, torch_dtype=dtype)
+        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32)
+        pipe = SkyReelsV2DiffusionForcingVideoToVideoPipeline.from_pretrained(path, vae=vae, dtype=dtype)
         with torch.no_grad():
             embeds = pipe.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=True,
                                         max_sequence_length=PROMPT_TOKENS, device=torch.device("cpu"))
