@@ -78,8 +78,8 @@ class SkyReelsV2Backend(VideoBackend):
     @classmethod
     def small(cls, seed: int = 0, layers: int = 2, heads: int = 2, head_dim: int = 12, text_dim: int = 32,
               prompt_tokens: int = 8, **kw) -> SkyReelsV2Backend:
-        """Tiny random components (diffusers' own SkyReels-V2 test sizes) and random prompt embeddings,
-        for tests and machines without the checkpoint; seeded by `seed`."""
+        """Tiny random components (diffusers' own SkyReels-V2 test sizes, with the fps embedding) and
+        random prompt embeddings, for tests and machines without the checkpoint; seeded by `seed`."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             transformer = SkyReelsV2Transformer3DModel(
