@@ -1,5 +1,6 @@
 """The SkyReels-V2 backend against its reference, diffusers' SkyReelsV2DiffusionForcingVideoToVideoPipeline,
-on tiny random components with the prompt embeddings passed directly (no tokenizer or text encoder)."""
+on tiny random components with the prompt embeddings passed directly (no tokenizer or text encoder);
+the loading path on a tiny diffusers directory with a tiny UMT5."""
 import copy
 
 import numpy as np

@@ -6,7 +6,7 @@ Components: `SkyReelsV2Transformer3DModel`, `AutoencoderKLWan` (4x time with a c
 Sampling is diffusers' `SkyReelsV2DiffusionForcingVideoToVideoPipeline` for a clip that fits in one
 window (no overlap_history chunking), synchronous (ar_step=0), with the context latents as its
 prefix video latents and addnoise_condition at its default 0 (tests/test_skyreels_reference.py
-checks equality): one noise draw of the whole latent video, the prefix written over it and held at
+checks it is bitwise equal): one noise draw of the whole latent video, the prefix written over it and held at
 timestep 0, every other frame stepped by UniPC through the scheduler's timesteps, classifier-free
 guidance against the negative prompt. The pipeline keeps one scheduler per latent frame because
 asynchronous modes step frames at different timesteps; in the synchronous mode all generated frames
