@@ -50,7 +50,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backend: str = "ltx-video"  # ltx-video | opensora-v1.3 | opensora-v2.0
+    backend: str = "ltx-video"  # ltx-video | opensora-v1.3 | opensora-v2.0 | skyreels-v2
     pretrained: str = ""  # hub id or local checkpoint; empty = the small default (ltx) or random weights (opensora)
     vae: str = ""  # opensora: VAE checkpoint; empty = random weights
     text_encoder: str = ""  # opensora: T5 (hub id or directory), needed for a non-empty prompt
@@ -163,7 +163,7 @@ NOT_RESULT_SETTINGS = {
 
 CHOICES = {
     "data.source": {"synthetic", "folder", "ucf101", "hmdb51"},
-    "model.backend": {"ltx-video", "opensora-v1.3", "opensora-v2.0"},
+    "model.backend": {"ltx-video", "opensora-v1.3", "opensora-v2.0", "skyreels-v2"},
     "model.size": {"full", "tiny"},
     "model.dtype": {"float32", "bfloat16"},
     "model.vae_posterior": {"sample", "mode"},

@@ -11,6 +11,7 @@ from .base import FrameLayout, VideoBackend
 from .ltx_video import LTXVideoBackend
 from .opensora_v13 import OpenSoraV13Backend
 from .opensora_v20 import OpenSoraV20Backend
+from .skyreels_v2 import GUIDANCE as SKYREELS_GUIDANCE, SkyReelsV2Backend
 
 __all__ = ["FrameLayout", "VideoBackend", "load_backend", "default_device", "reference_deviations"]
 
@@ -35,6 +36,8 @@ def load_backend(config: Config, random_weights: bool = False) -> VideoBackend:
                                            sampling_steps=s.steps, guidance=s.guidance,
                                            image_guidance=s.image_guidance, timesteps=config.adaptation.timesteps,
                                            device=device, dtype=dtype)
+    elif m.backend == "skyreels-v2":
+        backend = SkyReelsV2Backend.from_config(config, device, dtype)
     else:
         backend = _load_ltx(config, random_weights, device, dtype)
     if m.gradient_checkpointing:
@@ -75,6 +78,8 @@ def reference_deviations(config: Config, adapted: bool = False) -> list[str]:
             deviations.append("clean context" if s.cond_noise_scale == 0 else f"context re-noised x{s.cond_noise_scale:g}")
         if m.vae_posterior != "sample" and m.pretrained:
             deviations.append("posterior mode")
+    if m.backend == "skyreels-v2" and s.guidance != SKYREELS_GUIDANCE:
+        deviations.append(f"guidance {s.guidance:g}")
     if m.backend.startswith("opensora") and m.conditioning != "reference":
         deviations.append("clean prefix")
     if adapted and a.timesteps != "model":
