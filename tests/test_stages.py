@@ -186,7 +186,7 @@ def test_results_of_other_weights_are_never_reused(prepared, store, tmp_path):
 
     config = load_config(prepared)
     run_stage(config, "baseline")
-    state = load_file(config.model.weights)
+    state = load_file(config.model.ltx_video.weights)
     first = next(iter(state))
     state[first] = state[first] + 1e-3
     retrained = tmp_path / "retrained.safetensors"
@@ -320,12 +320,12 @@ def test_mlflow_run_as_typed_lands_in_the_configs_experiment(prepared, store, tm
 def test_pretraining_new_settings_writes_beside_the_weights_results_refer_to(prepared, store):
     from pipeline.stages.pretrain import pretrain
 
-    config = load_config(prepared)
-    kept = Path(config.model.weights).read_bytes()
+    weights = Path(load_config(prepared).model.ltx_video.weights)
+    kept = weights.read_bytes()
     other = load_config(prepared, {"pretrain.steps": "2"})
     written = pretrain(other)
-    assert written != Path(config.model.weights) and written.parent == Path(config.model.weights).parent
-    assert Path(config.model.weights).read_bytes() == kept
+    assert written != weights and written.parent == weights.parent
+    assert weights.read_bytes() == kept
     assert pretrain(other) == written  # up to date now: found again, not retrained
 
 

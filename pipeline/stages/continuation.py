@@ -31,8 +31,7 @@ from ..evaluation.metrics import Scorer, frame_metrics
 from ..evaluation.registry import LOWER_IS_BETTER
 from ..evaluation.temporal import extrapolate_motion, temporal_metrics
 from ..models import VideoBackend, load_backend, reference_deviations
-from ..models.base import weights_fingerprint
-from ..models.ltx_video import frames_to_tensor, tensor_to_frames
+from ..models.base import frames_to_tensor, tensor_to_frames, weights_fingerprint
 from ..progress import Progress
 from ..seeds import derive_seed
 from ..tracking.runs import (TAG_CLASS, TAG_INPUTS, TAG_PARTNER, TAG_SOURCE, TAG_WEIGHTS,
