@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .. import ranks
-from ..adaptation import make_adapter
+from ..adaptation import METHODS, make_adapter
 from ..adaptation.trainer import adapt_to_clip
 from ..cluster import Shard, check_store_for_many_writers, preemptible
 from ..config import NOT_RESULT_SETTINGS, Config, ConfigError
@@ -384,7 +384,7 @@ def arm_run_name(config: Config, stage: str) -> str:
     if stage == "baseline":
         return "baseline"
     a = config.adaptation
-    name = (f"lora-r{a.rank}" if a.method == "lora" else "full") + f"-lr{a.lr:g}-{a.steps}steps"
+    name = f"{METHODS[a.method].run_name(a)}-lr{a.lr:g}-{a.steps}steps"
     return name + {"other": "-sham", "oracle": "-oracle"}.get(a.data, "")
 
 
@@ -394,8 +394,7 @@ def arm_label(config: Config, stage: str) -> str:
     if stage == "baseline":
         return "baseline" + note
     a = config.adaptation
-    method = f"lora r{a.rank}" if a.method == "lora" else "full fine-tuning"
-    label = f"{method} {a.steps} steps on {a.data}{note}"
+    label = f"{METHODS[a.method].label(a)} {a.steps} steps on {a.data}{note}"
     if a.data == "oracle":
         return label + " (ORACLE: sees the target frames, upper bound)"
     return label + " (SHAM: another clip's context)" if a.data == "other" else label
