@@ -53,6 +53,10 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
+class PackageMissing(ImportError):
+    """The backend's model code is a package that is not installed here; the message says how to get it."""
+
+
 @dataclass(frozen=True)
 class FrameLayout:
     """How a clip of pixel frames maps onto latent frames for one backend and clip shape."""

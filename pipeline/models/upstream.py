@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config
-from .base import VideoBackend, default_device
+from .base import PackageMissing, VideoBackend, default_device
 
 INSTALL = {
     "v1.3": "git clone -b opensora/v1.3 https://github.com/hpcaitech/Open-Sora open-sora-v1.3 && "
@@ -43,7 +43,7 @@ def oscillation_scale(scale: float, step: int) -> float:
     return scale if step < OSCILLATION_STEPS or step % 2 == 0 else 1.0
 
 
-class OpenSoraMissing(ImportError):
+class OpenSoraMissing(PackageMissing):
     pass
 
 
