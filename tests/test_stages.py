@@ -370,3 +370,12 @@ def test_stage_runs_ask_for_mlflow_system_metrics_on_a_gpu(prepared, store, monk
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     metrics = mlflow.get_run(run_stage(load_config(prepared), "baseline")).data.metrics
     assert ("system/cpu_utilization_percentage" in metrics) == gpu
+
+
+def test_pretrain_refuses_a_backend_that_is_not_pretrained_here():
+    """Open-Sora has no small default: pretraining it would train 1B+ random weights into the small
+    default's file; the stage says so before rendering any clip."""
+    from pipeline.stages.pretrain import pretrain
+
+    with pytest.raises(ValueError, match="model.backend=opensora-v1.3 is not pretrained here"):
+        pretrain(load_config(None, {"model.backend": "opensora-v1.3"}))

@@ -33,8 +33,8 @@ def flow_noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
                 sigma_min: float | None = None) -> torch.Tensor:
     """Rectified flow's x_t at noise level `sigma` (broadcast over x0; 0: the data, 1: pure noise),
     (1 - sigma) x0 + sigma noise. Open-Sora's trainers (`sigma_min` given, 0 for v1.3) weigh the noise
-    by 1 - (1 - sigma_min)(1 - sigma) instead: for sigma_min 0 the same number up to the last bit,
-    which the tests against upstream compare."""
+    by 1 - (1 - sigma_min)(1 - sigma) instead, which for sigma_min 0 is the same number but not always
+    the same float: each backend computes it as its reference does, bit for bit."""
     keep = 1 - sigma
     if sigma_min is None:
         return keep * x0 + sigma * noise
