@@ -166,6 +166,10 @@ class Config:
         """Every value as `section.key` -> value, for MLflow params."""
         return dict(_flatten(self))
 
+    def sections(self) -> dict[str, object]:
+        """Every value by section and key, as a preset writes them (a YAML file `load_config` reads)."""
+        return _tree(self)
+
     def with_setting(self, key: str, value: object) -> Config:
         """A copy with the setting `key` (as in `flat()`) set to `value`, unchecked."""
         return _replaced(self, key.split("."), value)
@@ -354,6 +358,10 @@ def _fields(node) -> dict[str, object]:
         value = getattr(node, f.name)
         values.update(_fields(value) if f.metadata.get("options") else {f.name: value})
     return values
+
+
+def _tree(node) -> dict[str, object]:
+    return {key: _tree(value) if dataclasses.is_dataclass(value) else value for key, value in _fields(node).items()}
 
 
 def _flatten(node, prefix: str = ""):

@@ -117,3 +117,13 @@ def test_a_backends_options_are_keys_of_the_model_section():
     assert config.with_setting("model.vae_posterior", "sample").model.ltx_video.vae_posterior == "sample"
     with pytest.raises(ConfigError, match="unknown key 'model.ltx_video'"):
         load_config("conf/demo.yaml", {"model.ltx_video": "{}"})
+
+
+def test_a_config_written_by_section_loads_back_equal(tmp_path):
+    """What preprocess writes as the data folder's config.yaml: every key where a preset puts it."""
+    import yaml
+
+    config = load_config("conf/demo.yaml", {"model.vae_posterior": "mode", "model.size": "tiny"})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.sections()))
+    assert load_config(path) == config
