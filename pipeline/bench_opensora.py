@@ -2,7 +2,6 @@
 the stages' own backend, adapter and optimizer at a preset's clip shape, timed piece by piece."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import statistics
 import time
@@ -59,8 +58,9 @@ def text_encoders(backend_name: str) -> dict[str, float]:
 def measure(config_path: str, overrides: dict[str, str], steps: int = 4) -> dict[str, object]:
     """Build, encode, adapt `steps` steps (median of all but the first), reset, sample, decode."""
     config = load_config(config_path, overrides)
-    config.model = dataclasses.replace(config.model, pretrained="", vae="", text_encoder="", clip_encoder="",
-                                       prompt="", size="full")  # random weights at the released size
+    # random weights at the released size
+    for key, value in dict(pretrained="", vae="", text_encoder="", clip_encoder="", prompt="", size="full").items():
+        config = config.with_setting(f"model.{key}", value)
     d, a = config.data, config.adaptation
     result: dict[str, object] = {"config": config_path, "frames": d.frames, "size": f"{d.height}x{d.width}",
                                  "method": a.method, "gradient_checkpointing": config.model.gradient_checkpointing}

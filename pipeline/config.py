@@ -49,29 +49,55 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    backend: str = "ltx-video"  # ltx-video | opensora-v1.3 | opensora-v2.0 | skyreels-v2
-    pretrained: str = ""  # hub id or local checkpoint; empty = the small default (ltx) or random weights (opensora)
-    vae: str = ""  # opensora: VAE checkpoint; empty = random weights
-    text_encoder: str = ""  # opensora: T5 (hub id or directory), needed for a non-empty prompt
-    clip_encoder: str = ""  # opensora-v2.0: CLIP text model
-    size: str = "full"  # opensora with random weights: full (the released architecture) | tiny (tests)
-    gradient_checkpointing: bool = False
-    portable_kernels: bool = False  # opensora: upstream's xformers/flash-attn/Liger calls in plain torch
+class LTXVideoOptions:
+    """The model.* settings that only the ltx-video backend reads."""
+
     weights: str = "checkpoints/ltx-small.safetensors"  # small default, written by pretrain
-    patch_size: int = 8
+    patch_size: int = 8  # the small default's architecture: patch_size, layers, heads, head_dim
     layers: int = 4
     heads: int = 8
     head_dim: int = 32
-    prompt: str = ""
-    negative_prompt: str = ""  # the unconditional branch of classifier-free guidance
-    dtype: str = "float32"  # float32 | bfloat16
-    conditioning: str = "reference"  # opensora: upstream's sampler and loss as released | clean_prefix (docs/backends.md)
-    vae_posterior: str = "sample"  # ltx-video: the context latents are a draw from the VAE posterior (as LTXConditionPipeline) | mode
-    decode_timestep: float = 0.0  # ltx-video VAEs with timestep conditioning: decode at this timestep...
+    vae_posterior: str = "sample"  # the context latents are a draw from the VAE posterior (as LTXConditionPipeline) | mode
+    decode_timestep: float = 0.0  # VAEs with timestep conditioning: decode at this timestep...
     decode_noise_scale: float | None = None  # ...after mixing in this much noise (None: decode_timestep)
     compile: bool = False  # CUDA graphs via torch.compile(mode="reduce-overhead"): for GPUs (docs/benchmarks.md)
+
+
+@dataclass
+class OpenSoraOptions:
+    """The model.* settings that both Open-Sora backends read."""
+
+    vae: str = ""  # VAE checkpoint; empty = random weights
+    text_encoder: str = ""  # T5 (hub id or directory), needed for a non-empty prompt
+    size: str = "full"  # with random weights: full (the released architecture) | tiny (tests)
+    portable_kernels: bool = False  # upstream's xformers/flash-attn/Liger calls in plain torch
+    conditioning: str = "reference"  # upstream's sampler and loss as released | clean_prefix (docs/backends.md)
+
+
+@dataclass
+class OpenSoraV20Options:
+    """The model.* settings that only the opensora-v2.0 backend reads."""
+
+    clip_encoder: str = ""  # CLIP text model
+
+
+def _options(cls: type) -> dataclasses.Field:
+    """A backend's options inside a section: their keys are the section's own (`model.vae_posterior`)."""
+    return field(default_factory=cls, metadata={"options": True})
+
+
+@dataclass
+class ModelConfig:
+    backend: str = "ltx-video"  # ltx-video | opensora-v1.3 | opensora-v2.0 | skyreels-v2
+    pretrained: str = ""  # hub id or local checkpoint; empty = the small default (ltx) or random weights (opensora)
+    gradient_checkpointing: bool = False
+    prompt: str = ""
+    negative_prompt: str = ""  # ltx-video, skyreels-v2: the unconditional branch of classifier-free guidance
+    dtype: str = "float32"  # float32 | bfloat16
     cache_latents: bool = True  # VAE latents of each clip's context kept on disk, shared by every arm
+    ltx_video: LTXVideoOptions = _options(LTXVideoOptions)
+    opensora: OpenSoraOptions = _options(OpenSoraOptions)
+    opensora_v20: OpenSoraV20Options = _options(OpenSoraV20Options)
 
 
 @dataclass
@@ -138,7 +164,15 @@ class Config:
 
     def flat(self) -> dict[str, object]:
         """Every value as `section.key` -> value, for MLflow params."""
-        return dict(_flatten(dataclasses.asdict(self)))
+        return dict(_flatten(self))
+
+    def sections(self) -> dict[str, object]:
+        """Every value by section and key, as a preset writes them (a YAML file `load_config` reads)."""
+        return _tree(self)
+
+    def with_setting(self, key: str, value: object) -> Config:
+        """A copy with the setting `key` (as in `flat()`) set to `value`, unchecked."""
+        return _replaced(self, key.split("."), value)
 
     def digest(self, *selectors: str, exclude: Iterable[str] = ()) -> str:
         """A short hash of the values under the selectors (a section such as 'model' or a key such as
@@ -253,12 +287,17 @@ def _build(cls, raw: dict, prefix: str, source: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: '{prefix.rstrip('.')}' must be a section (a mapping)")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    options = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.metadata.get("options")}
+    owner = {f.name: name for name, kind in options.items() for f in dataclasses.fields(kind)}
+    known = {f.name for f in dataclasses.fields(cls) if f.name not in options} | set(owner)
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' (known keys: {', '.join(sorted(known))})")
-    values = {}
+    values = {name: _build(kind, {k: v for k, v in raw.items() if owner.get(k) == name}, prefix, source)
+              for name, kind in options.items()}
     for name, value in raw.items():
+        if name in owner:
+            continue
         kind = hints[name]
         key = prefix + name
         if dataclasses.is_dataclass(kind):
@@ -312,9 +351,34 @@ def _check(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: '{key}' must be at least 1")
 
 
-def _flatten(tree: dict, prefix: str = ""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
+def _fields(node) -> dict[str, object]:
+    """A config dataclass's settings by key: its own fields, and the fields of its backends' options."""
+    values = {}
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        values.update(_fields(value) if f.metadata.get("options") else {f.name: value})
+    return values
+
+
+def _tree(node) -> dict[str, object]:
+    return {key: _tree(value) if dataclasses.is_dataclass(value) else value for key, value in _fields(node).items()}
+
+
+def _flatten(node, prefix: str = ""):
+    for key, value in _fields(node).items():
+        if dataclasses.is_dataclass(value):
             yield from _flatten(value, f"{prefix}{key}.")
         else:
             yield prefix + key, value
+
+
+def _replaced(node, path: list[str], value: object):
+    name = path[0]
+    if name not in _fields(node):
+        raise KeyError(name)
+    for f in dataclasses.fields(node):
+        options = getattr(node, f.name)
+        if f.metadata.get("options") and name in _fields(options):
+            return dataclasses.replace(node, **{f.name: _replaced(options, path, value)})
+    child = value if len(path) == 1 else _replaced(getattr(node, name), path[1:], value)
+    return dataclasses.replace(node, **{name: child})

@@ -118,8 +118,9 @@ def test_baseline_scores_the_repeat_last_frame_reference(prepared):
     assert "vae_recon_psnr" not in out.metrics  # the pixel-space default has no VAE
 
 
-def test_adaptation_changes_the_output(prepared):
-    config = load_config(prepared, {"adaptation.steps": "3", "adaptation.lr": "0.01"})
+@pytest.mark.parametrize("method", ["lora", "full"])  # full: plain AdamW on the CPU (DeepSpeed runs on GPUs)
+def test_adaptation_changes_the_output(prepared, method):
+    config = load_config(prepared, {"adaptation.method": method, "adaptation.steps": "3", "adaptation.lr": "0.01"})
     clip = _clip(config, Continuer(config, "baseline"))
     baseline, adapted = (Continuer(config, stage).run(clip).first for stage in ("baseline", "adapt"))
     assert not np.array_equal(baseline, adapted)
@@ -162,22 +163,6 @@ def test_denoising_objective_runs_on_a_single_frame(prepared):
     with pytest.raises(ValueError, match="at least 2 latent frames"):
         adapt_to_clip(backend, adapter, torch.rand(1, 3, 1, 16, 16),
                       load_config(prepared).adaptation, seed=0)
-
-
-def test_full_finetuning_changes_the_output_and_reset_restores_every_weight(prepared):
-    """adaptation.method=full on the CPU (plain AdamW; DeepSpeed runs on GPUs): zero steps equal the
-    baseline, training changes the continuation, the next clip starts from the base weights again."""
-    config = load_config(prepared, {"adaptation.method": "full", "adaptation.steps": "2", "adaptation.lr": "0.01"})
-    baseline = Continuer(config, "baseline")
-    clip = _clip(config, baseline)
-    out_b = baseline.run(clip).first
-    adapted = Continuer(config, "adapt")
-    base = [p.detach().clone() for p in adapted.adapter.parameters()]
-    assert not np.array_equal(adapted.run(clip).first, out_b)
-    adapted.adapter.reset()
-    assert all(torch.equal(p, b) for p, b in zip(adapted.adapter.parameters(), base))
-    zero = Continuer(load_config(prepared, {"adaptation.method": "full", "adaptation.steps": "0"}), "adapt")
-    assert np.array_equal(zero.run(clip).first, out_b)
 
 
 def test_gradient_accumulation_averages_micro_batches():

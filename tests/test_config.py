@@ -1,4 +1,3 @@
-import dataclasses
 import subprocess
 import sys
 
@@ -72,9 +71,7 @@ def test_every_setting_is_in_the_result_key_or_listed_as_unable_to_change_result
     assert NOT_RESULT_SETTINGS <= set(flat), "a listed setting no longer exists"
     missing = []
     for key, value in flat.items():
-        section, _, leaf = key.rpartition(".")
-        changed = dataclasses.replace(getattr(base, section), **{leaf: _changed(value)}) if section else None
-        other = dataclasses.replace(base, **({section: changed} if section else {key: _changed(value)}))
+        other = base.with_setting(key, _changed(value))
         in_key = stage_digest(other, "adapt") != stage_digest(base, "adapt")
         if in_key == (key in NOT_RESULT_SETTINGS):
             missing.append(key)
@@ -91,6 +88,42 @@ def test_committed_weights_are_up_to_date_for_the_demo():
     from pipeline.stages.pretrain import _digest_of, weights_digest
 
     config = load_config(ROOT / "conf" / "demo.yaml")
-    assert _digest_of(ROOT / config.model.weights) == weights_digest(config)
+    assert _digest_of(ROOT / config.model.ltx_video.weights) == weights_digest(config)
     assert min(config.data.height, config.data.width) >= 64 and config.sampling.samples >= 2
     assert config.adaptation.data == "context" and config.data.split == "test"
+
+
+def test_the_choices_of_backend_and_method_are_the_registries_keys():
+    from pipeline.adaptation import METHODS
+    from pipeline.config import CHOICES
+    from pipeline.models import BACKENDS
+
+    assert CHOICES["model.backend"] == set(BACKENDS)
+    assert CHOICES["adaptation.method"] == set(METHODS)
+
+
+def test_config_imports_no_model_code():
+    code = "import sys, pipeline.config; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pipeline')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['pipeline', 'pipeline.config']"
+
+
+def test_a_backends_options_are_keys_of_the_model_section():
+    """model.vae_posterior is read by the ltx-video backend from its own options, set like any key,
+    and the section lists it among its keys in flat() (and so in the result digests)."""
+    config = load_config("conf/demo.yaml", {"model.vae_posterior": "mode", "model.conditioning": "clean_prefix"})
+    assert config.model.ltx_video.vae_posterior == "mode" and config.model.opensora.conditioning == "clean_prefix"
+    assert config.flat()["model.vae_posterior"] == "mode" and "model.ltx_video.vae_posterior" not in config.flat()
+    assert config.with_setting("model.vae_posterior", "sample").model.ltx_video.vae_posterior == "sample"
+    with pytest.raises(ConfigError, match="unknown key 'model.ltx_video'"):
+        load_config("conf/demo.yaml", {"model.ltx_video": "{}"})
+
+
+def test_a_config_written_by_section_loads_back_equal(tmp_path):
+    """What preprocess writes as the data folder's config.yaml: every key where a preset puts it."""
+    import yaml
+
+    config = load_config("conf/demo.yaml", {"model.vae_posterior": "mode", "model.size": "tiny"})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.sections()))
+    assert load_config(path) == config

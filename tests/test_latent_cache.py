@@ -61,7 +61,7 @@ def test_vae_reconstruction_is_scored_as_the_ceiling_of_a_latent_model(tmp_path)
 
     from pipeline.data.manifest import ClipRecord
     from pipeline.evaluation.metrics import frame_metrics
-    from pipeline.models.ltx_video import frames_to_tensor, tensor_to_frames
+    from pipeline.models.base import frames_to_tensor, tensor_to_frames
     from pipeline.seeds import derive_seed
     from pipeline.stages.continuation import ClipFrames, Continuer
 

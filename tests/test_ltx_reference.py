@@ -8,7 +8,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, LTXConditionPipeline
 from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
 
 from test_backend import tiny_latent_transformer, tiny_vae
-from pipeline.models.ltx_video import PROMPT_TOKENS, LTXVideoBackend, frames_to_tensor
+from pipeline.models.base import frames_to_tensor
+from pipeline.models.ltx_video import PROMPT_TOKENS, LTXVideoBackend
 
 FRAMES, CONTEXT, SIZE, STEPS, SEED = 9, 5, 32, 4, 7
 

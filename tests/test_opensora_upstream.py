@@ -71,7 +71,9 @@ def _clip(backend, layout) -> torch.Tensor:
     return torch.rand(1, 3, layout.frames, 32, 32, generator=generator) * 2 - 1
 
 
-def test_lora_zero_steps_reset_and_clean_context(config_path):
+def test_lora_targets_and_clean_context(config_path):
+    """What is Open-Sora's own (0 steps and the reset are in tests/test_backend_contract.py): LoRA on
+    every target, the clean prefix kept, adaptation changes the continuation."""
     config = load_config(config_path, {"adaptation.method": "lora", "model.conditioning": "clean_prefix"})
     backend = load_backend(config)
     layout = backend.frame_layout(config.data.frames, config.data.context, 32, 32)
@@ -85,13 +87,8 @@ def test_lora_zero_steps_reset_and_clean_context(config_path):
     names = [n for n, m in backend.transformer.named_modules() if hasattr(m, "lora_A")]
     for target in backend.lora_targets(config.adaptation.targets):
         assert any(n.endswith(target) for n in names), f"no LoRA layer on {target}"
-    assert torch.equal(backend.sample(context, layout.latent_frames, seed=3), baseline)  # lora_B = 0
-
-    stats = adapt_to_clip(backend, adapter, context, config.adaptation, seed=0)
-    assert torch.isfinite(torch.tensor(stats["adapt_loss_last"]))
+    adapt_to_clip(backend, adapter, context, config.adaptation, seed=0)
     assert not torch.equal(backend.sample(context, layout.latent_frames, seed=3), baseline)
-    adapter.reset()
-    assert torch.equal(backend.sample(context, layout.latent_frames, seed=3), baseline)
 
 
 def test_full_finetuning_restores_base_weights_between_clips(config_path):

@@ -13,7 +13,7 @@ from pipeline.adaptation import make_adapter
 from pipeline.adaptation.trainer import adapt_to_clip
 from pipeline.config import load_config
 from pipeline.models import load_backend, reference_deviations
-from pipeline.models.ltx_video import frames_to_tensor
+from pipeline.models.base import frames_to_tensor
 from pipeline.models.skyreels_v2 import PROMPT_TOKENS, SkyReelsV2Backend
 
 FRAMES, CONTEXT, SIZE, STEPS, SEED, FPS = 13, 7, 32, 4, 7, 24

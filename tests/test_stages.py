@@ -186,7 +186,7 @@ def test_results_of_other_weights_are_never_reused(prepared, store, tmp_path):
 
     config = load_config(prepared)
     run_stage(config, "baseline")
-    state = load_file(config.model.weights)
+    state = load_file(config.model.ltx_video.weights)
     first = next(iter(state))
     state[first] = state[first] + 1e-3
     retrained = tmp_path / "retrained.safetensors"
@@ -326,12 +326,12 @@ def test_mlflow_run_as_typed_lands_in_the_configs_experiment(prepared, store, tm
 def test_pretraining_new_settings_writes_beside_the_weights_results_refer_to(prepared, store):
     from pipeline.stages.pretrain import pretrain
 
-    config = load_config(prepared)
-    kept = Path(config.model.weights).read_bytes()
+    weights = Path(load_config(prepared).model.ltx_video.weights)
+    kept = weights.read_bytes()
     other = load_config(prepared, {"pretrain.steps": "2"})
     written = pretrain(other)
-    assert written != Path(config.model.weights) and written.parent == Path(config.model.weights).parent
-    assert Path(config.model.weights).read_bytes() == kept
+    assert written != weights and written.parent == weights.parent
+    assert weights.read_bytes() == kept
     assert pretrain(other) == written  # up to date now: found again, not retrained
 
 
@@ -376,3 +376,12 @@ def test_stage_runs_ask_for_mlflow_system_metrics_on_a_gpu(prepared, store, monk
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     metrics = mlflow.get_run(run_stage(load_config(prepared), "baseline")).data.metrics
     assert ("system/cpu_utilization_percentage" in metrics) == gpu
+
+
+def test_pretrain_refuses_a_backend_that_is_not_pretrained_here():
+    """Open-Sora has no small default: pretraining it would train 1B+ random weights into the small
+    default's file; the stage says so before rendering any clip."""
+    from pipeline.stages.pretrain import pretrain
+
+    with pytest.raises(ValueError, match="model.backend=opensora-v1.3 is not pretrained here"):
+        pretrain(load_config(None, {"model.backend": "opensora-v1.3"}))

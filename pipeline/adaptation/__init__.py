@@ -1,12 +1,25 @@
-"""Adaptation methods: LoRA adapters and full fine-tuning, the optimizers and the training loop."""
+"""Adaptation methods behind `Adapter`: LoRA adapters and full fine-tuning, the optimizers and the
+training loop.
+
+A new method: its module (an `Adapter` subclass) and one line in METHODS; its name in
+config.CHOICES (tests/test_config.py checks that the names agree).
+"""
 from __future__ import annotations
 
 from ..config import AdaptationConfig
 from ..models.base import VideoBackend
+from .base import Adapter
 from .full import FullFinetune
 from .lora import LoraAdapter
 
+__all__ = ["METHODS", "Adapter", "make_adapter"]
 
-def make_adapter(backend: VideoBackend, config: AdaptationConfig) -> LoraAdapter | FullFinetune:
+METHODS: dict[str, type[Adapter]] = {
+    "lora": LoraAdapter,
+    "full": FullFinetune,
+}
+
+
+def make_adapter(backend: VideoBackend, config: AdaptationConfig) -> Adapter:
     """The adapter that `adaptation.method` names, attached to the backend's transformer."""
-    return {"lora": LoraAdapter, "full": FullFinetune}[config.method](backend, config)
+    return METHODS[config.method](backend, config)

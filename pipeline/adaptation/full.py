@@ -6,10 +6,11 @@ import torch
 
 from ..config import AdaptationConfig
 from ..models.base import VideoBackend
+from .base import Adapter
 from .optim import DeepSpeedAdamW, Optimizer, TorchAdamW
 
 
-class FullFinetune:
+class FullFinetune(Adapter):
     def __init__(self, backend: VideoBackend, config: AdaptationConfig):
         if config.zero_stage not in (0, 1, 2):
             raise ValueError(f"adaptation.zero_stage={config.zero_stage}: stages 0-2 keep whole weights on each GPU, "
@@ -19,8 +20,16 @@ class FullFinetune:
         self.base = [p.detach().clone() for p in self.parameters()]
         self.current: Optimizer | None = None  # kept until the next reset: the adapted weights live in it
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.transformer.parameters())
+    @classmethod
+    def label(cls, config: AdaptationConfig) -> str:
+        return "full fine-tuning"
+
+    @classmethod
+    def run_name(cls, config: AdaptationConfig) -> str:
+        return "full"
+
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self.transformer.named_parameters())
 
     @torch.no_grad()
     def reset(self) -> None:

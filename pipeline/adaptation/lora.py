@@ -6,10 +6,11 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from ..config import AdaptationConfig
 from ..models.base import VideoBackend
+from .base import Adapter
 from .optim import Optimizer, TorchAdamW
 
 
-class LoraAdapter:
+class LoraAdapter(Adapter):
     """Adds one adapter once; `reset()` restores its initial weights (lora_B = 0, so the model equals
     the base model) without reloading anything or touching the frozen base weights."""
 
@@ -29,16 +30,16 @@ class LoraAdapter:
             p.data = p.data.float()  # adapter weights train in fp32 even on a bf16 base
         self.initial = [p.detach().clone() for p in self.parameters()]
 
+    @classmethod
+    def label(cls, config: AdaptationConfig) -> str:
+        return f"lora r{config.rank}"
+
+    @classmethod
+    def run_name(cls, config: AdaptationConfig) -> str:
+        return f"lora-r{config.rank}"
+
     def named_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.transformer.named_parameters() if "lora_" in n}
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.named_parameters().values())
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter's current weights by parameter name, copied (they are written after the next clip
-        has started changing them)."""
-        return {n: p.detach().to("cpu", copy=True) for n, p in self.named_parameters().items()}
 
     @torch.no_grad()
     def reset(self) -> None:

@@ -5,25 +5,14 @@ import math
 import random
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 import torch
 
 from .. import ranks
 from ..config import AdaptationConfig
 from ..models.base import VideoBackend
+from .base import Adapter
 from .optim import Optimizer
-
-
-class Adapter(Protocol):
-    """What adaptation methods provide: the trained weights, a reset to the base model, an optimizer."""
-
-    def parameters(self) -> list[torch.nn.Parameter]: ...
-
-    def reset(self) -> None: ...
-
-    def optimizer(self) -> Optimizer:
-        """A fresh optimizer for one clip; the adapter frees it at its next reset."""
 
 
 class NonFiniteLoss(RuntimeError):

@@ -6,8 +6,40 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
+import numpy as np
 import torch
+
+from .. import ranks
+from ..config import Config
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", ranks.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def frames_to_tensor(frames: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (1, 3, T, H, W) float in [-1, 1] on `device` (copied as uint8, converted there)."""
+    video = torch.as_tensor(frames).to(device).permute(3, 0, 1, 2).float() / 127.5 - 1
+    return video[None]
+
+
+def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
+    """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8 numpy."""
+    return ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def flow_noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+                sigma_min: float | None = None) -> torch.Tensor:
+    """Rectified flow's x_t at noise level `sigma` (broadcast over x0; 0: the data, 1: pure noise),
+    (1 - sigma) x0 + sigma noise. Open-Sora's trainers (`sigma_min` given, 0 for v1.3) weigh the noise
+    by 1 - (1 - sigma_min)(1 - sigma) instead, which for sigma_min 0 is the same number but not always
+    the same float: each backend computes it as its reference does, bit for bit."""
+    keep = 1 - sigma
+    if sigma_min is None:
+        return keep * x0 + sigma * noise
+    return keep * x0 + (1 - (1 - sigma_min) * keep) * noise
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -20,6 +52,10 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
             sample = flat[:: max(1, flat.numel() // 64)].double().cpu().tolist()
             parts.append([name, list(p.shape), flat.double().sum().item(), sample])
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+class PackageMissing(ImportError):
+    """The backend's model code is a package that is not installed here; the message says how to get it."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +82,23 @@ class VideoBackend(ABC):
     dtype: torch.dtype
     attention_targets: list[str]  # module-name suffixes LoRA adapts in the 'attention' preset
     mlp_targets: list[str]  # added by 'attention+mlp'
+    can_pretrain: ClassVar[bool] = False  # the pretrain stage can train it here, from `untrained`
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: Config) -> VideoBackend:
+        """The backend as `config.model` (and the sampling and adaptation settings it reads) describes
+        it, on the default device."""
+
+    @classmethod
+    def untrained(cls, config: Config) -> VideoBackend:
+        """The model with random weights that the pretrain stage trains (backends that `can_pretrain`)."""
+        raise NotImplementedError(f"{cls.__name__} is not pretrained here (can_pretrain is False)")
+
+    @classmethod
+    def reference_deviations(cls, config: Config) -> list[str]:
+        """Where the configured sampler and loss depart from the model's reference, in words for arm labels."""
+        return []
 
     @abstractmethod
     def frame_layout(self, frames: int, context: int, height: int, width: int) -> FrameLayout:

@@ -29,7 +29,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.pipelines.ltx.pipeline_ltx_condition import (LTXConditionPipeline, linear_quadratic_schedule,
                                                             retrieve_timesteps)
 
-from .base import FrameLayout, VideoBackend
+from ..config import Config
+from .base import FrameLayout, VideoBackend, default_device, flow_noised
 
 # the pipeline hands the scheduler timesteps without sigmas, which makes it warn on every call; we make
 # the same call
@@ -88,6 +89,7 @@ PROMPT_TOKENS = 256  # LTXConditionPipeline's max_sequence_length: prompts padde
 
 class LTXVideoBackend(VideoBackend):
     attention_targets, mlp_targets = ATTENTION_TARGETS, MLP_TARGETS
+    can_pretrain = True  # the small default
 
     def __init__(
         self,
@@ -138,6 +140,57 @@ class LTXVideoBackend(VideoBackend):
         self.patch = transformer.config.patch_size
 
     # --- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: Config) -> LTXVideoBackend:
+        """A checkpoint (model.pretrained), else the small default with the pretrain stage's weights
+        (model.weights)."""
+        m = config.model
+        if m.pretrained:
+            if config.sampling.schedule == "linear" and config.sampling.shift != 1:
+                raise ValueError("sampling.shift applies to the small default; a checkpoint's scheduler/ config sets "
+                                 "its own")
+            return cls.from_pretrained(m.pretrained, m.prompt, m.negative_prompt, **cls._settings(config))
+        weights = Path(m.ltx_video.weights)
+        if not weights.exists():
+            raise FileNotFoundError(f"model.weights={weights} does not exist: run the pretrain stage first "
+                                    f"(python -m pipeline pretrain) or point model.pretrained at a checkpoint")
+        return cls._small_default(config, weights)
+
+    @classmethod
+    def untrained(cls, config: Config) -> LTXVideoBackend:
+        return cls._small_default(config, None)
+
+    @classmethod
+    def _small_default(cls, config: Config, weights: Path | None) -> LTXVideoBackend:
+        o = config.model.ltx_video
+        return cls.small(weights, o.patch_size, o.layers, o.heads, o.head_dim, shift=config.sampling.shift,
+                         **cls._settings(config))
+
+    @staticmethod
+    def _settings(config: Config) -> dict:
+        """The constructor's settings from the config, for a checkpoint and the small default alike."""
+        o, s = config.model.ltx_video, config.sampling
+        if s.image_guidance != 1:
+            raise ValueError("sampling.image_guidance is not implemented for model.backend=ltx-video")
+        return dict(fps=config.data.fps, sampling_steps=s.steps, schedule=s.schedule, guidance=s.guidance,
+                    cond_noise_scale=s.cond_noise_scale, vae_posterior=o.vae_posterior,
+                    decode_timestep=o.decode_timestep, decode_noise_scale=o.decode_noise_scale,
+                    timesteps=config.adaptation.timesteps, prompt_dropout=config.adaptation.prompt_dropout,
+                    device=default_device(), dtype=getattr(torch, config.model.dtype), compile=o.compile)
+
+    @classmethod
+    def reference_deviations(cls, config: Config) -> list[str]:
+        s = config.sampling
+        deviations = []
+        if s.schedule != "linear_quadratic":
+            deviations.append(f"{s.schedule} schedule" + (f" shift {s.shift:g}" if s.shift != 1 else ""))
+        if s.cond_noise_scale != 0.15:
+            deviations.append("clean context" if s.cond_noise_scale == 0
+                              else f"context re-noised x{s.cond_noise_scale:g}")
+        if config.model.ltx_video.vae_posterior != "sample" and config.model.pretrained:
+            deviations.append("posterior mode")
+        return deviations
+
     @classmethod
     def small(cls, weights: str | Path | None, patch_size: int, layers: int, heads: int, head_dim: int,
               shift: float = 1.0, **kw):
@@ -262,7 +315,7 @@ class LTXVideoBackend(VideoBackend):
         noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
         sigmas = sigma[:, None].expand(batch, tokens).clone()
         sigmas[:, :clean] = 0
-        xt = (1 - sigmas[..., None]) * x0 + sigmas[..., None] * noise
+        xt = flow_noised(x0, noise, sigmas[..., None])
         v = self._velocity(xt, sigmas * 1000, self._video_coords(batch, grid), self._training_prompt(batch, generator))
         return torch.nn.functional.mse_loss(v[:, clean:].float(), (noise - x0)[:, clean:].float())
 
@@ -335,16 +388,4 @@ class LTXVideoBackend(VideoBackend):
         self.transformer.enable_gradient_checkpointing()
         if self.compiled:
             compile_blocks(self.transformer)  # again, now with the checkpoint inside the compiled region
-
-
-def frames_to_tensor(frames, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (1, 3, T, H, W) float in [-1, 1] on `device` (copied as uint8, converted there)."""
-    video = torch.as_tensor(frames).to(device).permute(3, 0, 1, 2).float() / 127.5 - 1
-    return video[None]
-
-
-def tensor_to_frames(video: torch.Tensor):
-    """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8 numpy."""
-    return ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-
 

@@ -31,7 +31,8 @@ import math
 
 import torch
 
-from .base import FrameLayout
+from ..config import Config
+from .base import FrameLayout, flow_noised
 from .upstream import OpenSoraBackend, oscillation_scale, require_opensora
 
 CHUNK, CHUNK_LATENTS = 17, 5  # pixel frames per VAE chunk (overlapping by one) and their latent frames
@@ -83,8 +84,7 @@ def image_weight(scale: float, step: int, steps: int, frames: int) -> float | to
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
     """`RFlowScheduler.add_noise`: timestep 1000 is pure noise."""
-    keep = (1 - timestep.float() / 1000)[:, None, None, None, None]
-    return keep * x0 + (1 - keep) * noise
+    return flow_noised(x0, noise, (timestep.float() / 1000)[:, None, None, None, None], sigma_min=0.0)
 
 
 def frame_layout(frames: int, context: int, height: int, width: int) -> FrameLayout:
@@ -124,6 +124,11 @@ class OpenSoraV13Backend(OpenSoraBackend):
         self.conditioning, self.timestep_draw = conditioning, timesteps
 
     # --- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: Config) -> OpenSoraV13Backend:
+        m = config.model
+        return cls.build(m.pretrained, m.opensora.vae, m.opensora.text_encoder, **cls.settings(config))
+
     @classmethod
     def build(cls, pretrained: str, vae: str, text_encoder: str, prompt: str, size: str, portable_kernels: bool,
               conditioning: str = "reference", **kw):

@@ -28,7 +28,8 @@ import math
 import torch
 from einops import rearrange
 
-from .base import FrameLayout
+from ..config import Config
+from .base import FrameLayout, flow_noised
 from .upstream import OpenSoraBackend, oscillation_scale, require_opensora
 
 TEMPORAL, SPATIAL, PATCH = 4, 8, 2
@@ -123,6 +124,12 @@ class OpenSoraV20Backend(OpenSoraBackend):
 
     # --- loading -----------------------------------------------------------------------------
     @classmethod
+    def from_config(cls, config: Config) -> OpenSoraV20Backend:
+        m = config.model
+        return cls.build(m.pretrained, m.opensora.vae, m.opensora.text_encoder, m.opensora_v20.clip_encoder,
+                         **cls.settings(config))
+
+    @classmethod
     def build(cls, pretrained: str, vae: str, text_encoder: str, clip_encoder: str, prompt: str, size: str,
               portable_kernels: bool, fps: float = 24.0, conditioning: str = "reference", **kw):
         """Checkpoints as local paths (upstream's safetensors files: Open_Sora_v2.safetensors,
@@ -179,7 +186,7 @@ class OpenSoraV20Backend(OpenSoraBackend):
         ids = image_ids(batch, frames, h, w, self.device)
         text, vec = self.text.expand(batch, -1, -1), self.vec.expand(batch, -1)
         if self.conditioning == "clean_prefix":
-            xt = (1 - t[:, None, None, None, None]) * x0 + t[:, None, None, None, None] * noise
+            xt = flow_noised(x0, noise, t[:, None, None, None, None])
             v = self._velocity(pack(xt), t, ids, cond, text, vec)
             first = clean_frames * (h // PATCH) * (w // PATCH)  # tokens are frame-major
             return torch.nn.functional.mse_loss(v[:, first:], pack(noise - x0)[:, first:])
@@ -193,8 +200,7 @@ class OpenSoraV20Backend(OpenSoraBackend):
         """scripts/diffusion/train.py's loss: x_t with sigma_min, target (1 - sigma_min) noise - x0,
         every token."""
         batch, _, frames, h, w = x0.shape
-        keep = (1 - t)[:, None, None, None, None]
-        xt = keep * x0 + (1 - (1 - SIGMA_MIN) * keep) * noise
+        xt = flow_noised(x0, noise, t[:, None, None, None, None], SIGMA_MIN)
         v = self._velocity(pack(xt), t, image_ids(batch, frames, h, w, self.device), cond, text, vec)
         return torch.nn.functional.mse_loss(v, pack((1 - SIGMA_MIN) * noise - x0))
 

@@ -19,7 +19,7 @@ from diffusers import AutoencoderKLWan, SkyReelsV2DiffusionForcingVideoToVideoPi
 from diffusers import UniPCMultistepScheduler
 
 from ..config import Config
-from .base import FrameLayout, VideoBackend
+from .base import FrameLayout, VideoBackend, default_device
 
 # The V2V pipeline's docstring example: UniPC with flow_shift 8.0 ("8.0 for T2V, 5.0 for I2V"),
 # guidance 6.0, 50 steps; the prompt padded to its max_sequence_length
@@ -64,16 +64,21 @@ class SkyReelsV2Backend(VideoBackend):
 
     # --- loading -----------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: Config, device: torch.device, dtype: torch.dtype) -> SkyReelsV2Backend:
+    def from_config(cls, config: Config) -> SkyReelsV2Backend:
         """`model.pretrained` (a hub id or a local diffusers directory), or tiny random components when empty."""
         m, s = config.model, config.sampling
         if s.image_guidance != 1:
             raise ValueError("sampling.image_guidance is not implemented for model.backend=skyreels-v2")
         common = dict(fps=config.data.fps, sampling_steps=s.steps, guidance=s.guidance,
-                      timesteps=config.adaptation.timesteps, device=device, dtype=dtype)
+                      timesteps=config.adaptation.timesteps, device=default_device(), dtype=getattr(torch, m.dtype))
         if m.pretrained:
             return cls.from_pretrained(m.pretrained, m.prompt, m.negative_prompt, **common)
         return cls.small(**common)
+
+    @classmethod
+    def reference_deviations(cls, config: Config) -> list[str]:
+        guidance = config.sampling.guidance
+        return [] if guidance == GUIDANCE else [f"guidance {guidance:g}"]
 
     @classmethod
     def small(cls, seed: int = 0, layers: int = 2, heads: int = 2, head_dim: int = 12, text_dim: int = 32,

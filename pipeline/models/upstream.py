@@ -19,7 +19,8 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .base import VideoBackend
+from ..config import Config
+from .base import PackageMissing, VideoBackend, default_device
 
 INSTALL = {
     "v1.3": "git clone -b opensora/v1.3 https://github.com/hpcaitech/Open-Sora open-sora-v1.3 && "
@@ -42,7 +43,7 @@ def oscillation_scale(scale: float, step: int) -> float:
     return scale if step < OSCILLATION_STEPS or step % 2 == 0 else 1.0
 
 
-class OpenSoraMissing(ImportError):
+class OpenSoraMissing(PackageMissing):
     pass
 
 
@@ -52,6 +53,19 @@ class OpenSoraBackend(VideoBackend):
 
     guidance: float
     image_guidance: float
+
+    @classmethod
+    def reference_deviations(cls, config: Config) -> list[str]:
+        return ["clean prefix"] if config.model.opensora.conditioning != "reference" else []
+
+    @staticmethod
+    def settings(config: Config) -> dict:
+        """The `build` arguments both versions read from the config, beside their checkpoints."""
+        m, s = config.model, config.sampling
+        return dict(prompt=m.prompt, size=m.opensora.size, portable_kernels=m.opensora.portable_kernels,
+                    conditioning=m.opensora.conditioning, fps=config.data.fps, sampling_steps=s.steps,
+                    guidance=s.guidance, image_guidance=s.image_guidance, timesteps=config.adaptation.timesteps,
+                    device=default_device(), dtype=getattr(torch, m.dtype))
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:

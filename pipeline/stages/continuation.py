@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import ranks
-from ..adaptation import make_adapter
+from ..adaptation import METHODS, make_adapter
 from ..adaptation.trainer import adapt_to_clip
 from ..cluster import Shard, check_store_for_many_writers, preemptible
 from ..config import NOT_RESULT_SETTINGS, Config, ConfigError
@@ -30,8 +30,7 @@ from ..evaluation.metrics import Scorer, frame_metrics
 from ..evaluation.registry import LOWER_IS_BETTER
 from ..evaluation.temporal import extrapolate_motion, temporal_metrics
 from ..models import VideoBackend, load_backend, reference_deviations
-from ..models.base import weights_fingerprint
-from ..models.ltx_video import frames_to_tensor, tensor_to_frames
+from ..models.base import frames_to_tensor, tensor_to_frames, weights_fingerprint
 from ..progress import Progress
 from ..seeds import derive_seed
 from ..tracking.runs import (TAG_CLASS, TAG_INPUTS, TAG_PARTNER, TAG_SOURCE, TAG_WEIGHTS,
@@ -387,7 +386,7 @@ def arm_run_name(config: Config, stage: str) -> str:
     if stage == "baseline":
         return "baseline"
     a = config.adaptation
-    name = (f"lora-r{a.rank}" if a.method == "lora" else "full") + f"-lr{a.lr:g}-{a.steps}steps"
+    name = f"{METHODS[a.method].run_name(a)}-lr{a.lr:g}-{a.steps}steps"
     return name + {"other": "-sham", "oracle": "-oracle"}.get(a.data, "")
 
 
@@ -397,8 +396,7 @@ def arm_label(config: Config, stage: str) -> str:
     if stage == "baseline":
         return "baseline" + note
     a = config.adaptation
-    method = f"lora r{a.rank}" if a.method == "lora" else "full fine-tuning"
-    label = f"{method} {a.steps} steps on {a.data}{note}"
+    label = f"{METHODS[a.method].label(a)} {a.steps} steps on {a.data}{note}"
     if a.data == "oracle":
         return label + " (ORACLE: sees the target frames, upper bound)"
     return label + " (SHAM: another clip's context)" if a.data == "other" else label

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..config import Config
+from ..models import BACKENDS
 from ..tracking.runs import stage_run
 from .continuation import run_stage
 from .evaluate import evaluate
@@ -15,9 +16,9 @@ from .pretrain import pretrain
 def run_experiment(config: Config) -> dict:
     with stage_run(config, "experiment", config.digest("data", "model", "sampling", "adaptation", "evaluation")):
         run_preprocess(config)
-        if not config.model.pretrained and config.pretrain.steps > 0:  # 0: model.weights used as they are
-            weights = pretrain(config)
-            config = replace(config, model=replace(config.model, weights=str(weights)))
+        pretrainable = BACKENDS[config.model.backend].can_pretrain and not config.model.pretrained
+        if pretrainable and config.pretrain.steps > 0:  # 0: model.weights used as they are
+            config = config.with_setting("model.weights", str(pretrain(config)))
         run_stage(config, "baseline")
         run_stage(config, "adapt")
         if config.adaptation.data != "other":

@@ -2,7 +2,6 @@
 resolved config beside the manifest, so later stages take the dataset without repeating flags."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import mlflow
@@ -22,7 +21,7 @@ def run_preprocess(config: Config):
         mlflow.log_artifact(str(manifest))
         mlflow.log_artifact(str(manifest.with_name("skipped.csv")))
     settings = Path(config.data.output_dir) / "config.yaml"
-    settings.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    settings.write_text(yaml.safe_dump(config.sections(), sort_keys=False))
     print(f"[preprocess] {manifest}: {len(records)} clips ({splits}), {len(skipped)} videos skipped; "
           f"next: python -m pipeline experiment --config {settings}", flush=True)
     return manifest

@@ -31,8 +31,8 @@ from ..adaptation.trainer import train
 from ..config import Config
 from ..data import synthetic
 from ..data.manifest import read_manifest, resolve_clip_path, select_clips
-from ..models import load_backend
-from ..models.ltx_video import frames_to_tensor
+from ..models import BACKENDS, load_backend
+from ..models.base import frames_to_tensor
 from ..progress import Progress
 
 # what the weights depend on: the training clips, the architecture and the training settings (the
@@ -58,7 +58,7 @@ def weights_digest(config: Config) -> str:
 def weights_path(config: Config) -> Path:
     """Where the weights for this config live: `model.weights` when it is free or holds exactly these
     settings' weights, else a file named by the digest beside it."""
-    weights = Path(config.model.weights)
+    weights = Path(config.model.ltx_video.weights)
     if not weights.exists() or _digest_of(weights) == weights_digest(config):
         return weights
     return weights.with_name(f"{weights.stem}.{weights_digest(config)}{weights.suffix}")
@@ -70,6 +70,9 @@ def pretrain(config: Config) -> Path:
 
     from ..tracking.runs import stage_run
 
+    if not BACKENDS[config.model.backend].can_pretrain:
+        raise ValueError(f"pretrain trains the small default model; model.backend={config.model.backend} is not "
+                         "pretrained here: point model.pretrained at its checkpoint")
     if config.model.pretrained:
         raise ValueError("pretrain trains the small default model; model.pretrained is set, so there is nothing to do")
     weights = weights_path(config)
@@ -77,9 +80,9 @@ def pretrain(config: Config) -> Path:
     if weights.exists() and _digest_of(weights) == digest:
         print(f"[pretrain] {weights} is up to date (digest {digest}); skipping", flush=True)
         return weights
-    if weights != Path(config.model.weights):
-        print(f"[pretrain] {config.model.weights} holds weights of other settings; writing {weights} beside it "
-              f"(use it with --set model.weights={weights})", flush=True)
+    if weights != Path(config.model.ltx_video.weights):
+        print(f"[pretrain] {config.model.ltx_video.weights} holds weights of other settings; writing {weights} "
+              f"beside it (use it with --set model.weights={weights})", flush=True)
     with stage_run(config, "pretrain", digest):
         train_weights(config, weights, training_clips(config),
                       lambda step, loss: mlflow.log_metric("train_loss", loss, step=step))
