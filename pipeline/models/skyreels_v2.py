@@ -19,7 +19,7 @@ from diffusers import AutoencoderKLWan, SkyReelsV2DiffusionForcingVideoToVideoPi
 from diffusers import UniPCMultistepScheduler
 
 from ..config import Config
-from .base import FrameLayout, VideoBackend, default_device
+from .base import FrameLayout, VideoBackend, default_device, flow_noised
 
 # The V2V pipeline's docstring example: UniPC with flow_shift 8.0 ("8.0 for T2V, 5.0 for I2V"),
 # guidance 6.0, 50 steps; the prompt padded to its max_sequence_length
@@ -187,7 +187,7 @@ class SkyReelsV2Backend(VideoBackend):
         sigmas[:, :clean_frames] = 0
         noise = torch.randn(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
         s = sigmas[:, None, :, None, None]
-        v = self._velocity((1 - s) * latents + s * noise, sigmas * 1000, self.prompt)
+        v = self._velocity(flow_noised(latents, noise, s), sigmas * 1000, self.prompt)
         return torch.nn.functional.mse_loss(v[:, :, clean_frames:].float(),
                                             (noise - latents)[:, :, clean_frames:].float())
 
