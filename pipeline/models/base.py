@@ -54,6 +54,12 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
+def check_context(frames: int, context: int) -> None:
+    """Every backend's first rule: the context leaves at least one frame to continue."""
+    if not 0 < context < frames:
+        raise ValueError(f"context frames K={context} must satisfy 0 < K < T={frames}")
+
+
 class PackageMissing(ImportError):
     """The backend's model code is a package that is not installed here; the message says how to get it."""
 

@@ -30,7 +30,7 @@ from diffusers.pipelines.ltx.pipeline_ltx_condition import (LTXConditionPipeline
                                                             retrieve_timesteps)
 
 from ..config import Config
-from .base import FrameLayout, VideoBackend, default_device, flow_noised
+from .base import FrameLayout, VideoBackend, check_context, default_device, flow_noised
 
 # the pipeline hands the scheduler timesteps without sigmas, which makes it warn on every call; we make
 # the same call
@@ -231,8 +231,7 @@ class LTXVideoBackend(VideoBackend):
     # --- frame and latent arithmetic ---------------------------------------------------------
     def frame_layout(self, frames: int, context: int, height: int, width: int) -> FrameLayout:
         t, s = self.temporal_ratio, self.spatial_ratio * self.patch
-        if not 0 < context < frames:
-            raise ValueError(f"context frames K={context} must satisfy 0 < K < T={frames}")
+        check_context(frames, context)
         if height % s or width % s:
             raise ValueError(f"height and width must be divisible by {s} for this model; got {height}x{width}")
         if t == 1:

@@ -32,7 +32,7 @@ import math
 import torch
 
 from ..config import Config
-from .base import FrameLayout, flow_noised
+from .base import FrameLayout, check_context, flow_noised
 from .upstream import OpenSoraBackend, oscillation_scale, require_opensora
 
 CHUNK, CHUNK_LATENTS = 17, 5  # pixel frames per VAE chunk (overlapping by one) and their latent frames
@@ -88,8 +88,7 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> 
 
 
 def frame_layout(frames: int, context: int, height: int, width: int) -> FrameLayout:
-    if not 0 < context < frames:
-        raise ValueError(f"context frames K={context} must satisfy 0 < K < T={frames}")
+    check_context(frames, context)
     side = SPATIAL * PATCH[1]
     if height % side or width % side:
         raise ValueError(f"height and width must be divisible by {side} for Open-Sora v1.3; got {height}x{width}")

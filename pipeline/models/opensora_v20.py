@@ -29,7 +29,7 @@ import torch
 from einops import rearrange
 
 from ..config import Config
-from .base import FrameLayout, flow_noised
+from .base import FrameLayout, check_context, flow_noised
 from .upstream import OpenSoraBackend, oscillation_scale, require_opensora
 
 TEMPORAL, SPATIAL, PATCH = 4, 8, 2
@@ -52,8 +52,7 @@ MLP_TARGETS = ["img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2"]
 
 
 def frame_layout(frames: int, context: int, height: int, width: int) -> FrameLayout:
-    if not 0 < context < frames:
-        raise ValueError(f"context frames K={context} must satisfy 0 < K < T={frames}")
+    check_context(frames, context)
     side = SPATIAL * PATCH
     if height % side or width % side:
         raise ValueError(f"height and width must be divisible by {side} for Open-Sora v2.0; got {height}x{width}")

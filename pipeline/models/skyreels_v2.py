@@ -19,7 +19,7 @@ from diffusers import AutoencoderKLWan, SkyReelsV2DiffusionForcingVideoToVideoPi
 from diffusers import UniPCMultistepScheduler
 
 from ..config import Config
-from .base import FrameLayout, VideoBackend, default_device, flow_noised
+from .base import FrameLayout, VideoBackend, check_context, default_device, flow_noised
 
 # The V2V pipeline's docstring example: UniPC with flow_shift 8.0 ("8.0 for T2V, 5.0 for I2V"),
 # guidance 6.0, 50 steps; the prompt padded to its max_sequence_length
@@ -122,8 +122,7 @@ class SkyReelsV2Backend(VideoBackend):
     def frame_layout(self, frames: int, context: int, height: int, width: int) -> FrameLayout:
         t = self.temporal_ratio
         _, patch_h, patch_w = self.patch
-        if not 0 < context < frames:
-            raise ValueError(f"context frames K={context} must satisfy 0 < K < T={frames}")
+        check_context(frames, context)
         if (frames - 1) % t:
             raise ValueError(f"the Wan VAE needs {t}k+1 frames per clip (a causal first frame, then {t}x in "
                              f"time); got T={frames}")
