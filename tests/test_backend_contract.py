@@ -89,7 +89,7 @@ def test_frame_layout_maps_the_clip_and_names_a_bad_one(make_case):
     assert 0 < layout.latent_context < layout.latent_frames
     assert 0 < layout.conditioned_pixel_frames <= d.context
     assert backend.latents_from(case.context(), torch.Generator()).shape[2] == layout.latent_context
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="0 < K < T"):
         backend.frame_layout(d.frames, d.frames, d.height, d.width)  # no frame left to continue
 
 
@@ -125,6 +125,7 @@ def test_reset_restores_every_weight(make_case, method):
     before = {k: v.clone() for k, v in transformer.state_dict().items()}
     adapt_to_clip(case.backend, adapter, case.backend.encode(case.video), case.config.adaptation, seed=0)
     assert any(not torch.equal(v, before[k]) for k, v in transformer.state_dict().items()), "nothing trained"
+    assert not torch.equal(case.sample(), baseline)  # the adapted model continues differently
     assert set(adapter.state_dict()) == {n for n, p in transformer.named_parameters() if p.requires_grad}
     adapter.reset()
     assert all(torch.equal(v, before[k]) for k, v in transformer.state_dict().items())
