@@ -125,7 +125,7 @@ class SamplingConfig:
 
 @dataclass
 class AdaptationConfig:
-    method: str = "lora"  # lora | full (every transformer weight)
+    method: str = "lora"  # lora | full (every transformer weight) | select (best of N noises) | noise (noise optimisation): pipeline/adaptation
     data: str = "context"  # context: frames [0, K) | oracle: whole clip (upper bound) | other: another clip's context (sham control)
     objective: str = "continuation"  # continuation (random clean prefix) | v2v_head (first half clean) | denoising
     timesteps: str = "model"  # the noise-level draw: model (as the model family trains: docs/backends.md) | logit_normal
@@ -141,6 +141,9 @@ class AdaptationConfig:
     deepspeed: bool = True  # method full on a GPU: DeepSpeed ZeRO in the model's dtype (bf16 weights get fp32 masters)
     zero_stage: int = 2  # 0-2
     offload: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
+    candidates: int = 8  # select: noises tried per sample (the first is the sample's own)
+    proxy_frames: int = 2  # select, noise: the last m context latent frames the proxy predicts from the rest
+    proxy_steps: int = 0  # select, noise: the proxy's sampler steps (0: sampling.steps)
     init_seed: int = 0  # the LoRA adapters' initial weights, the same for every clip
     noise_seed: int = 0  # training noise and clean-prefix draws: per clip from (noise_seed, clip id)
     save_weights: bool = False  # lora only: each clip's adapted LoRA weights as clip/lora.safetensors
@@ -203,7 +206,7 @@ CHOICES = {
     "model.vae_posterior": {"sample", "mode"},
     "model.conditioning": {"reference", "clean_prefix"},
     "sampling.schedule": {"linear_quadratic", "linear"},
-    "adaptation.method": {"lora", "full"},
+    "adaptation.method": {"lora", "full", "select", "noise"},
     "adaptation.data": {"context", "oracle", "other"},
     "adaptation.objective": {"continuation", "v2v_head", "denoising"},
     "adaptation.targets": {"attention", "attention+mlp"},

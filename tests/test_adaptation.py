@@ -202,3 +202,39 @@ def test_how_closely_the_continuation_follows_its_prefix_is_measured(prepared):
     assert out.metrics["continuity_psnr"] == frame_metrics(out.first[K:K + 1], clip.frames[K - 1:K])["psnr"][0]
     assert out.metrics["first_frame_psnr"] == out.per_frame["psnr"][0]
     assert out.metrics["truth_continuity_psnr"] == frame_metrics(clip.frames[K:K + 1], clip.frames[K - 1:K])["psnr"][0]
+
+
+# --- the noise methods: weights frozen, the sampler's starting noise chosen on the context alone ---
+NOISE_METHODS = {"select": {"adaptation.candidates": "4"},
+                 "noise": {"adaptation.steps": "3", "adaptation.lr": "0.1", "adaptation.proxy_steps": "2"}}
+
+
+@pytest.mark.parametrize("method", sorted(NOISE_METHODS))
+def test_noise_methods_lower_the_proxy_error_without_seeing_the_target_frames(prepared, method):
+    config = load_config(prepared, {"adaptation.method": method, "sampling.samples": "2", **NOISE_METHODS[method]})
+    continuer = Continuer(config, "adapt")
+    clip = _clip(config, continuer)
+    out = continuer.run(clip)
+    noise = continuer.adapter.sampling_noise()
+    assert out.metrics["proxy_error_last"] < out.metrics["proxy_error_first"]
+    changed = continuer.run(_with_frames(clip, _noise_after(clip.frames, config.data.context)))
+    assert np.array_equal(changed.first, out.first) and torch.equal(continuer.adapter.sampling_noise(), noise)
+    assert not np.array_equal(out.first, Continuer(config, "baseline").run(clip).first)
+
+
+def test_selecting_from_one_candidate_is_the_baseline_bitwise(prepared):
+    config = load_config(prepared, {"adaptation.method": "select", "adaptation.candidates": "1", "sampling.samples": "2"})
+    clip = _clip(config, Continuer(config, "baseline"))
+    adapted, baseline = Continuer(config, "adapt").run(clip), Continuer(config, "baseline").run(clip)
+    assert np.array_equal(adapted.first, baseline.first) and adapted.per_sample == baseline.per_sample
+
+
+def test_noise_methods_name_what_they_cannot_do(prepared):
+    config = load_config(prepared, {"adaptation.method": "select", "adaptation.proxy_frames": "3"})
+    continuer = Continuer(config, "adapt")
+    with pytest.raises(ValueError, match=r"adaptation.proxy_frames=3: .* 0 < m < 3"):
+        continuer.run(_clip(config, continuer))
+    backend = load_backend(config)
+    backend.takes_noise = False  # as every backend but LTX-Video declares
+    with pytest.raises(ValueError, match="adaptation.method=select chooses the sampler's starting noise"):
+        Continuer(config, "adapt", backend)

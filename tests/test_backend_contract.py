@@ -1,7 +1,7 @@
 """The contract every registered backend keeps, checked with a tiny config of its own: the frame
 layout, encode/decode shapes, 0 adaptation steps equal to the baseline bit for bit and a reset that
-restores every weight (for every adaptation method), a finite loss, sampling deterministic under a
-seed. A backend whose package is not installed here is skipped with the reason. Each backend's own
+restores every weight (for every method that trains weights), a finite loss, sampling deterministic
+under a seed, and a starting noise that replaces the seed's own exactly where the backend takes one. A backend whose package is not installed here is skipped with the reason. Each backend's own
 test file keeps only what is specific to it."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline.adaptation import METHODS, make_adapter
+from pipeline.adaptation.base import WeightAdapter
 from pipeline.adaptation.trainer import adapt_to_clip
 from pipeline.config import Config, load_config
 from pipeline.models import BACKENDS, VideoBackend
@@ -105,7 +106,10 @@ def test_encode_decode_round_trip_keeps_the_clip_shape(make_case):
         assert decoded[:, :, :frames].shape == case.video.shape and decoded.abs().max() <= 1
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+WEIGHT_METHODS = [name for name, method in METHODS.items() if issubclass(method, WeightAdapter)]
+
+
+@pytest.mark.parametrize("method", WEIGHT_METHODS)
 def test_zero_adaptation_steps_sample_the_baseline_bitwise(make_case, method):
     case = make_case(**{"adaptation.method": method, "adaptation.steps": "0"})
     baseline = case.sample()
@@ -115,7 +119,7 @@ def test_zero_adaptation_steps_sample_the_baseline_bitwise(make_case, method):
     assert torch.equal(case.sample(), baseline)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", WEIGHT_METHODS)
 def test_reset_restores_every_weight(make_case, method):
     case = make_case(**{"adaptation.method": method, "adaptation.steps": "2", "adaptation.lr": "0.01",
                         "adaptation.objective": "denoising"})
@@ -149,3 +153,18 @@ def test_sampling_is_deterministic_under_a_seed(make_case):
     first = case.sample(seed=3)
     assert torch.equal(case.sample(seed=3), first)
     assert not torch.equal(case.sample(seed=4), first)
+
+
+def test_a_given_starting_noise_replaces_the_seeds_own_or_the_noise_methods_refuse(make_case):
+    case = make_case(**{"adaptation.method": "select"})
+    backend, d = case.backend, case.config.data
+    if not backend.takes_noise:
+        with pytest.raises(ValueError, match="chooses the sampler's starting noise"):
+            make_adapter(backend, case.config.adaptation)
+        return
+    frames = backend.frame_layout(d.frames, d.context, d.height, d.width).latent_frames
+    contexts, seeds = case.context().expand(2, *case.context().shape[1:]), [5, 6]
+    own = backend.draw_noise(contexts, frames, seeds)
+    assert torch.equal(backend.sample_batch(contexts, frames, seeds, noise=own), backend.sample_batch(contexts, frames, seeds))
+    assert not torch.equal(backend.sample_batch(contexts, frames, seeds, noise=backend.draw_noise(contexts, frames, [7, 8])),
+                           backend.sample_batch(contexts, frames, seeds))

@@ -1,18 +1,20 @@
-"""The interface every adaptation method implements; the stages and the trainer only talk to this."""
+"""The interface every adaptation method implements; the stages only talk to this."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
 
 from ..config import AdaptationConfig
 from .optim import Optimizer
+from .trainer import adapt_to_clip
 
 
 class Adapter(ABC):
-    """A method, built as `Method(backend, adaptation_config)` and attached once to the backend's
-    transformer: what trains, the reset to the state every clip starts from (the base model), and the
-    method's name in the arm's label and run name."""
+    """A method, built as `Method(backend, adaptation_config)` once per stage: how it fits one clip,
+    the reset to the state every clip starts from (the base model), and the method's name in the
+    arm's label and run name."""
 
     @classmethod
     @abstractmethod
@@ -25,12 +27,44 @@ class Adapter(ABC):
         """The method and its settings in a stage run's name (`lora-r16`)."""
 
     @abstractmethod
-    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """The weights that train, by parameter name."""
-
-    @abstractmethod
     def reset(self) -> None:
         """Back to the base model, without reloading anything."""
+
+    @abstractmethod
+    def fit(self, window: torch.Tensor, seed: int, latent_frames: int, sample_seeds: Sequence[int]) -> dict[str, float]:
+        """Fit to one clip's encoding `window` (its context, the whole clip or another clip's
+        context), drawing from `seed`, before the clip's samples (from `sample_seeds`, continued to
+        `latent_frames`) are drawn. Returns the clip's adaptation figures."""
+
+    def sampling_noise(self) -> torch.Tensor | None:
+        """The starting noise of the clip's samples after `fit`; None: each sample seed's own."""
+        return None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights by parameter name (none for methods that train no weights)."""
+        return {}
+
+
+class WeightAdapter(Adapter):
+    """A method that trains weights of the transformer on the clip (the trainer's loop, for
+    `adaptation.steps` steps at `adaptation.lr`)."""
+
+    @classmethod
+    @abstractmethod
+    def describe(cls, config: AdaptationConfig) -> tuple[str, str]:
+        """What trains, in words and as a name: ('lora r16', 'lora-r16')."""
+
+    @classmethod
+    def label(cls, config: AdaptationConfig) -> str:
+        return f"{cls.describe(config)[0]} {config.steps} steps"
+
+    @classmethod
+    def run_name(cls, config: AdaptationConfig) -> str:
+        return f"{cls.describe(config)[1]}-lr{config.lr:g}-{config.steps}steps"
+
+    @abstractmethod
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The weights that train, by parameter name."""
 
     @abstractmethod
     def optimizer(self) -> Optimizer:
@@ -39,7 +73,9 @@ class Adapter(ABC):
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.named_parameters().values())
 
+    def fit(self, window: torch.Tensor, seed: int, latent_frames: int, sample_seeds: Sequence[int]) -> dict[str, float]:
+        return adapt_to_clip(self.backend, self, window, self.config, seed)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights by parameter name, copied (they are written after the next clip has
-        started changing them)."""
+        """Copied: they are written after the next clip has started changing them."""
         return {n: p.detach().to("cpu", copy=True) for n, p in self.named_parameters().items()}

@@ -6,11 +6,11 @@ import torch
 
 from ..config import AdaptationConfig
 from ..models.base import VideoBackend
-from .base import Adapter
+from .base import WeightAdapter
 from .optim import DeepSpeedAdamW, Optimizer, TorchAdamW
 
 
-class FullFinetune(Adapter):
+class FullFinetune(WeightAdapter):
     def __init__(self, backend: VideoBackend, config: AdaptationConfig):
         if config.zero_stage not in (0, 1, 2):
             raise ValueError(f"adaptation.zero_stage={config.zero_stage}: stages 0-2 keep whole weights on each GPU, "
@@ -21,12 +21,8 @@ class FullFinetune(Adapter):
         self.current: Optimizer | None = None  # kept until the next reset: the adapted weights live in it
 
     @classmethod
-    def label(cls, config: AdaptationConfig) -> str:
-        return "full fine-tuning"
-
-    @classmethod
-    def run_name(cls, config: AdaptationConfig) -> str:
-        return "full"
+    def describe(cls, config: AdaptationConfig) -> tuple[str, str]:
+        return "full fine-tuning", "full"
 
     def named_parameters(self) -> dict[str, torch.nn.Parameter]:
         return dict(self.transformer.named_parameters())

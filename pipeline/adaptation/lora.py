@@ -6,16 +6,16 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from ..config import AdaptationConfig
 from ..models.base import VideoBackend
-from .base import Adapter
+from .base import WeightAdapter
 from .optim import Optimizer, TorchAdamW
 
 
-class LoraAdapter(Adapter):
+class LoraAdapter(WeightAdapter):
     """Adds one adapter once; `reset()` restores its initial weights (lora_B = 0, so the model equals
     the base model) without reloading anything or touching the frozen base weights."""
 
     def __init__(self, backend: VideoBackend, config: AdaptationConfig):
-        self.config = config
+        self.config, self.backend = config, backend
         self.transformer = backend.transformer
         self.transformer.requires_grad_(False)
         with torch.random.fork_rng(devices=[]):
@@ -31,12 +31,8 @@ class LoraAdapter(Adapter):
         self.initial = [p.detach().clone() for p in self.parameters()]
 
     @classmethod
-    def label(cls, config: AdaptationConfig) -> str:
-        return f"lora r{config.rank}"
-
-    @classmethod
-    def run_name(cls, config: AdaptationConfig) -> str:
-        return f"lora-r{config.rank}"
+    def describe(cls, config: AdaptationConfig) -> tuple[str, str]:
+        return f"lora r{config.rank}", f"lora-r{config.rank}"
 
     def named_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.transformer.named_parameters() if "lora_" in n}

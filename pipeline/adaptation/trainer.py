@@ -5,14 +5,17 @@ import math
 import random
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import ranks
 from ..config import AdaptationConfig
 from ..models.base import VideoBackend
-from .base import Adapter
 from .optim import Optimizer
+
+if TYPE_CHECKING:
+    from .base import WeightAdapter
 
 
 class NonFiniteLoss(RuntimeError):
@@ -47,7 +50,7 @@ def train(optimizer: Optimizer, loss_fn: Callable[[int], torch.Tensor], steps: i
     return losses
 
 
-def adapt_to_clip(backend: VideoBackend, adapter: Adapter, latents: torch.Tensor, config: AdaptationConfig,
+def adapt_to_clip(backend: VideoBackend, adapter: WeightAdapter, latents: torch.Tensor, config: AdaptationConfig,
                   seed: int) -> dict[str, float]:
     """Fit the adapter on one clip's latents (the context window or the whole clip, as given).
 
@@ -74,7 +77,7 @@ def adapt_to_clip(backend: VideoBackend, adapter: Adapter, latents: torch.Tensor
     backend.transformer.train()
     start = time.perf_counter()
     losses = train(adapter.optimizer(), loss_fn, config.steps) if config.steps else []
-    _sync(backend.device)
+    synchronize(backend.device)
     seconds = time.perf_counter() - start
     backend.transformer.eval()
     return {
@@ -85,6 +88,6 @@ def adapt_to_clip(backend: VideoBackend, adapter: Adapter, latents: torch.Tensor
     }
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -89,6 +89,7 @@ class VideoBackend(ABC):
     attention_targets: list[str]  # module-name suffixes LoRA adapts in the 'attention' preset
     mlp_targets: list[str]  # added by 'attention+mlp'
     can_pretrain: ClassVar[bool] = False  # the pretrain stage can train it here, from `untrained`
+    takes_noise: ClassVar[bool] = False  # sample_batch takes its starting noise (the noise and select methods need it)
 
     @classmethod
     @abstractmethod
@@ -131,12 +132,23 @@ class VideoBackend(ABC):
         """Continue the context's encoding to `latent_frames` latent frames, as the model's reference
         pipeline does with its generator seeded by `seed`."""
 
-    def sample_batch(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int]) -> torch.Tensor:
+    def sample_batch(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int],
+                     noise: torch.Tensor | None = None, steps: int | None = None, grad: bool = False) -> torch.Tensor:
         """Continuation i of context i (a batch of encodings) from seeds[i]. Backends with a batched
         sampler draw them in one batch, each from its own generator, equal to one `sample` call per
-        context and seed up to float rounding; this default makes those calls."""
+        context and seed up to float rounding; this default makes those calls.
+
+        Backends that `takes_noise` also take `noise` ((B, C, latent_frames, h, w), what `draw_noise`
+        draws; frames under the context are not read) in place of each seed's own starting noise,
+        `steps` in place of the configured sampler steps, and `grad` to back-propagate into `noise`."""
+        if noise is not None or steps is not None or grad:
+            raise NotImplementedError(f"{type(self).__name__} samples from its seeds' own noise only")
         return torch.cat([self.sample(context[None], latent_frames, seed)
                           for context, seed in zip(contexts, seeds, strict=True)])
+
+    def draw_noise(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int]) -> torch.Tensor:
+        """The starting noise `sample_batch` draws from each seed (backends that `takes_noise`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its sampling noise")
 
     @abstractmethod
     def enable_gradient_checkpointing(self) -> None:

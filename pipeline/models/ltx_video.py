@@ -90,6 +90,7 @@ PROMPT_TOKENS = 256  # LTXConditionPipeline's max_sequence_length: prompts padde
 class LTXVideoBackend(VideoBackend):
     attention_targets, mlp_targets = ATTENTION_TARGETS, MLP_TARGETS
     can_pretrain = True  # the small default
+    takes_noise = True
 
     def __init__(
         self,
@@ -334,31 +335,45 @@ class LTXVideoBackend(VideoBackend):
             return 0.0
         return 0.95 + (tokens - 1024) * (2.05 - 0.95) / (4096 - 1024)
 
-    def timesteps(self) -> torch.Tensor:
-        """The sampler's timesteps (sigma x 1000, from 1000 down), set on the scheduler."""
+    def timesteps(self, steps: int | None = None) -> torch.Tensor:
+        """The sampler's timesteps (sigma x 1000, from 1000 down) for `steps` (default: the configured
+        count), set on the scheduler."""
+        steps = steps or self.sampling_steps
         if self.schedule == "linear_quadratic":
-            timesteps = linear_quadratic_schedule(self.sampling_steps) * 1000
-            return retrieve_timesteps(self.scheduler, self.sampling_steps, self.device, timesteps)[0]
-        return retrieve_timesteps(self.scheduler, self.sampling_steps, self.device)[0]
+            return retrieve_timesteps(self.scheduler, steps, self.device, linear_quadratic_schedule(steps) * 1000)[0]
+        return retrieve_timesteps(self.scheduler, steps, self.device)[0]
 
     def sample(self, context: torch.Tensor, latent_frames: int, seed: int) -> torch.Tensor:
         return self.sample_batch(context, latent_frames, [seed])
 
-    @torch.no_grad()
-    def sample_batch(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int]) -> torch.Tensor:
+    def draw_noise(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int]) -> torch.Tensor:
+        return self._draw_noise([torch.Generator(self.device).manual_seed(seed) for seed in seeds], contexts,
+                                latent_frames)
+
+    def _draw_noise(self, generators: list[torch.Generator], contexts: torch.Tensor, latent_frames: int) -> torch.Tensor:
+        *_, h, w = contexts.shape
+        shape = (1, self.transformer.config.in_channels // self.patch**2, latent_frames, h, w)
+        return torch.cat([torch.randn(shape, generator=g, device=self.device, dtype=torch.float32) for g in generators])
+
+    def sample_batch(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int],
+                     noise: torch.Tensor | None = None, steps: int | None = None, grad: bool = False) -> torch.Tensor:
         """LTXConditionPipeline(conditions=[LTXVideoCondition(video=context, frame_index=0)],
         generator=[one per seed], output_type="latent"): continuation i of context i drawn from the
-        generator seeded by seeds[i], in one batch, as one call per context and seed draws it."""
+        generator seeded by seeds[i], in one batch, as one call per context and seed draws it; `noise`
+        replaces the generators' first draw (they still make it, so every later draw is the same)."""
         if len(contexts) != len(seeds):
             raise ValueError(f"{len(contexts)} contexts and {len(seeds)} seeds: one seed per context")
+        with torch.set_grad_enabled(grad):
+            return self._sample(contexts, latent_frames, seeds, noise, steps)
+
+    def _sample(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int], noise: torch.Tensor | None,
+                steps: int | None) -> torch.Tensor:
         generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
-        batch, (_, _, _, h, w) = len(seeds), contexts.shape
-        channels = self.transformer.config.in_channels // self.patch**2
-        shape = (batch, channels, latent_frames, h, w)
-        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=self.device, dtype=torch.float32)
-                           for g in generators])
+        batch = len(seeds)
+        drawn = self._draw_noise(generators, contexts, latent_frames)
+        noise = drawn if noise is None else noise
         context_latents = torch.cat([self.latents_from(c[None], g).float() for c, g in zip(contexts, generators)])
-        grid = self._grid(shape)
+        grid = self._grid(noise.shape)
         x = _pack(torch.cat([context_latents, noise[:, :, context_latents.shape[2]:]], dim=2), self.patch)
         mask = torch.zeros(x.shape[:2], device=self.device)
         mask[:, : _pack(context_latents, self.patch).shape[1]] = 1
@@ -367,7 +382,7 @@ class LTXVideoBackend(VideoBackend):
         coords = self._video_coords(2 * batch if guided else batch, grid)
         prompt = tuple(torch.cat([n.expand(batch, *n.shape[1:]), p.expand(batch, *p.shape[1:])])
                        for n, p in zip(self.negative_prompt, self.prompt)) if guided else self.prompt
-        for t in self.timesteps():
+        for t in self.timesteps(steps):
             if self.cond_noise_scale > 0:
                 fresh = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype)
                                    for g in generators])

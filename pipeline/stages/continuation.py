@@ -21,7 +21,6 @@ import torch
 
 from .. import ranks
 from ..adaptation import METHODS, make_adapter
-from ..adaptation.trainer import adapt_to_clip
 from ..cluster import Shard, check_store_for_many_writers, preemptible
 from ..config import NOT_RESULT_SETTINGS, Config, ConfigError
 from ..data.manifest import ClipRecord, read_manifest, resolve_clip_path, select_clips
@@ -146,10 +145,14 @@ class Continuer:
         return self.latents.context(record.clip_id, record.content_hash,
                                     lambda: backend.encode(frames_to_tensor(context, backend.device)), backend.device)
 
-    def adapt(self, clip: ClipFrames) -> tuple[torch.Tensor, dict[str, float]]:
+    def sample_seeds(self, record: ClipRecord) -> list[int]:
+        """Sample n of a clip draws from (sampling.seed, clip id, n): the same noise in every arm."""
+        return [derive_seed(self.config.sampling.seed, record.clip_id, n) for n in range(self.config.sampling.samples)]
+
+    def adapt(self, clip: ClipFrames, seeds: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         """Encode the context (or read it from the latent cache) and, in the adapt stage, fit the
-        adapter to the clip (every rank): on its context, the whole clip (oracle) or another clip's
-        context (sham)."""
+        adapter to the clip (every rank) before its samples (from `seeds`) are drawn: on its context,
+        the whole clip (oracle) or another clip's context (sham)."""
         cfg, backend = self.config, self.backend
         start = time.perf_counter()
         context_latents, cached = self._context_latents(clip.record, clip.frames)
@@ -165,19 +168,20 @@ class Continuer:
         else:
             window = backend.encode(frames_to_tensor(clip.frames, backend.device))
         noise_seed = derive_seed(cfg.adaptation.noise_seed, clip.record.clip_id)
-        return context_latents, {**timing, **adapt_to_clip(backend, self.adapter, window, cfg.adaptation, noise_seed)}
+        return context_latents, {**timing, **self.adapter.fit(window, noise_seed, self.layout.latent_frames, seeds)}
 
     def run(self, clip: ClipFrames) -> ClipOutput:
         """Adapt (adapt stage), then `sampling.samples` continuations in one batch, each from the seed
         derived from (sampling.seed, clip id, sample): the same noise in every arm."""
         cfg, layout, backend = self.config, self.layout, self.backend
         K, frames = cfg.data.context, clip.frames
-        context_latents, metrics = self.adapt(clip)
+        seeds = self.sample_seeds(clip.record)
+        context_latents, metrics = self.adapt(clip, seeds)
         samples, continuity, first, videos = [], [], None, []
-        seeds = [derive_seed(cfg.sampling.seed, clip.record.clip_id, n) for n in range(cfg.sampling.samples)]
         start = time.perf_counter()
         latents = backend.sample_batch(context_latents.expand(len(seeds), *context_latents.shape[1:]),
-                                       layout.latent_frames, seeds)
+                                       layout.latent_frames, seeds,
+                                       noise=self.adapter.sampling_noise() if self.adapter is not None else None)
         metrics.update(sample_seconds=_seconds_since(start, backend.device), decode_seconds=0.0, metrics_seconds=0.0)
         for seed, sample_latents in zip(seeds, latents):
             start = time.perf_counter()
@@ -355,7 +359,8 @@ def _follow_main_rank(continuer: Continuer, manifest: Path, clips: dict[str, Cli
     """A rank > 0: adapt to the clips rank 0 lists, in its order, adding noise draws to its batch."""
     for clip_id in ranks.broadcast(None):
         try:
-            continuer.adapt(continuer.load_inputs(manifest, clips[clip_id], partners.get(clip_id)))
+            continuer.adapt(continuer.load_inputs(manifest, clips[clip_id], partners.get(clip_id)),
+                            continuer.sample_seeds(clips[clip_id]))
         except Exception as exc:  # rank 0 records the clip's failure
             print(f"[rank {ranks.rank()}] clip {clip_id} failed: {exc}", file=sys.stderr, flush=True)
 
@@ -386,8 +391,7 @@ def arm_run_name(config: Config, stage: str) -> str:
     if stage == "baseline":
         return "baseline"
     a = config.adaptation
-    name = f"{METHODS[a.method].run_name(a)}-lr{a.lr:g}-{a.steps}steps"
-    return name + {"other": "-sham", "oracle": "-oracle"}.get(a.data, "")
+    return METHODS[a.method].run_name(a) + {"other": "-sham", "oracle": "-oracle"}.get(a.data, "")
 
 
 def arm_label(config: Config, stage: str) -> str:
@@ -396,7 +400,7 @@ def arm_label(config: Config, stage: str) -> str:
     if stage == "baseline":
         return "baseline" + note
     a = config.adaptation
-    label = f"{METHODS[a.method].label(a)} {a.steps} steps on {a.data}{note}"
+    label = f"{METHODS[a.method].label(a)} on {a.data}{note}"
     if a.data == "oracle":
         return label + " (ORACLE: sees the target frames, upper bound)"
     return label + " (SHAM: another clip's context)" if a.data == "other" else label
