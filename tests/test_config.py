@@ -82,7 +82,7 @@ def test_every_setting_is_in_the_result_key_or_listed_as_unable_to_change_result
 
 
 def test_committed_weights_are_up_to_date_for_the_demo():
-    """`make demo` must find checkpoints/ltx-small.safetensors current, not retrain it (about 36 hours
+    """`make demo` must find checkpoints/ltx-small.safetensors current, not retrain it (more than a week
     on 2 CPU cores), and run the protocol the README reports: at least 64x64, 2 samples per clip, an
     honest context-only arm (`experiment` adds the sham beside it)."""
     from pipeline.stages.pretrain import _digest_of, weights_digest
