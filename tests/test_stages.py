@@ -92,6 +92,11 @@ def test_stages_log_parent_children_and_evaluate(prepared, store, capsys):
     assert {"baseline.continuity_psnr_mean", "adapted.first_frame_psnr_mean", "truth.continuity_psnr_mean"} <= set(
         logged)
     assert "does the prefix condition the model?" in format_table(summary)
+    # the gain per minute of adaptation: the ITT gain over the adaptation's mean seconds per clip
+    per_minute = psnr["diff_mean"] / (summary["cost"]["adapted.adapt_seconds"] / 60)
+    assert summary["cost"]["adapted.psnr_gain_per_adapt_minute"] == pytest.approx(per_minute)
+    assert adapted_run["eval.psnr_gain_per_adapt_minute"] == pytest.approx(per_minute)
+    assert f"psnr {per_minute:+.4g}" in format_table(summary) and "peak memory" in format_table(summary)
 
 
 def primary(summary: dict, metric: str, a: str = "adapted", b: str = "baseline", analysis: str = "ITT") -> dict:

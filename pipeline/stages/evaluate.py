@@ -207,6 +207,11 @@ def summarise(config: Config, arms: list[Arm], clip_ids: list[str]) -> dict:
             values = [arm.scored[c][cost] for c in itt if c in arm.scored and cost in arm.scored[c]]
             if values:
                 summary["cost"][f"{arm.name}.{cost}"] = mean_se(values)[0]
+    # what an arm's adaptation buys per minute of it on its device, so that methods compare at their cost
+    for row in summary["comparisons"]:
+        minutes = summary["cost"].get(f"{row['a']}.adapt_seconds", 0.0) / 60
+        if row["b"] == "baseline" and _analysis_key(row["analysis"]) == "itt" and minutes > 0:
+            summary["cost"][f"{row['a']}.{row['metric']}_gain_per_adapt_minute"] = row["diff_mean"] / minutes
     return summary
 
 
@@ -360,6 +365,15 @@ def format_table(summary: dict) -> str:
     lines.append(f"seconds per clip: adaptation {cost.get('adapted.adapt_seconds', 0):.2f}, sampling baseline "
                  f"{cost.get('baseline.sample_seconds', math.nan):.2f} / adapted "
                  f"{cost.get('adapted.sample_seconds', math.nan):.2f} (all samples)")
+    gains = {k.split(".", 1)[1].removesuffix("_gain_per_adapt_minute"): v for k, v in cost.items()
+             if k.startswith("adapted.") and k.endswith("_gain_per_adapt_minute")}
+    if gains:
+        lines.append("gain over the baseline per minute of adaptation per clip: "
+                     + ", ".join(f"{m} {v:+.4g}" for m, v in gains.items()))
+    for key, what in (("peak_gpu_memory_mb", "GPU memory allocated"), ("peak_rss_mb", "the process's resident set")):
+        if f"baseline.{key}" in cost or f"adapted.{key}" in cost:
+            lines.append(f"peak memory ({what}), MB: baseline {cost.get(f'baseline.{key}', math.nan):.0f} / adapted "
+                         f"{cost.get(f'adapted.{key}', math.nan):.0f}")
     lines.append(f"share of a clip's wall time outside the model (loading, scoring, recording): baseline "
                  f"{cost.get('baseline.non_model_share', math.nan):.1%} / adapted "
                  f"{cost.get('adapted.non_model_share', math.nan):.1%}")
