@@ -205,4 +205,4 @@ def test_preset_conditions_on_exactly_the_context(backend):
     d = preset.data
     layout = backend.frame_layout(d.frames, d.context, d.height, d.width)
     assert (layout.latent_frames, layout.latent_context, layout.conditioned_pixel_frames) == (17, 9, d.context)
-    assert reference_deviations(preset, adapted=True) == []
+    assert reference_deviations(preset, trains=True) == []

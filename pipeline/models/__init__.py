@@ -33,11 +33,11 @@ def load_backend(config: Config, random_weights: bool = False) -> VideoBackend:
     return backend
 
 
-def reference_deviations(config: Config, adapted: bool = False) -> list[str]:
-    """Where the configured sampler (and for an adapted arm its loss) departs from the backend's
-    reference, in words for arm labels (the settings themselves are params and part of every
+def reference_deviations(config: Config, trains: bool = False) -> list[str]:
+    """Where the configured sampler (and for an arm that trains weights its loss) departs from the
+    backend's reference, in words for arm labels (the settings themselves are params and part of every
     result's key)."""
     deviations = BACKENDS[config.model.backend].reference_deviations(config)
-    if adapted and config.adaptation.timesteps != "model":
+    if trains and config.adaptation.timesteps != "model":
         deviations.append("plain logit-normal t")
     return deviations

@@ -21,6 +21,7 @@ import torch
 
 from .. import ranks
 from ..adaptation import METHODS, make_adapter
+from ..adaptation.base import WeightAdapter
 from ..cluster import Shard, check_store_for_many_writers, preemptible
 from ..config import NOT_RESULT_SETTINGS, Config, ConfigError
 from ..data.manifest import ClipRecord, read_manifest, resolve_clip_path, select_clips
@@ -395,7 +396,8 @@ def arm_run_name(config: Config, stage: str) -> str:
 
 
 def arm_label(config: Config, stage: str) -> str:
-    deviations = reference_deviations(config, adapted=stage != "baseline")
+    trains = stage != "baseline" and issubclass(METHODS[config.adaptation.method], WeightAdapter)
+    deviations = reference_deviations(config, trains=trains)
     note = f" [not the reference: {', '.join(deviations)}]" if deviations else ""
     if stage == "baseline":
         return "baseline" + note
