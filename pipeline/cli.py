@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from .cluster import PREEMPTED_EXIT_CODE, Preempted, Shard
+from .runtime.cluster import PREEMPTED_EXIT_CODE, Preempted, Shard
 from .config import ConfigError, grid_points, load_config
 
 CLIPS_FAILED_EXIT_CODE = 3  # the stage ran to its end, but some clips failed (each run's tta.error says why)
@@ -166,7 +166,7 @@ def slurm_options(func):
 
 def _resources(tracking_uri: str, partition: str, gpus: int, cpus: int, mem: str, time_limit: str, scratch: str,
                log_dir: str):
-    from .cluster import Resources
+    from .runtime.cluster import Resources
 
     if not tracking_uri or tracking_uri.startswith("sqlite"):
         raise click.UsageError("a job array needs an mlflow server as the tracking store (--tracking-uri or "
@@ -233,7 +233,7 @@ def _submit_sweep(points: list[dict[str, str]], grid: tuple[str, ...], tasks: in
     task left unfinished)."""
     import shlex
 
-    from .cluster import render_sbatch, sbatch, write_sbatch
+    from .runtime.cluster import render_sbatch, sbatch, write_sbatch
 
     overrides = [*split_items(sets), *(f"{SHORTCUTS[k]}={v}" for k, v in shortcuts.items() if v != "")]
     sweep = (f"sweep --config {shlex.quote(config_path)} {_sets_text(overrides)} "
@@ -265,7 +265,7 @@ def submit(stage: str, config: str, tasks: int, sets: tuple[str, ...], tracking_
     """Write the sbatch script of a stage as a job array and submit it with sbatch."""
     import shlex
 
-    from .cluster import render_sbatch, sbatch, write_sbatch
+    from .runtime.cluster import render_sbatch, sbatch, write_sbatch
 
     resolve(config, sets)  # fail here, not on the cluster, on a bad config
     slurm = _resources(tracking_uri, **resources)
@@ -318,8 +318,8 @@ def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, 
 
     import torch
 
-    from .bench import evaluation_seconds, grid, run_bench, sampling_seconds, vae_seconds
-    from .bench import stage_clips as time_stages  # the option of the same name is a clip count
+    from .benchmarks.ltx_video import evaluation_seconds, grid, run_bench, sampling_seconds, vae_seconds
+    from .benchmarks.ltx_video import stage_clips as time_stages  # the option of the same name is a clip count
 
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     if evaluation:
@@ -354,7 +354,7 @@ def bench_opensora(config_path: str, steps: int, sets: tuple[str, ...]) -> None:
     peak memory, at the preset's clip shape."""
     import json
 
-    from .bench_opensora import measure
+    from .benchmarks.opensora import measure
 
     click.echo(json.dumps(measure(config_path, parse_sets(sets), steps)))
 

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 import yaml
 
-from pipeline.bench import LTX_VIDEO_VAE
+from pipeline.benchmarks.ltx_video import LTX_VIDEO_VAE
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "real"

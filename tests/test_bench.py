@@ -4,7 +4,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import NARROW_VAE, TINY
-from pipeline import bench
+from pipeline.benchmarks import ltx_video as bench
 
 
 def analytic_forward_flops(model, config: dict, tokens: int, text: int) -> int:

@@ -5,7 +5,7 @@ from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LT
 from conftest import NARROW_VAE, TINY
 from pipeline.config import load_config
 from pipeline.models.ltx_video import LTXVideoBackend
-from pipeline.stages.latent_cache import LatentCache
+from pipeline.models.latent_cache import LatentCache
 
 
 def narrow_backend() -> LTXVideoBackend:

@@ -8,7 +8,7 @@ import socket
 
 import torch
 
-from .. import ranks
+from ..runtime import ranks
 
 
 def linear_warmup(optimizer: torch.optim.Optimizer, warmup: int, decay_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:

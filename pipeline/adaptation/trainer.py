@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import ranks
+from ..runtime import ranks
 from ..config import AdaptationConfig
 from ..models.base import VideoBackend
 from .optim import Optimizer

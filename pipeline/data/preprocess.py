@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from ..progress import Progress
+from ..runtime.progress import Progress
 from .datasets import official_splits, stratified_sample
 from .manifest import ClipRecord, write_manifest
 from .synthetic import synthetic_clip

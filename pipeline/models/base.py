@@ -11,7 +11,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .. import ranks
+from ..runtime import ranks
 from ..config import Config
 
 

@@ -19,10 +19,10 @@ import mlflow
 import numpy as np
 import torch
 
-from .. import ranks
+from ..runtime import ranks
 from ..adaptation import METHODS, make_adapter
 from ..adaptation.base import WeightAdapter
-from ..cluster import Shard, check_store_for_many_writers, preemptible
+from ..runtime.cluster import Shard, check_store_for_many_writers, preemptible
 from ..config import NOT_RESULT_SETTINGS, Config, ConfigError
 from ..data.manifest import ClipRecord, read_manifest, resolve_clip_path, select_clips
 from ..data.video_io import VideoError, frames_hash, read_video
@@ -31,13 +31,13 @@ from ..evaluation.registry import LOWER_IS_BETTER
 from ..evaluation.temporal import extrapolate_motion, temporal_metrics
 from ..models import VideoBackend, load_backend, reference_deviations
 from ..models.base import frames_to_tensor, tensor_to_frames, weights_fingerprint
-from ..progress import Progress
+from ..runtime.progress import Progress
 from ..seeds import derive_seed
 from ..tracking.runs import (TAG_CLASS, TAG_INPUTS, TAG_PARTNER, TAG_SOURCE, TAG_WEIGHTS,
                              close_stale_stage_runs, finished_clips, get_or_create_experiment, name_launcher_run_idle,
                              stage_run)
-from .latent_cache import LatentCache
-from .recorder import Recorder
+from ..models.latent_cache import LatentCache
+from ..tracking.recorder import Recorder
 
 STAGE_SECTIONS = {
     "baseline": ("data", "model", "sampling", "evaluation"),

@@ -34,7 +34,7 @@ from ..evaluation.weights import FETCH_COMMAND, WEIGHTS
 from ..tracking.runs import (TAG_ERROR, TAG_STAGE, TAG_WEIGHTS, finished_clips, frame_history, search_all,
                              stage_run)
 from .continuation import REFERENCE_LABELS, arm_label, arm_run_name, clip_inputs, stage_digest
-from .recorder import FEATURES_FILE
+from ..tracking.recorder import FEATURES_FILE
 
 PREFIX_METRICS = ("first_frame_psnr", "continuity_psnr")  # frame K against the truth, against frame K-1
 COSTS = ("adapt_seconds", "sample_seconds", "adapt_steps_per_second", "non_model_share", "peak_gpu_memory_mb",

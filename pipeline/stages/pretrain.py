@@ -33,7 +33,7 @@ from ..data import synthetic
 from ..data.manifest import read_manifest, resolve_clip_path, select_clips
 from ..models import BACKENDS, load_backend
 from ..models.base import frames_to_tensor
-from ..progress import Progress
+from ..runtime.progress import Progress
 
 # what the weights depend on: the training clips, the architecture and the training settings (the
 # loss is the backend's adaptation loss, with its noise-level draw)

@@ -20,7 +20,7 @@ import json
 
 import mlflow
 
-from ..cluster import Shard
+from ..runtime.cluster import Shard
 from ..config import Config
 from ..evaluation.registry import LOWER_IS_BETTER
 from ..tracking.runs import stage_run

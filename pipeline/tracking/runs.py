@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from ..cluster import Preempted, Shard
+from ..runtime.cluster import Preempted, Shard
 from ..config import Config
 from ..evaluation.stats import per_frame_curve
 

@@ -8,9 +8,9 @@ import time
 
 import torch
 
-from .adaptation import make_adapter
-from .config import load_config
-from .models import load_backend
+from ..adaptation import make_adapter
+from ..config import load_config
+from ..models import load_backend
 
 
 def _timed(fn):

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import Config
-from ..models.base import VideoBackend, weights_fingerprint
+from .base import VideoBackend, weights_fingerprint
 
 
 # what `VideoBackend.encode` returns; raised when that changes, so no older file is read with a new meaning

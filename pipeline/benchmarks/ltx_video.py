@@ -27,7 +27,7 @@ import torch
 from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models.ltx_video import compile_blocks
+from ..models.ltx_video import compile_blocks
 
 LTX_VIDEO_2B = dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
                     attention_head_dim=64, cross_attention_dim=2048, num_layers=28, caption_channels=4096)
@@ -129,7 +129,7 @@ def build(config: dict, case: Case, device: torch.device, fast: bool):
     sampling forward. Eager: the fast path compiles after its FLOPs are counted."""
     from peft import LoraConfig
 
-    from .models.ltx_video import ATTENTION_TARGETS
+    from ..models.ltx_video import ATTENTION_TARGETS
 
     with torch.device(device):
         model = LTXVideoTransformer3DModel(**config)
@@ -205,7 +205,7 @@ def context_frames(frames: int) -> int:
 def vae_seconds(frames: int, size: int, device: torch.device, config: dict = LTX_VIDEO_VAE) -> dict[str, float]:
     """The LTX-Video VAE (random weights, bf16 on a GPU) at real size: encoding the context (the
     first half of the clip, as the stages do) and decoding the whole clip, with the stages' calls."""
-    from .models.ltx_video import LTXVideoBackend
+    from ..models.ltx_video import LTXVideoBackend
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
@@ -237,7 +237,7 @@ def sampling_seconds(frames: int, size: int, device: torch.device, guidance: flo
     sampler: posterior draw, context re-noising, linear-quadratic sigmas, guidance in one batched
     forward) with LTX-Video 2B and its VAE's latent layout, random weights, bf16 and compiled blocks
     on a GPU."""
-    from .models.ltx_video import LTXVideoBackend
+    from ..models.ltx_video import LTXVideoBackend
 
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -272,10 +272,10 @@ def stage_clips(workdir: Path, clips: int = 4, frames: int = 65, size: int = 256
     Returns each arm's mean time split per clip, leaving out the first clip (compilation)."""
     import mlflow
 
-    from .config import load_config
-    from .data.preprocess import preprocess
-    from .models import default_device
-    from .models.ltx_video import LTXVideoBackend
+    from ..config import load_config
+    from ..data.preprocess import preprocess
+    from ..models import default_device
+    from ..models.ltx_video import LTXVideoBackend
 
     device = default_device()
     cuda = device.type == "cuda"
@@ -306,8 +306,8 @@ def stage_clips(workdir: Path, clips: int = 4, frames: int = 65, size: int = 256
 def _time_split(config, stage: str, backend) -> dict[str, float]:
     from mlflow.tracking import MlflowClient
 
-    from .stages.continuation import run_stage
-    from .tracking.runs import TAG_KIND, TAG_STAGE, search_all
+    from ..stages.continuation import run_stage
+    from ..tracking.runs import TAG_KIND, TAG_STAGE, search_all
 
     run_stage(config, stage, backend)
     experiment = MlflowClient().get_experiment_by_name(config.experiment).experiment_id
@@ -339,10 +339,10 @@ def evaluation_seconds(clips: int, frames: int, size: int, device: torch.device,
     import lpips
     from torchvision.models.optical_flow import raft_small
 
-    from .evaluation.flolpips import flolpips_tensors
-    from .evaluation.fvd import i3d_features, load_i3d
-    from .evaluation.gpu_metrics import psnr, ssim
-    from .evaluation.weights import WEIGHTS, WeightsUnavailable
+    from ..evaluation.flolpips import flolpips_tensors
+    from ..evaluation.fvd import i3d_features, load_i3d
+    from ..evaluation.gpu_metrics import psnr, ssim
+    from ..evaluation.weights import WEIGHTS, WeightsUnavailable
 
     generator = torch.Generator(device).manual_seed(0)
     shape = (clips * frames, 3, size, size)

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from ..config import DataConfig
 from ..data.video_io import write_video
-from ..tracking.runs import end_clip_run, start_clip_run
+from .runs import end_clip_run, start_clip_run
 
 FEATURES_FILE = "features.npz"  # a clip's I3D features, for FVD over an arm's clips
 
