@@ -13,18 +13,13 @@ from .trainer import adapt_to_clip
 
 class Adapter(ABC):
     """A method, built as `Method(backend, adaptation_config)` once per stage: how it fits one clip,
-    the reset to the state every clip starts from (the base model), and the method's name in the
-    arm's label and run name."""
+    the reset to the state every clip starts from (the base model), and its names."""
 
     @classmethod
     @abstractmethod
-    def label(cls, config: AdaptationConfig) -> str:
-        """The method and its settings in words, as arm labels show it (`lora r16`)."""
-
-    @classmethod
-    @abstractmethod
-    def run_name(cls, config: AdaptationConfig) -> str:
-        """The method and its settings in a stage run's name (`lora-r16`)."""
+    def names(cls, config: AdaptationConfig) -> tuple[str, str]:
+        """The method and its settings in words, as arm labels show it, and as a stage run's name:
+        ('lora r16 20 steps', 'lora-r16-lr0.001-20steps')."""
 
     @abstractmethod
     def reset(self) -> None:
@@ -55,12 +50,9 @@ class WeightAdapter(Adapter):
         """What trains, in words and as a name: ('lora r16', 'lora-r16')."""
 
     @classmethod
-    def label(cls, config: AdaptationConfig) -> str:
-        return f"{cls.describe(config)[0]} {config.steps} steps"
-
-    @classmethod
-    def run_name(cls, config: AdaptationConfig) -> str:
-        return f"{cls.describe(config)[1]}-lr{config.lr:g}-{config.steps}steps"
+    def names(cls, config: AdaptationConfig) -> tuple[str, str]:
+        words, name = cls.describe(config)
+        return f"{words} {config.steps} steps", f"{name}-lr{config.lr:g}-{config.steps}steps"
 
     @abstractmethod
     def named_parameters(self) -> dict[str, torch.nn.Parameter]:

@@ -80,12 +80,8 @@ class NoiseSelection(ProxyNoiseMethod):
     """Best of `adaptation.candidates` noises per sample: the cheap control for weight updates."""
 
     @classmethod
-    def label(cls, config: AdaptationConfig) -> str:
-        return f"select best of {config.candidates} noises"
-
-    @classmethod
-    def run_name(cls, config: AdaptationConfig) -> str:
-        return f"select-n{config.candidates}"
+    def names(cls, config: AdaptationConfig) -> tuple[str, str]:
+        return f"select best of {config.candidates} noises", f"select-n{config.candidates}"
 
     def choose(self, context, target, own, sample_seeds):
         chosen, first, best = [], [], []
@@ -104,12 +100,8 @@ class NoiseOptimisation(ProxyNoiseMethod):
     """The samples' own noise, its first m generated frames optimised on the proxy."""
 
     @classmethod
-    def label(cls, config: AdaptationConfig) -> str:
-        return f"noise optimisation {config.steps} steps"
-
-    @classmethod
-    def run_name(cls, config: AdaptationConfig) -> str:
-        return f"noise-lr{config.lr:g}-{config.steps}steps"
+    def names(cls, config: AdaptationConfig) -> tuple[str, str]:
+        return f"noise optimisation {config.steps} steps", f"noise-lr{config.lr:g}-{config.steps}steps"
 
     def choose(self, context, target, own, sample_seeds):
         kept, m = context.shape[2], target.shape[2]

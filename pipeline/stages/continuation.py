@@ -392,7 +392,7 @@ def arm_run_name(config: Config, stage: str) -> str:
     if stage == "baseline":
         return "baseline"
     a = config.adaptation
-    return METHODS[a.method].run_name(a) + {"other": "-sham", "oracle": "-oracle"}.get(a.data, "")
+    return METHODS[a.method].names(a)[1] + {"other": "-sham", "oracle": "-oracle"}.get(a.data, "")
 
 
 def arm_label(config: Config, stage: str) -> str:
@@ -402,7 +402,7 @@ def arm_label(config: Config, stage: str) -> str:
     if stage == "baseline":
         return "baseline" + note
     a = config.adaptation
-    label = f"{METHODS[a.method].label(a)} on {a.data}{note}"
+    label = f"{METHODS[a.method].names(a)[0]} on {a.data}{note}"
     if a.data == "oracle":
         return label + " (ORACLE: sees the target frames, upper bound)"
     return label + " (SHAM: another clip's context)" if a.data == "other" else label
