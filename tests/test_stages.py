@@ -148,6 +148,9 @@ def test_an_evaluate_that_finds_nothing_says_why_on_its_run(prepared, store):
     failed = MlflowClient().search_runs([mlflow.get_experiment_by_name("tiny").experiment_id],
                                         "tags.`tta.stage` = 'evaluate'")
     assert failed[0].info.status == "FAILED" and "has no adapt run" in failed[0].data.tags["tta.error"]
+    typed = subprocess.run(cli("evaluate", "--config", str(prepared)), capture_output=True, text=True)
+    assert typed.returncode == 2 and "Traceback" not in typed.stderr
+    assert typed.stderr.strip().splitlines()[-1].startswith("Error: experiment 'tiny' has no adapt run")
 
 
 def test_fewer_than_two_paired_clips_are_said_in_words(prepared, store):

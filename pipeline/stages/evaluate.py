@@ -24,7 +24,7 @@ import numpy as np
 from mlflow.entities import Metric, Run
 from mlflow.tracking import MlflowClient
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.manifest import read_manifest, select_clips
 from ..evaluation.fvd import fvd
 from ..evaluation.plots import summary_figure, write_html
@@ -65,8 +65,8 @@ def evaluate(config: Config) -> dict:
         experiment_id = parent.info.experiment_id
         adapted_run = _newest_stage_run(experiment_id, "adapt", digests["adapt"])
         if adapted_run is None:
-            raise ValueError(f"experiment '{config.experiment}' has no adapt run with this config (digest "
-                             f"{digests['adapt']}): run the adapt stage with the same config and experiment first")
+            raise ConfigError(f"experiment '{config.experiment}' has no adapt run with this config (digest "
+                              f"{digests['adapt']}): run the adapt stage with the same config and experiment first")
         # the results evaluated are those made with the weights of the arm's newest stage run (older
         # results of other weights are never mixed in)
         weights = adapted_run.data.tags.get(TAG_WEIGHTS, "")
@@ -80,9 +80,9 @@ def evaluate(config: Config) -> dict:
 
         baseline = load("baseline", "baseline", config, arm_label(config, "baseline"))
         if not baseline.scored:
-            raise ValueError(f"experiment '{config.experiment}' has no finished baseline clip for this config "
-                             f"(baseline digest {digests['baseline']}, model weights {weights}): run the baseline "
-                             "stage with the same config and experiment")
+            raise ConfigError(f"experiment '{config.experiment}' has no finished baseline clip for this config "
+                              f"(baseline digest {digests['baseline']}, model weights {weights}): run the baseline "
+                              "stage with the same config and experiment")
         arms = [baseline, load("adapted", "adapt", config, arm_label(config, "adapt"))]
         if config.adaptation.data != "other" and len(split) > 1:  # a sham needs another clip
             sham = load("sham", "adapt", sham_config, arm_label(sham_config, "adapt"))
