@@ -339,6 +339,10 @@ def _check(config: Config, source: str) -> None:
     if config.adaptation.method == "lora" and config.adaptation.rank < 1:
         raise ConfigError(f"{source}: 'adaptation.rank' is {config.adaptation.rank}; LoRA needs a rank of at least 1 "
                           "(0 adaptation steps give the unadapted model: adaptation.steps=0)")
+    if config.adaptation.method in ("select", "noise") and config.adaptation.data == "oracle":
+        raise ConfigError(f"{source}: adaptation.method={config.adaptation.method!r} judges noises by predicting the "
+                          "window's last frames from the rest; the oracle's window is the whole clip, with nothing "
+                          "after it to continue (use adaptation.data=context or other)")
     if config.adaptation.save_weights and config.adaptation.method != "lora":
         raise ConfigError(f"{source}: 'adaptation.save_weights' keeps LoRA weights; with adaptation.method="
                           f"{config.adaptation.method!r} it would write every transformer weight per clip")

@@ -10,7 +10,7 @@ import torch
 from pipeline.adaptation.lora import LoraAdapter
 from pipeline.adaptation.optim import TorchAdamW
 from pipeline.adaptation.trainer import NonFiniteLoss, adapt_to_clip, train
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.data.manifest import read_manifest, select_clips
 from pipeline.models import load_backend
 from pipeline.evaluation.metrics import frame_metrics
@@ -234,6 +234,8 @@ def test_noise_methods_name_what_they_cannot_do(prepared):
     continuer = Continuer(config, "adapt")
     with pytest.raises(ValueError, match=r"adaptation.proxy_frames=3: .* 0 < m < 3"):
         continuer.run(_clip(config, continuer))
+    with pytest.raises(ConfigError, match="adaptation.method='noise' judges noises .* the oracle's window"):
+        load_config(prepared, {"adaptation.method": "noise", "adaptation.data": "oracle"})
     backend = load_backend(config)
     backend.takes_noise = False  # as every backend but LTX-Video declares
     with pytest.raises(ValueError, match="adaptation.method=select chooses the sampler's starting noise"):
