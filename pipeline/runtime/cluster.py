@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "stage.sbatch"
+TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "stage.sbatch"
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the task stopped early and wants to be requeued
 
 
