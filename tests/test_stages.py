@@ -378,10 +378,18 @@ def test_stage_runs_ask_for_mlflow_system_metrics_on_a_gpu(prepared, store, monk
     """With a CUDA device the stage run starts MLflow's system-metrics monitor. There is no GPU here, so
     the probe is told there is one: MLflow's real monitor then records what this machine has (CPU and
     memory; its GPU figures need NVML, i.e. a GPU)."""
+    from pipeline.stages import continuation
     from pipeline.tracking import runs
 
     monkeypatch.setattr(runs, "gpu_present", lambda: gpu)
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.05")
+    run_clip = continuation.Continuer.run
+
+    def slow_run(self, clip):  # the monitor logs its first sample after an interval: give it several
+        time.sleep(0.5)
+        return run_clip(self, clip)
+
+    monkeypatch.setattr(continuation.Continuer, "run", slow_run)
     metrics = mlflow.get_run(run_stage(load_config(prepared), "baseline")).data.metrics
     assert ("system/cpu_utilization_percentage" in metrics) == gpu
 
