@@ -135,6 +135,7 @@ class AdaptationConfig:
     targets: str = "attention"  # attention | attention+mlp
     lr: float = 1e-3
     steps: int = 40
+    eval_at: str = ""  # e.g. "0,10,20": also sample and score each clip after these steps of the same adaptation (each an arm of its own, keyed as adaptation.steps=s)
     warmup: int = 4
     batch_size: int = 4  # noise draws of the same clip per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -192,6 +193,9 @@ NOT_RESULT_SETTINGS = {
     "experiment",  # the MLflow experiment's name: where results are stored
     "data.num_clips",  # which clips are selected, not what a clip's result is
     "adaptation.save_weights",  # whether the adapted weights are also written out
+    # which earlier steps of the same adaptation are also scored; each is the result of its own arm,
+    # keyed as adaptation.steps=s, bit for bit (tests/test_adaptation.py::test_a_step_of_eval_at_is_the_arm_of_that_many_steps)
+    "adaptation.eval_at",
     "model.cache_latents",  # the cached latents are the encoder's output, bit for bit (tests/test_latent_cache.py)
     "model.weights",  # a path: the weights actually loaded are fingerprinted into the key instead
     "pretrain.steps", "pretrain.batch_size", "pretrain.lr", "pretrain.warmup", "pretrain.unconditional_prob",
@@ -343,6 +347,7 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: adaptation.method={config.adaptation.method!r} judges noises by predicting the "
                           "window's last frames from the rest; the oracle's window is the whole clip, with nothing "
                           "after it to continue (use adaptation.data=context or other)")
+    eval_points(config.adaptation, source)
     if config.adaptation.save_weights and config.adaptation.method != "lora":
         raise ConfigError(f"{source}: 'adaptation.save_weights' keeps LoRA weights; with adaptation.method="
                           f"{config.adaptation.method!r} it would write every transformer weight per clip")
@@ -356,6 +361,23 @@ def _check(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: '{key}' must not be negative")
         if key.endswith(("batch_size", "grad_accum", "samples")) and value < 1:
             raise ConfigError(f"{source}: '{key}' must be at least 1")
+
+
+def eval_points(adaptation: AdaptationConfig, source: str = "config") -> list[int]:
+    """adaptation.eval_at as the sorted steps before adaptation.steps at which each clip is also scored."""
+    text, steps = str(adaptation.eval_at), adaptation.steps
+    try:
+        points = sorted({int(item) for item in text.replace(" ", "").split(",") if item})
+    except ValueError:
+        raise ConfigError(f"{source}: 'adaptation.eval_at' is {text!r}; expected steps separated by commas, "
+                          "e.g. 0,10,20") from None
+    if points and adaptation.method == "select":
+        raise ConfigError(f"{source}: 'adaptation.eval_at' scores earlier steps of an adaptation; "
+                          "adaptation.method='select' takes no steps (sweep adaptation.candidates instead)")
+    if points and not 0 <= points[0] <= points[-1] < steps:
+        raise ConfigError(f"{source}: 'adaptation.eval_at' is {text!r}; each step must lie in [0, adaptation.steps) "
+                          f"= [0, {steps}) (the last, adaptation.steps itself, is always scored)")
+    return points
 
 
 def _fields(node) -> dict[str, object]:

@@ -240,3 +240,30 @@ def test_noise_methods_name_what_they_cannot_do(prepared):
     backend.takes_noise = False  # as every backend but LTX-Video declares
     with pytest.raises(ValueError, match="adaptation.method=select chooses the sampler's starting noise"):
         Continuer(config, "adapt", backend)
+
+
+# --- adaptation.eval_at: the step curve from one adaptation ---
+COSTS = {"adapt_seconds", "adapt_steps_per_second", "encode_seconds", "sample_seconds", "decode_seconds",
+         "metrics_seconds", "peak_rss_mb", "peak_gpu_memory_mb", "context_cached"}
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "noise"])
+def test_a_step_of_eval_at_is_the_arm_of_that_many_steps(prepared, method):
+    """What eval_at scores after s steps of one adaptation is, bit for bit, what an arm of
+    adaptation.steps=s makes on its own (same samples, scores and adaptation figures; only the costs
+    differ), so each point is recorded under that arm's key."""
+    settings = {"adaptation.method": method, "adaptation.lr": "0.01", "sampling.samples": "2",
+                **({"adaptation.proxy_steps": "2"} if method == "noise" else {})}
+    config = load_config(prepared, {**settings, "adaptation.steps": "4", "adaptation.eval_at": "0,2"})
+    continuer = Continuer(config, "adapt")
+    clip = _clip(config, continuer)
+    points = {}
+    final = continuer.run(clip, at={0, 2}, emit=lambda steps, out: points.setdefault(steps, out))
+    assert sorted(points) == [0, 2]
+    for steps, out in [*points.items(), (4, final)]:
+        alone = Continuer(load_config(prepared, {**settings, "adaptation.steps": str(steps)}), "adapt").run(clip)
+        assert np.array_equal(out.first, alone.first) and out.per_sample == alone.per_sample
+        figures = {k: v for k, v in out.metrics.items() if k not in COSTS}
+        assert figures.keys() == {k for k in alone.metrics if k not in COSTS}
+        assert all(np.array_equal(v, alone.metrics[k], equal_nan=True) for k, v in figures.items()), steps
+    assert not np.array_equal(points[0].first, final.first)  # the points differ: the check can fail

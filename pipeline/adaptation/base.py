@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
 from ..config import AdaptationConfig
 from .optim import Optimizer
-from .trainer import adapt_to_clip
+from .trainer import Visit, adapt_to_clip
 
 
 class Adapter(ABC):
@@ -26,10 +26,15 @@ class Adapter(ABC):
         """Back to the base model, without reloading anything."""
 
     @abstractmethod
-    def fit(self, window: torch.Tensor, seed: int, latent_frames: int, sample_seeds: Sequence[int]) -> dict[str, float]:
+    def fit(self, window: torch.Tensor, seed: int, latent_frames: int, sample_seeds: Sequence[int],
+            at: Collection[int] = (), visit: Visit | None = None) -> dict[str, float]:
         """Fit to one clip's encoding `window` (its context, the whole clip or another clip's
         context), drawing from `seed`, before the clip's samples (from `sample_seeds`, continued to
-        `latent_frames`) are drawn. Returns the clip's adaptation figures."""
+        `latent_frames`) are drawn. Returns the clip's adaptation figures.
+
+        After each step count in `at` (adaptation.eval_at), `visit(steps, figures so far)` runs with
+        the method in the state a fit of that many steps ends in, its figures those such a fit returns
+        (the seconds spent in visits left out), and the fit then goes on unchanged."""
 
     def sampling_noise(self) -> torch.Tensor | None:
         """The starting noise of the clip's samples after `fit`; None: each sample seed's own."""
@@ -65,8 +70,9 @@ class WeightAdapter(Adapter):
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.named_parameters().values())
 
-    def fit(self, window: torch.Tensor, seed: int, latent_frames: int, sample_seeds: Sequence[int]) -> dict[str, float]:
-        return adapt_to_clip(self.backend, self, window, self.config, seed)
+    def fit(self, window: torch.Tensor, seed: int, latent_frames: int, sample_seeds: Sequence[int],
+            at: Collection[int] = (), visit: Visit | None = None) -> dict[str, float]:
+        return adapt_to_clip(self.backend, self, window, self.config, seed, at, visit)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Copied: they are written after the next clip has started changing them."""

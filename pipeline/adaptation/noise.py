@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
@@ -26,7 +26,7 @@ from ..config import AdaptationConfig
 from ..models.base import VideoBackend
 from ..seeds import derive_seed
 from .base import Adapter
-from .trainer import synchronize
+from .trainer import Visit, synchronize
 
 
 class ProxyNoiseMethod(Adapter):
@@ -45,25 +45,44 @@ class ProxyNoiseMethod(Adapter):
     def sampling_noise(self) -> torch.Tensor | None:
         return self.noise
 
-    def fit(self, window: torch.Tensor, seed: int, latent_frames: int, sample_seeds: Sequence[int]) -> dict[str, float]:
+    def fit(self, window: torch.Tensor, seed: int, latent_frames: int, sample_seeds: Sequence[int],
+            at: Collection[int] = (), visit: Visit | None = None) -> dict[str, float]:
         context_frames, m = window.shape[2], self.config.proxy_frames
         if not 0 < m < context_frames or context_frames + m > latent_frames:
             raise ValueError(f"adaptation.proxy_frames={m}: the proxy continues the context's first "
                              f"{context_frames} - {m} latent frames, so it needs 0 < m < {context_frames} and at most "
                              f"{latent_frames - context_frames} (the latent frames the continuation generates)")
-        start = time.perf_counter()
+        start, visited = time.perf_counter(), 0.0  # seconds spent in visits, which are not the adaptation's
         target = self.backend.latents_from(window, torch.Generator(self.backend.device).manual_seed(seed))
         own = self.backend.draw_noise(window.expand(len(sample_seeds), *window.shape[1:]), latent_frames, sample_seeds)
-        self.noise, first, last = self.choose(window[:, :, : context_frames - m], target[:, :, context_frames - m:],
-                                              own, sample_seeds)
+        context, target = window[:, :, : context_frames - m], target[:, :, context_frames - m:]
+
+        def at_step(steps: int, noise: torch.Tensor, first: float | None) -> None:
+            """A visit with the noise a fit of `steps` steps ends in, and that fit's figures."""
+            nonlocal visited
+            if visit is None:
+                return
+            synchronize(self.backend.device)
+            entered = time.perf_counter()
+            self.noise = noise
+            last = float(self.proxy_error(context, target, noise, sample_seeds).mean())  # as such a fit ends
+            synchronize(self.backend.device)
+            visit(steps, {"adapt_seconds": time.perf_counter() - start - visited,
+                          "proxy_error_first": last if first is None else first, "proxy_error_last": last})
+            visited += time.perf_counter() - entered
+
+        self.noise, first, last = self.choose(context, target, own, sample_seeds, at, at_step)
         synchronize(self.backend.device)
-        return {"adapt_seconds": time.perf_counter() - start, "proxy_error_first": first, "proxy_error_last": last}
+        return {"adapt_seconds": time.perf_counter() - start - visited, "proxy_error_first": first,
+                "proxy_error_last": last}
 
     @abstractmethod
-    def choose(self, context: torch.Tensor, target: torch.Tensor, own: torch.Tensor,
-               sample_seeds: Sequence[int]) -> tuple[torch.Tensor, float, float]:
+    def choose(self, context: torch.Tensor, target: torch.Tensor, own: torch.Tensor, sample_seeds: Sequence[int],
+               at: Collection[int], at_step: Callable[[int, torch.Tensor, float | None], None]
+               ) -> tuple[torch.Tensor, float, float]:
         """The noise each sample starts from (shaped like `own`, the samples' own draws), and the
-        mean proxy error of the samples' own noise and of the chosen one."""
+        mean proxy error of the samples' own noise and of the chosen one. A method that takes steps
+        calls `at_step(steps, noise so far, first error)` after each step count in `at`."""
 
     def proxy_error(self, context: torch.Tensor, target: torch.Tensor, noise: torch.Tensor, seeds: Sequence[int],
                     grad: bool = False) -> torch.Tensor:
@@ -83,7 +102,7 @@ class NoiseSelection(ProxyNoiseMethod):
     def names(cls, config: AdaptationConfig) -> tuple[str, str]:
         return f"select best of {config.candidates} noises", f"select-n{config.candidates}"
 
-    def choose(self, context, target, own, sample_seeds):
+    def choose(self, context, target, own, sample_seeds, at, at_step):  # no steps: config refuses eval_at
         chosen, first, best = [], [], []
         for n, seed in enumerate(sample_seeds):
             others = [derive_seed(seed, "select", c) for c in range(1, self.config.candidates)]
@@ -103,13 +122,15 @@ class NoiseOptimisation(ProxyNoiseMethod):
     def names(cls, config: AdaptationConfig) -> tuple[str, str]:
         return f"noise optimisation {config.steps} steps", f"noise-lr{config.lr:g}-{config.steps}steps"
 
-    def choose(self, context, target, own, sample_seeds):
+    def choose(self, context, target, own, sample_seeds, at, at_step):
         kept, m = context.shape[2], target.shape[2]
         begin = kept + m  # the first generated frame of the continuation: context_frames
         optimised = own[:, :, begin: begin + m].clone().requires_grad_(True)
         norm = optimised.detach().flatten(1).norm(dim=1)
         optimizer = torch.optim.Adam([optimised], lr=self.config.lr)
         first = None
+        if 0 in at:
+            at_step(0, torch.cat([own[:, :, :begin], optimised.detach(), own[:, :, begin + m:]], dim=2), first)
         for step in range(self.config.steps):
             noise = torch.cat([own[:, :, :begin], optimised, own[:, :, begin + m:]], dim=2)
             error = self.proxy_error(context, target, noise, sample_seeds, grad=True)
@@ -122,6 +143,9 @@ class NoiseOptimisation(ProxyNoiseMethod):
                 if not torch.isfinite(optimised).all():
                     raise FloatingPointError(f"noise optimisation: the noise became non-finite at step {step + 1}; "
                                              "lower adaptation.lr")
+            if step + 1 in at:
+                at_step(step + 1, torch.cat([own[:, :, :begin], optimised.detach(), own[:, :, begin + m:]], dim=2),
+                        first)
         noise = torch.cat([own[:, :, :begin], optimised.detach(), own[:, :, begin + m:]], dim=2)
         last = float(self.proxy_error(context, target, noise, sample_seeds).mean())
         return noise, last if first is None else first, last

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,13 +22,18 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train(optimizer: Optimizer, loss_fn: Callable[[int], torch.Tensor], steps: int,
-          on_step: Callable[[int, float], None] | None = None, log_every: int = 10, start: int = 0) -> list[float]:
-    """Optimizer steps `start` to `steps` of `optimizer.accum` micro-batches each; `loss_fn(step)`
-    returns the loss of one micro-batch. Returns the mean loss of each step.
+Visit = Callable[[int, dict[str, float]], None]  # (steps taken, the adaptation's figures up to them)
 
-    Losses are read back from the device only at logging intervals and at the end (no per-step sync);
-    a NaN or infinite loss stops training with NonFiniteLoss naming the step range."""
+
+def train(optimizer: Optimizer, loss_fn: Callable[[int], torch.Tensor], steps: int,
+          on_step: Callable[[int, float], None] | None = None, log_every: int = 10, start: int = 0,
+          pause_at: Collection[int] = (), on_pause: Callable[[int, list[float]], None] | None = None) -> list[float]:
+    """Optimizer steps `start` to `steps` of `optimizer.accum` micro-batches each; `loss_fn(step)`
+    returns the loss of one micro-batch. Returns the mean loss of each step. After each step count in
+    `pause_at`, `on_pause(steps taken, losses so far)` runs with the weights in that state.
+
+    Losses are read back from the device only at logging intervals, pauses and the end (no per-step
+    sync); a NaN or infinite loss stops training with NonFiniteLoss naming the step range."""
     pending: list[torch.Tensor] = []
     losses: list[float] = []
     for step in range(start, steps):
@@ -39,7 +44,8 @@ def train(optimizer: Optimizer, loss_fn: Callable[[int], torch.Tensor], steps: i
             micro.append(loss.detach())
         optimizer.step()
         pending.append(torch.stack(micro).mean())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
+        paused = step + 1 in pause_at and on_pause is not None
+        if (step + 1) % log_every == 0 or step + 1 == steps or paused:
             values = torch.stack(pending).tolist()
             pending.clear()
             if not all(math.isfinite(v) for v in values):
@@ -47,12 +53,15 @@ def train(optimizer: Optimizer, loss_fn: Callable[[int], torch.Tensor], steps: i
             losses.extend(values)
             if on_step is not None:
                 on_step(step + 1, values[-1])
+        if paused:
+            on_pause(step + 1, losses)
     return losses
 
 
 def adapt_to_clip(backend: VideoBackend, adapter: WeightAdapter, latents: torch.Tensor, config: AdaptationConfig,
-                  seed: int) -> dict[str, float]:
-    """Fit the adapter on one clip's latents (the context window or the whole clip, as given).
+                  seed: int, at: Collection[int] = (), visit: Visit | None = None) -> dict[str, float]:
+    """Fit the adapter on one clip's latents (the context window or the whole clip, as given); after
+    each step count in `at`, `visit` sees the model in that state (see Adapter.fit).
 
     Objective `continuation`: a random number of leading latent frames stays clean, the rest is
     noised, as at sampling time. `v2v_head`: the first half of the latent frames stays clean (the
@@ -74,15 +83,33 @@ def adapt_to_clip(backend: VideoBackend, adapter: WeightAdapter, latents: torch.
             clean = frames // 2
         return backend.training_loss(batch, clean, generator)
 
+    visited = 0.0  # seconds spent in visits, which are not the adaptation's
+
+    def pause(steps: int, losses: list[float]) -> None:
+        nonlocal visited
+        synchronize(backend.device)
+        paused = time.perf_counter()
+        backend.transformer.eval()
+        visit(steps, _figures(steps, paused - start - visited, losses))
+        backend.transformer.train()
+        visited += time.perf_counter() - paused
+
     backend.transformer.train()
     start = time.perf_counter()
-    losses = train(adapter.optimizer(), loss_fn, config.steps) if config.steps else []
+    if 0 in at and visit is not None:
+        pause(0, [])
+    losses = train(adapter.optimizer(), loss_fn, config.steps, pause_at=at,
+                   on_pause=pause if visit is not None else None) if config.steps else []
     synchronize(backend.device)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - visited
     backend.transformer.eval()
+    return _figures(config.steps, seconds, losses)
+
+
+def _figures(steps: int, seconds: float, losses: list[float]) -> dict[str, float]:
     return {
         "adapt_seconds": seconds,
-        "adapt_steps_per_second": config.steps / seconds if config.steps else 0.0,
+        "adapt_steps_per_second": steps / seconds if steps else 0.0,
         "adapt_loss_first": losses[0] if losses else math.nan,
         "adapt_loss_last": losses[-1] if losses else math.nan,
     }

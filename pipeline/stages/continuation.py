@@ -10,7 +10,7 @@ import random
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,10 +150,13 @@ class Continuer:
         """Sample n of a clip draws from (sampling.seed, clip id, n): the same noise in every arm."""
         return [derive_seed(self.config.sampling.seed, record.clip_id, n) for n in range(self.config.sampling.samples)]
 
-    def adapt(self, clip: ClipFrames, seeds: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+    def adapt(self, clip: ClipFrames, seeds: list[int], at: Collection[int] = (),
+              visit: Callable[[int, torch.Tensor, dict[str, float]], None] | None = None
+              ) -> tuple[torch.Tensor, dict[str, float]]:
         """Encode the context (or read it from the latent cache) and, in the adapt stage, fit the
         adapter to the clip (every rank) before its samples (from `seeds`) are drawn: on its context,
-        the whole clip (oracle) or another clip's context (sham)."""
+        the whole clip (oracle) or another clip's context (sham). After each step count in `at`,
+        `visit(steps, context latents, figures)` runs with the adapter in that state."""
         cfg, backend = self.config, self.backend
         start = time.perf_counter()
         context_latents, cached = self._context_latents(clip.record, clip.frames)
@@ -169,15 +172,31 @@ class Continuer:
         else:
             window = backend.encode(frames_to_tensor(clip.frames, backend.device))
         noise_seed = derive_seed(cfg.adaptation.noise_seed, clip.record.clip_id)
-        return context_latents, {**timing, **self.adapter.fit(window, noise_seed, self.layout.latent_frames, seeds)}
+        on_step = None if visit is None else (lambda steps, figures: visit(steps, context_latents,
+                                                                           {**timing, **figures}))
+        return context_latents, {**timing, **self.adapter.fit(window, noise_seed, self.layout.latent_frames, seeds,
+                                                              at, on_step)}
 
-    def run(self, clip: ClipFrames) -> ClipOutput:
+    def run(self, clip: ClipFrames, at: Collection[int] = (),
+            emit: Callable[[int, ClipOutput], None] | None = None) -> ClipOutput:
         """Adapt (adapt stage), then `sampling.samples` continuations in one batch, each from the seed
-        derived from (sampling.seed, clip id, sample): the same noise in every arm."""
+        derived from (sampling.seed, clip id, sample): the same noise in every arm. After each step
+        count in `at` (adaptation.eval_at), `emit(steps, output)` receives the output an arm of that
+        many steps makes, from the same adaptation."""
+        seeds = self.sample_seeds(clip.record)
+
+        def visit(steps: int, context_latents: torch.Tensor, metrics: dict[str, float]) -> None:
+            emit(steps, self.continue_clip(clip, context_latents, seeds, metrics))
+
+        context_latents, metrics = self.adapt(clip, seeds, at, visit if emit is not None else None)
+        return self.continue_clip(clip, context_latents, seeds, metrics)
+
+    def continue_clip(self, clip: ClipFrames, context_latents: torch.Tensor, seeds: list[int],
+                      metrics: dict[str, float]) -> ClipOutput:
+        """The clip's samples from the model as it is now, scored (with `metrics`, the adaptation's)."""
         cfg, layout, backend = self.config, self.layout, self.backend
         K, frames = cfg.data.context, clip.frames
-        seeds = self.sample_seeds(clip.record)
-        context_latents, metrics = self.adapt(clip, seeds)
+        metrics = dict(metrics)
         samples, continuity, first, videos = [], [], None, []
         start = time.perf_counter()
         latents = backend.sample_batch(context_latents.expand(len(seeds), *context_latents.shape[1:]),
