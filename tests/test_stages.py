@@ -401,3 +401,47 @@ def test_pretrain_refuses_a_backend_that_is_not_pretrained_here():
 
     with pytest.raises(ValueError, match="model.backend=opensora-v1.3 is not pretrained here"):
         pretrain(load_config(None, {"model.backend": "opensora-v1.3"}))
+
+
+def test_eval_at_records_each_step_as_its_arm_and_evaluate_draws_the_curve(prepared, store, capsys):
+    """One adaptation per clip records the arms of 0, 1 and 3 steps: an arm of 1 step run on its own then
+    finds every clip done; evaluate prints the step curve and puts each step's gain on its stage run;
+    a clip missing in one step's arm alone is redone for that arm only."""
+    config = load_config(prepared, {"adaptation.steps": "3", "adaptation.eval_at": "0,1", "adaptation.lr": "0.01"})
+    run_stage(config, "baseline")
+    parent = run_stage(config, "adapt")
+    digests = {s: stage_digest(load_config(prepared, {"adaptation.steps": str(s), "adaptation.lr": "0.01"}), "adapt")
+               for s in (0, 1, 3)}
+    assert digests[3] == stage_digest(config, "adapt")  # eval_at is not part of the key
+    runs = clip_runs("tiny", "adapt")
+    assert {s: sorted(r.info.status for r in runs if r.data.tags["tta.digest"] == d) for s, d in digests.items()} \
+        == {s: ["FINISHED"] * 3 for s in digests}
+    assert run_stage(load_config(prepared, {"adaptation.steps": "1", "adaptation.lr": "0.01"}), "adapt") == ""
+    client = MlflowClient()
+    experiment = mlflow.get_experiment_by_name("tiny").experiment_id
+    stage_runs = {r.data.tags["tta.digest"]: r for r in client.search_runs(
+        [experiment], "tags.`tta.stage` = 'adapt' and tags.`tta.kind` = 'stage'")}
+    assert stage_runs[digests[1]].data.tags["mlflow.parentRunId"] == parent
+    assert stage_runs[digests[1]].info.run_name == "lora-r4-lr0.01-1steps" and "lora r4 1 steps" in \
+        stage_runs[digests[1]].data.tags["tta.arm"]
+    assert stage_runs[digests[1]].info.status == "FINISHED" and stage_runs[digests[1]].data.params[
+        "adaptation.steps"] == "1"
+
+    summary = evaluate(config)
+    curve = {row["steps"]: row for row in summary["step_curve"]}
+    assert sorted(curve) == [0, 1, 3]
+    assert curve[0]["gains"]["psnr"]["diff_mean"] == 0  # no step: the baseline, bit for bit
+    final = next(r for r in summary["comparisons"] if (r["a"], r["b"], r["metric"]) == ("adapted", "baseline", "psnr")
+                 and r["analysis"].startswith("ITT"))
+    assert curve[3]["gains"]["psnr"]["diff_mean"] == final["diff_mean"]
+    assert "step curve (adaptation.eval_at)" in capsys.readouterr().out
+    gain = client.get_run(stage_runs[digests[1]].info.run_id).data.metrics["eval.psnr_gain"]
+    assert gain == curve[1]["gains"]["psnr"]["diff_mean"]
+
+    redo = next(r for r in runs if r.data.tags["tta.digest"] == digests[1])
+    client.set_terminated(redo.info.run_id, "FAILED")
+    run_stage(config, "adapt")
+    after = clip_runs("tiny", "adapt")
+    assert {s: sum(r.info.status == "FINISHED" for r in after if r.data.tags["tta.digest"] == d)
+            for s, d in digests.items()} == {0: 3, 1: 3, 3: 3}
+    assert len(after) == len(runs) + 1

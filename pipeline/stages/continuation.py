@@ -12,18 +12,21 @@ import sys
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 
 from ..runtime import ranks
 from ..adaptation import METHODS, make_adapter
 from ..adaptation.base import WeightAdapter
 from ..runtime.cluster import Shard, check_store_for_many_writers, preemptible
-from ..config import NOT_RESULT_SETTINGS, Config, ConfigError
+from ..config import NOT_RESULT_SETTINGS, Config, ConfigError, eval_points
 from ..data.manifest import ClipRecord, read_manifest, resolve_clip_path, select_clips
 from ..data.video_io import VideoError, frames_hash, read_video
 from ..evaluation.metrics import Scorer, frame_metrics
@@ -35,7 +38,7 @@ from ..runtime.progress import Progress
 from ..seeds import derive_seed
 from ..tracking.runs import (TAG_CLASS, TAG_INPUTS, TAG_PARTNER, TAG_SOURCE, TAG_WEIGHTS,
                              close_stale_stage_runs, finished_clips, get_or_create_experiment, name_launcher_run_idle,
-                             stage_run)
+                             point_stage_run, stage_run)
 from ..models.latent_cache import LatentCache
 from ..tracking.recorder import Recorder
 
@@ -279,7 +282,9 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
                           "data.test_fraction at preprocessing)")
     inputs = clip_inputs(config, stage, clips, split)
     partners = partners_for(config, stage, split)
-    digest = stage_digest(config, stage)
+    arms = step_arms(config, stage)
+    final = config.adaptation.steps
+    digests = {steps: stage_digest(arm, stage) for steps, arm in arms.items()}
     continuer = Continuer(config, stage, backend)
     if not ranks.is_main():
         _follow_main_rank(continuer, d.manifest, {c.clip_id: c for c in clips}, partners)
@@ -287,37 +292,67 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
         return ""
     if ranks.world_size() == 1:  # nothing to do: no empty stage run
         experiment_id = get_or_create_experiment(config.experiment)
-        done = finished_clips(experiment_id, stage, digest, inputs, continuer.weights)
-        if all(c.clip_id in done for c in clips):
-            close_stale_stage_runs(experiment_id, stage, digest, shard)  # a killed run's, done since
+        done = {steps: finished_clips(experiment_id, stage, digest, inputs, continuer.weights)
+                for steps, digest in digests.items()}
+        if all(c.clip_id in done[steps] for c in clips for steps in arms):
+            for digest in digests.values():
+                close_stale_stage_runs(experiment_id, stage, digest, shard)  # a killed run's, done since
             name_launcher_run_idle(f"nothing to do: {arm_run_name(config, stage)}")
             print(f"[{stage}] nothing to do: all {len(clips)} clips already have a finished result for this "
                   "config, model and clip content", flush=True)
             return ""
-    with preemptible(), stage_run(config, stage, digest, arm_run_name(config, stage), shard) as parent:
-        mlflow.log_param("shard", str(shard))
-        mlflow.set_tags({"tta.arm": arm_label(config, stage), TAG_WEIGHTS: continuer.weights,
-                         "tta.baseline_digest": stage_digest(config, "baseline"),
-                         "tta.conditioned_pixel_frames": continuer.layout.conditioned_pixel_frames})
+    with preemptible(), stage_run(config, stage, digests[final], arm_run_name(config, stage), shard) as parent, \
+            ExitStack() as points:
+        parents = {final: parent}
+        for steps, arm in arms.items():
+            if steps != final:
+                parents[steps] = points.enter_context(point_stage_run(arm, stage, digests[steps],
+                                                                      arm_run_name(arm, stage), parent, shard))
+        tags = {TAG_WEIGHTS: continuer.weights, "tta.baseline_digest": stage_digest(config, "baseline"),
+                "tta.conditioned_pixel_frames": str(continuer.layout.conditioned_pixel_frames),
+                **{f"tta.network.{metric}": network for metric, network in continuer.scorer.networks.items()},
+                **{f"tta.{metric}": note for metric, note in continuer.scorer.unavailable.items()}}
+        client = MlflowClient()
+        for steps, run in parents.items():
+            client.log_param(run.info.run_id, "shard", str(shard))
+            for key, value in {**tags, "tta.arm": arm_label(arms[steps], stage)}.items():
+                client.set_tag(run.info.run_id, key, value)
         log_clips_as_dataset(config, stage, clips)
-        mlflow.set_tags({f"tta.network.{metric}": network for metric, network in continuer.scorer.networks.items()})
-        for metric, note in continuer.scorer.unavailable.items():
-            mlflow.set_tag(f"tta.{metric}", note)
+        for note in continuer.scorer.unavailable.values():
             print(f"[{stage}] {note}", file=sys.stderr, flush=True)
-        done = finished_clips(parent.info.experiment_id, stage, digest, inputs, continuer.weights)
-        todo = [c for c in clips if c.clip_id not in done]
+        done = {steps: finished_clips(parent.info.experiment_id, stage, digest, inputs, continuer.weights)
+                for steps, digest in digests.items()}
+        needed = {c.clip_id: [steps for steps in arms if c.clip_id not in done[steps]] for c in clips}
+        todo = [c for c in clips if needed[c.clip_id]]
         ranks.broadcast([c.clip_id for c in todo])
-        if done:
+        if len(todo) < len(clips):
             print(f"[{stage}] resuming: {len(clips) - len(todo)} of {len(clips)} clips already finished", flush=True)
         progress = Progress(stage, len(clips), done=len(clips) - len(todo), every_seconds=0)
-        recorder = Recorder(d, stage, digest, parent, on_end=_reporter(stage, progress))
+        last = {clip_id: max(steps) for clip_id, steps in needed.items() if steps}
+        recorders = {steps: Recorder(d, stage, digests[steps], run, on_end=_reporter(stage, progress, steps, last))
+                     for steps, run in parents.items()}
         try:
-            _run_clips(continuer, recorder, todo, partners, inputs)
+            _run_clips(continuer, recorders, todo, needed, partners, inputs, arms)
         finally:
-            recorder.close()  # every clip handed over is recorded, also when stopping
-        mlflow.log_metrics({"clips_total": len(clips), "clips_failed": recorder.failures})
+            for recorder in recorders.values():
+                recorder.close()  # every clip handed over is recorded, also when stopping
+        for steps, recorder in recorders.items():
+            client.log_batch(parents[steps].info.run_id, metrics=[
+                Metric(key, value, int(time.time() * 1000), 0)
+                for key, value in {"clips_total": len(clips), "clips_failed": recorder.failures}.items()])
     ranks.finish()
     return parent.info.run_id
+
+
+def step_arms(config: Config, stage: str) -> dict[int, Config]:
+    """The arms one invocation records, by their adaptation steps: the config's own and, in the adapt
+    stage, one per step s of adaptation.eval_at (the config with adaptation.steps=s), all from the
+    same adaptation of each clip."""
+    arms = {config.adaptation.steps: config}
+    if stage == "adapt":
+        for steps in eval_points(config.adaptation):
+            arms[steps] = config.with_setting("adaptation.steps", steps).with_setting("adaptation.eval_at", "")
+    return arms
 
 
 def log_clips_as_dataset(config: Config, stage: str, clips: list[ClipRecord]) -> None:
@@ -336,22 +371,28 @@ def log_clips_as_dataset(config: Config, stage: str, clips: list[ClipRecord]) ->
         mlflow.log_input(dataset, context=stage)
 
 
-def _reporter(stage: str, progress: Progress) -> Callable[[str, BaseException | None], None]:
+def _reporter(stage: str, progress: Progress, steps: int, last: dict[str, int]
+              ) -> Callable[[str, BaseException | None], None]:
+    """Says a clip failed; advances the progress when the clip's last arm (`last`: clip -> its most
+    steps still to record) is recorded."""
     def report(clip_id: str, error: BaseException | None) -> None:  # on the recorder's tracking thread
         if error is not None:
             print(f"[{stage}] clip {clip_id} failed: {error}", file=sys.stderr, flush=True)
-        progress.advance(clip_id, "FAILED" if error else "")
+        if last.get(clip_id) == steps:
+            progress.advance(clip_id, "FAILED" if error else "")
     return report
 
 
-def _run_clips(continuer: Continuer, recorder: Recorder, todo: list[ClipRecord], partners: dict[str, ClipRecord],
-               inputs: dict[str, str]) -> None:
-    """Each clip in its own child run, tagged with what its result was made from."""
+def _run_clips(continuer: Continuer, recorders: dict[int, Recorder], todo: list[ClipRecord],
+               needed: dict[str, list[int]], partners: dict[str, ClipRecord], inputs: dict[str, str],
+               arms: dict[int, Config]) -> None:
+    """Each clip in its own child run of every arm (by steps) it has no finished result in yet, tagged
+    with what its result was made from."""
     manifest = continuer.config.data.manifest
-    arm = arm_label(continuer.config, continuer.stage)
+    io = recorders[continuer.config.adaptation.steps]
 
     def load(record: ClipRecord) -> Future:  # decoded on an I/O thread while the previous clip runs
-        return recorder.load(continuer.load_inputs, manifest, record, partners.get(record.clip_id))
+        return io.load(continuer.load_inputs, manifest, record, partners.get(record.clip_id))
 
     ahead = load(todo[0]) if todo else None
     for i, record in enumerate(todo):
@@ -359,19 +400,21 @@ def _run_clips(continuer: Continuer, recorder: Recorder, todo: list[ClipRecord],
         if i + 1 < len(todo):
             ahead = load(todo[i + 1])
         tags = {TAG_CLASS: record.label, TAG_SOURCE: record.source, TAG_INPUTS: inputs[record.clip_id],
-                TAG_WEIGHTS: continuer.weights, "tta.arm": arm}
+                TAG_WEIGHTS: continuer.weights}
         if record.clip_id in partners:
             tags[TAG_PARTNER] = partners[record.clip_id].clip_id
-        run = recorder.start(record.clip_id, tags)
+        runs = {steps: recorders[steps].start(record.clip_id, {**tags, "tta.arm": arm_label(arms[steps],
+                                                                                             continuer.stage)})
+                for steps in needed[record.clip_id]}
         try:
-            _run_clip(continuer, recorder, run, record.clip_id, clip)
-        except Exception as exc:  # recorded on the clip's run; the stage goes on
+            _run_clip(continuer, recorders, runs, record.clip_id, clip)
+        except BaseException as exc:
             if isinstance(exc, torch.OutOfMemoryError):
                 torch.cuda.empty_cache()
-            recorder.fail(run, record.clip_id, exc)
-        except BaseException as exc:  # preempted or interrupted: the clip is KILLED, the stage stops
-            recorder.fail(run, record.clip_id, exc)
-            raise
+            for steps, run in runs.items():  # the arms not recorded before it failed
+                recorders[steps].fail(run, record.clip_id, exc)
+            if not isinstance(exc, Exception):  # preempted or interrupted: the clip is KILLED, the stage stops
+                raise
 
 
 def _follow_main_rank(continuer: Continuer, manifest: Path, clips: dict[str, ClipRecord],
@@ -385,24 +428,33 @@ def _follow_main_rank(continuer: Continuer, manifest: Path, clips: dict[str, Cli
             print(f"[rank {ranks.rank()}] clip {clip_id} failed: {exc}", file=sys.stderr, flush=True)
 
 
-def _run_clip(continuer: Continuer, recorder: Recorder, run: Future, clip_id: str, clip_ahead: Future) -> None:
-    """One clip, with its wall time split: model compute (encode, adapt, sample, decode) against the
-    rest on this thread (waiting for the clip's frames, scoring, handing the clip to the recorder),
-    logged as `non_model_share`; the baseline's reference predictors are timed apart
-    (`reference_seconds`)."""
+def _run_clip(continuer: Continuer, recorders: dict[int, Recorder], runs: dict[int, Future], clip_id: str,
+              clip_ahead: Future) -> None:
+    """One clip, recorded in the arms of `runs` (by steps; each removed once recorded), with its wall
+    time split: model compute (encode, adapt, sample, decode) against the rest on this thread (waiting
+    for the clip's frames, scoring, handing the clip to the recorder), logged as `non_model_share`
+    (an eval_at arm's clip_seconds run up to its own record); the baseline's reference predictors are
+    timed apart (`reference_seconds`)."""
     start = time.perf_counter()
     clip = clip_ahead.result()  # decoded on an I/O thread; a bad file raises its VideoError here
     load_seconds = time.perf_counter() - start
-    out = continuer.run(clip)
-    weights = continuer.adapter.state_dict() if continuer.config.adaptation.save_weights and continuer.adapter else {}
-    recording = time.perf_counter()
-    recorder.wait_for_slot()
-    end = time.perf_counter()
-    metrics = out.metrics  # reference_seconds (the baseline's reference predictors) is a part of its own
-    metrics.update(load_seconds=load_seconds, record_seconds=end - recording, clip_seconds=end - start,
-                   non_model_share=(load_seconds + metrics["metrics_seconds"] + end - recording) / (end - start))
-    recorder.record(run, clip_id, clip.frames, out.first, metrics, out.per_frame, out.per_sample, weights,
-                    out.features)
+
+    def record(steps: int, out: ClipOutput) -> None:
+        if steps not in runs:  # finished by an earlier invocation: never recorded twice
+            return
+        save = continuer.config.adaptation.save_weights and continuer.adapter
+        weights = continuer.adapter.state_dict() if save else {}
+        recording = time.perf_counter()
+        recorders[steps].wait_for_slot()
+        end = time.perf_counter()
+        metrics = out.metrics  # reference_seconds (the baseline's reference predictors) is a part of its own
+        metrics.update(load_seconds=load_seconds, record_seconds=end - recording, clip_seconds=end - start,
+                       non_model_share=(load_seconds + metrics["metrics_seconds"] + end - recording) / (end - start))
+        recorders[steps].record(runs.pop(steps), clip_id, clip.frames, out.first, metrics, out.per_frame,
+                                out.per_sample, weights, out.features)
+
+    final = continuer.config.adaptation.steps
+    record(final, continuer.run(clip, set(runs) - {final}, record))
 
 
 def arm_run_name(config: Config, stage: str) -> str:

@@ -24,16 +24,16 @@ import numpy as np
 from mlflow.entities import Metric, Run
 from mlflow.tracking import MlflowClient
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, eval_points
 from ..data.manifest import read_manifest, select_clips
 from ..evaluation.fvd import fvd
 from ..evaluation.plots import summary_figure, write_html
 from ..evaluation.registry import COMPARED, ON_TRUTH, REGISTRY, improved
 from ..evaluation.stats import holm, mean_se, paired_comparison, paired_frame_difference, per_frame_curve
 from ..evaluation.weights import FETCH_COMMAND, WEIGHTS
-from ..tracking.runs import (TAG_ERROR, TAG_STAGE, TAG_WEIGHTS, finished_clips, frame_history, search_all,
-                             stage_run)
-from .continuation import REFERENCE_LABELS, arm_label, arm_run_name, clip_inputs, stage_digest
+from ..tracking.runs import (TAG_ERROR, TAG_STAGE, TAG_WEIGHTS, finished_clips, frame_history, log_arms_record,
+                             search_all, stage_run)
+from .continuation import REFERENCE_LABELS, arm_label, arm_run_name, clip_inputs, stage_digest, step_arms
 from ..tracking.recorder import FEATURES_FILE
 
 PREFIX_METRICS = ("first_frame_psnr", "continuity_psnr")  # frame K against the truth, against frame K-1
@@ -91,6 +91,13 @@ def evaluate(config: Config) -> dict:
         summary = summarise(config, arms, [c.clip_id for c in clips])
         summary["per_frame"] = per_frame(arms, summary)
         summary["sets"] = set_metrics(arms, summary["clips"], d.frames - d.context)
+        if eval_points(config.adaptation):
+            summary["step_curve"] = step_curve(config, summary, baseline, load, [c.clip_id for c in clips],
+                                               experiment_id)
+            log_arms_record({"adaptation.steps": [str(row["steps"]) for row in summary["step_curve"]]}, "psnr",
+                            digests["baseline"], [{"arm": row["arm"], "digest": row["digest"],
+                                                   "point": {"adaptation.steps": str(row["steps"])}}
+                                                  for row in summary["step_curve"]])
         mlflow.set_tags({"tta.baseline_digest": digests["baseline"], "tta.adapt_digest": digests["adapt"],
                          TAG_WEIGHTS: weights})
         mlflow.log_metrics(flat_metrics(summary))
@@ -135,6 +142,45 @@ def summary_on_stage_runs(summary: dict, stage_runs: dict[str, Run]) -> None:
                                 f"{gain}_ci_high": row["ci_high"], f"{gain}_p": row["t_p_value"]})
         client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0)
                                                    for k, v in metrics.items() if not math.isnan(float(v))])
+
+
+def step_curve(config: Config, summary: dict, baseline: Arm, load, clip_ids: list[str], experiment_id: str
+               ) -> list[dict]:
+    """adaptation.eval_at: each number of steps (an arm of its own, recorded by the same adaptation)
+    against the baseline, ITT, with its adaptation seconds per clip; `summary` is the last step's.
+    Each earlier step's figures also go on its own stage run, as evaluate does for the arm it names."""
+    rows = []
+    for steps, arm_config in sorted(step_arms(config, "adapt").items()):
+        point = summary
+        if steps != config.adaptation.steps:
+            point = summarise(arm_config, [baseline, load("adapted", "adapt", arm_config,
+                                                          arm_label(arm_config, "adapt"))], clip_ids)
+            run = _newest_stage_run(experiment_id, "adapt", stage_digest(arm_config, "adapt"))
+            if run is not None:
+                summary_on_stage_runs({**point, "sets": {}}, {"adapted": run})
+        gains = {row["metric"]: {k: row[k] for k in ("n", "diff_mean", "ci_low", "ci_high", "t_p_value")}
+                 for row in point["comparisons"]
+                 if (row["a"], row["b"]) == ("adapted", "baseline") and _analysis_key(row["analysis"]) == "itt"}
+        rows.append({"steps": steps, "arm": arm_run_name(arm_config, "adapt"),
+                     "digest": stage_digest(arm_config, "adapt"), "failed": point["arms"]["adapted"]["failed"],
+                     "adapt_seconds": point["cost"].get("adapted.adapt_seconds", math.nan), "gains": gains})
+    return rows
+
+
+def format_step_curve(rows: list[dict]) -> list[str]:
+    metrics = list(rows[0]["gains"])
+    lines = ["step curve (adaptation.eval_at): each number of steps is an arm of its own, taken from one adaptation "
+             "per clip; gain over the baseline, ITT, mean [95% CI] (t p not adjusted over the curve's points)",
+             f"{'steps':>7}{'adapt s/clip':>14}{'failed':>8}" + "".join(f"{m + ' gain':>30}" for m in metrics)]
+    for row in rows:
+        cells = []
+        for m in metrics:
+            g = row["gains"][m]
+            cells.append(f"{g['diff_mean']:+.4f} [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}]" if g["n"] >= 2
+                         else "fewer than 2 clips")
+        lines.append(f"{row['steps']:>7}{row['adapt_seconds']:>14.2f}{row['failed']:>8}"
+                     + "".join(f"{c:>30}" for c in cells))
+    return lines
 
 
 def summarise(config: Config, arms: list[Arm], clip_ids: list[str]) -> dict:
@@ -377,6 +423,8 @@ def format_table(summary: dict) -> str:
     lines.append(f"share of a clip's wall time outside the model (loading, scoring, recording): baseline "
                  f"{cost.get('baseline.non_model_share', math.nan):.1%} / adapted "
                  f"{cost.get('adapted.non_model_share', math.nan):.1%}")
+    if summary.get("step_curve"):
+        lines += ["", *format_step_curve(summary["step_curve"])]
     for name, arm in summary["arms"].items():
         for clip, reason in sorted(arm["failures"].items()):
             lines.append(f"{name} failed on {clip}: {reason}")

@@ -7,7 +7,7 @@ turn. Finished clips are reused as in every stage, so a rerun or a grown grid on
 new. The last table ranks the arms by their paired gain.
 
 The sweep is a stage run of its own (`tta.stage` = sweep) with the other stage runs nested under it;
-its artifact `sweep.json` names the grid, the baseline and each arm's digest and ranked result, which
+its artifact `sweep.json` (`log_arms_record`) names the grid, the baseline and each arm's digest and ranked result, which
 is how the viewer gathers the arms of a sweep.
 
 Under SLURM (`sweep --slurm`) each task of one job array runs a shard of the baseline or of one arm
@@ -18,16 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 
-import mlflow
-
 from ..runtime.cluster import Shard
 from ..config import Config
 from ..evaluation.registry import LOWER_IS_BETTER
-from ..tracking.runs import stage_run
+from ..tracking.runs import log_arms_record, stage_run
 from .continuation import arm_run_name, run_stage, stage_digest
 from .evaluate import evaluate
-
-RECORD = "sweep.json"
 
 
 def run_sweep(points: list[dict[str, str]], configs: list[Config], base: Config, metric: str = "psnr") -> list[dict]:
@@ -51,8 +47,7 @@ def run_sweep(points: list[dict[str, str]], configs: list[Config], base: Config,
                             "ci_high": row["ci_high"], "p": row["t_p_value"],
                             "failed": summary["arms"]["adapted"]["failed"]})
         results.sort(key=lambda r: r["gain"], reverse=metric not in LOWER_IS_BETTER)
-        mlflow.log_dict({"grid": grid, "metric": metric, "baseline_digest": stage_digest(base, "baseline"),
-                         "arms": results}, RECORD)
+        log_arms_record(grid, metric, stage_digest(base, "baseline"), results)
     print(format_sweep(results, metric), flush=True)
     return results
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import RunStatus
+from mlflow.entities import Param, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -31,6 +31,8 @@ TAG_PARTNER = "tta.partner"  # the sham arm: the clip whose context was adapted 
 TAG_SHARD = "tta.shard"  # a stage run's part of the clips: I/N
 TAG_MOVED = "tta.moved_to"  # a run `mlflow run` opened outside the config's experiment: where the results went
 TAG_NOTHING_TO_DO = "tta.nothing_to_do"  # a run `mlflow run` opened for a stage whose clips all had results
+TAG_ARMS_RECORD = "tta.arms_record"  # a run whose artifact ARMS_RECORD lists arms to show together
+ARMS_RECORD = "sweep.json"
 
 
 @functools.cache
@@ -115,8 +117,7 @@ def stage_run(config: Config, stage: str, digest: str, name: str | None = None, 
     """
     experiment_id = get_or_create_experiment(config.experiment)
     close_stale_stage_runs(experiment_id, stage, digest, shard)
-    tags = {TAG_STAGE: stage, TAG_DIGEST: digest, TAG_SHARD: str(shard), TAG_KIND: "stage",
-            "git_commit": git_commit()}
+    tags = _stage_tags(stage, digest, shard)
     launcher = _launcher_run(experiment_id)
     system_metrics = gpu_present()
     if launcher is not None:
@@ -135,6 +136,39 @@ def stage_run(config: Config, stage: str, digest: str, name: str | None = None, 
         except Exception as exc:  # the run ends FAILED (mlflow's own doing) and says why
             mlflow.set_tag(TAG_ERROR, f"{type(exc).__name__}: {exc}"[:4000])
             raise
+
+
+@contextmanager
+def point_stage_run(config: Config, stage: str, digest: str, name: str, parent: Run, shard: Shard = Shard()):
+    """The stage run of one more arm that the invocation of `parent` records (a step of
+    adaptation.eval_at), nested under it: the same tags, its own params and digest; ended with the
+    same status as `parent`."""
+    client = MlflowClient()
+    close_stale_stage_runs(parent.info.experiment_id, stage, digest, shard)
+    run = client.create_run(parent.info.experiment_id, run_name=name,
+                            tags={**_stage_tags(stage, digest, shard), MLFLOW_PARENT_RUN_ID: parent.info.run_id})
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in config.flat().items()])
+    try:
+        yield run
+    except (KeyboardInterrupt, Preempted):
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except Exception as exc:
+        client.set_tag(run.info.run_id, TAG_ERROR, f"{type(exc).__name__}: {exc}"[:4000])
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def log_arms_record(grid: dict[str, list[str]], metric: str, baseline_digest: str, arms: list[dict]) -> None:
+    """On the active run: the arms of a sweep or of a step curve (each with its `arm` name, `digest`
+    and grid `point`), which the viewer shows together, with evaluate's figures from each arm's stage run."""
+    mlflow.log_dict({"grid": grid, "metric": metric, "baseline_digest": baseline_digest, "arms": arms}, ARMS_RECORD)
+    mlflow.set_tag(TAG_ARMS_RECORD, "true")
+
+
+def _stage_tags(stage: str, digest: str, shard: Shard) -> dict[str, str]:
+    return {TAG_STAGE: stage, TAG_DIGEST: digest, TAG_SHARD: str(shard), TAG_KIND: "stage", "git_commit": git_commit()}
 
 
 def finished_clips(experiment_id: str, stage: str, digest: str, inputs: dict[str, str] | None = None,
