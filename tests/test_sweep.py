@@ -68,7 +68,7 @@ def test_the_viewer_opens_on_the_sweep_with_every_arm(swept, browser):  # noqa: 
     try:
         page = open_page(browser, viewer.url)
         page.get_by_role("heading", name="Sweep").wait_for(timeout=60_000)
-        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length === 2", timeout=60_000)
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length === 3", timeout=60_000)
         wait_idle(page)
         table = page.locator("[data-testid='stTable']").first
         headers = [h.strip() for h in table.locator("thead th").all_inner_texts()]
@@ -83,7 +83,9 @@ def test_the_viewer_opens_on_the_sweep_with_every_arm(swept, browser):  # noqa: 
                    y: el.data.map(t => t.y)}))""")
         by_title = {p["title"]: p for p in plots}
         page.screenshot(path=str(SHOTS / "viewer-sweep.png"), full_page=True)
-        assert len(by_title) == 2, list(by_title)
+        assert len(by_title) == 3, list(by_title)
+        cost = by_title["cost vs gain per adapted arm: mean Δpsnr (ITT)"]  # gain against adaptation seconds
+        assert sorted(cost["y"][0]) == pytest.approx(sorted(gains.values())) and all(x > 0 for x in cost["x"][0])
         assert "sweep: Δpsnr (ITT, 95% CI) against adaptation.rank" in by_title, list(by_title)
         rank = by_title["sweep: Δpsnr (ITT, 95% CI) against adaptation.rank"]
         assert rank["x"] == [["2", "4"], ["2", "4"]]  # one line per learning rate, the ranks in order
@@ -160,3 +162,46 @@ def test_a_sweep_over_slurm_runs_one_array_then_evaluates_every_arm(server, prep
     assert len(clips) == 9 and {r.info.status for r in clips} == {"FINISHED"}  # 3 clips x (baseline + 2 arms)
     evaluated = [r for r in stage_runs(experiment_id, "adapt") if "eval.psnr_gain" in r.data.metrics]
     assert len(evaluated) == 2 and all(r.data.metrics["eval.clips_failed"] == 0 for r in evaluated)
+
+
+@pytest.fixture(scope="module")
+def stepped(prepared, tmp_path_factory):
+    """`adapt --set adaptation.eval_at=0,1` (3 steps) and its evaluate over the 3 tiny clips, in a store of its own."""
+    uri = use_store(tmp_path_factory.mktemp("steps") / "mlflow.db")
+    for stage in ("baseline", "adapt", "evaluate"):
+        result = subprocess.run(cli(stage, "--config", str(prepared), "--set", "adaptation.eval_at=0,1"), cwd=ROOT,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return uri, mlflow.get_experiment_by_name(load_config(prepared).experiment).experiment_id, result.stdout
+
+
+def test_the_viewer_shows_the_step_curve_of_one_adaptation(stepped, browser):  # noqa: F811
+    """evaluate prints the step curve of eval_at; the viewer opens on it: one row per number of steps,
+    the gain against adaptation.steps and against the adaptation's seconds per clip."""
+    uri, experiment_id, stdout = stepped
+    assert "step curve (adaptation.eval_at)" in stdout
+    mlflow.set_tracking_uri(uri)
+    gains = {r.info.run_name: r.data.metrics["eval.psnr_gain"] for r in stage_runs(experiment_id, "adapt")}
+    assert sorted(gains) == [f"lora-r4-lr0.001-{s}steps" for s in (0, 1, 3)] and gains["lora-r4-lr0.001-0steps"] == 0
+    viewer = Viewer(uri)
+    try:
+        page = open_page(browser, viewer.url)
+        page.get_by_role("heading", name="Step curve").wait_for(timeout=60_000)
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length === 2", timeout=60_000)
+        wait_idle(page)
+        table = page.locator("[data-testid='stTable']").first
+        headers = [h.strip() for h in table.locator("thead th").all_inner_texts()]
+        rows = [dict(zip(headers, (c.strip() for c in r.locator("th, td").all_inner_texts())))
+                for r in table.locator("tbody tr").all()]
+        assert sorted(r["adaptation.steps"] for r in rows) == ["0", "1", "3"]
+        plots = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(
+            el => ({title: (el.layout.title.text || "").replace(/<[^>]+>/g, ""), x: el.data.map(t => t.x),
+                   y: el.data.map(t => t.y)}))""")
+        by_title = {p["title"]: p for p in plots}
+        page.screenshot(path=str(SHOTS / "viewer-step-curve.png"), full_page=True)
+        curve = by_title["step curve: Δpsnr (ITT, 95% CI) against adaptation.steps"]
+        assert curve["x"] == [["0", "1", "3"]]
+        assert curve["y"][0] == pytest.approx([gains[f"lora-r4-lr0.001-{s}steps"] for s in (0, 1, 3)])
+        assert "cost vs gain per adapted arm: mean Δpsnr (ITT)" in by_title
+    finally:
+        viewer.stop()

@@ -53,9 +53,10 @@ def cost_gain_figure(names: list[str], seconds: list[float], gains: list[float],
                              height=380)
 
 
-def gain_by_setting(rows: list[dict], key: str, grid: dict[str, list[str]], metric: str) -> go.Figure:
-    """A sweep's paired gain (with its CI) against one swept setting: one line per combination of the
-    other swept settings, the values in the grid's order."""
+def gain_by_setting(rows: list[dict], key: str, grid: dict[str, list[str]], metric: str,
+                    kind: str = "sweep") -> go.Figure:
+    """A sweep's (or step curve's) paired gain (with its CI) against one swept setting: one line per
+    combination of the other swept settings, the values in the grid's order."""
     gain, others = f"Δ{metric} (ITT)", [k for k in grid if k != key]
     groups: dict[str, list[dict]] = {}
     for row in rows:
@@ -68,5 +69,5 @@ def gain_by_setting(rows: list[dict], key: str, grid: dict[str, list[str]], metr
             error_y={"type": "data", "symmetric": False, "array": [r["CI high"] - r[gain] for r in members],
                      "arrayminus": [r[gain] - r["CI low"] for r in members]}))
     fig.add_hline(y=0, line_dash="dash", line_color="grey")
-    return fig.update_layout(title=f"sweep: Δ{metric} (ITT, 95% CI) against {key}", xaxis_title=key,
+    return fig.update_layout(title=f"{kind}: Δ{metric} (ITT, 95% CI) against {key}", xaxis_title=key,
                              xaxis_type="category", yaxis_title=f"Δ{metric}", height=380)

@@ -1,7 +1,8 @@
-"""The sweep view: every arm of a sweep (`python -m pipeline sweep`) in one table ranked by its paired
-gain, and the gain against each swept setting.
+"""The sweep view: every arm of a sweep (`python -m pipeline sweep`) or of a step curve
+(`adaptation.eval_at`) in one table ranked by its paired gain, the gain against each swept setting,
+and against the adaptation's seconds per clip.
 
-A sweep run's record (`sweep.json`) names its grid and each arm's digest; the figures are those
+A run's arms record (`sweep.json`, `log_arms_record`) names its grid and each arm's digest; the figures are those
 `evaluate` put on each arm's stage run (`eval.<metric>_gain` with its CI and p, ITT), so the table
 shows what evaluate computed, for any metric it compared.
 """
@@ -17,26 +18,27 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from pipeline.evaluation.registry import LOWER_IS_BETTER
-from pipeline.stages.sweep import RECORD
-from pipeline.tracking.runs import TAG_DIGEST, TAG_KIND, TAG_STAGE, search_all
+from pipeline.tracking.runs import ARMS_RECORD, TAG_ARMS_RECORD, TAG_DIGEST, TAG_KIND, TAG_STAGE, search_all
 from viewer import figures
 
 
 def list_sweeps(experiment_id: str) -> list[Run]:
-    """The experiment's finished sweep runs, newest first."""
-    return search_all(experiment_id, f"tags.`{TAG_STAGE}` = 'sweep' and attributes.status = 'FINISHED'",
-                      order_by=["attributes.end_time DESC"])
+    """The experiment's finished runs that list arms to show together, newest first: sweeps, and the
+    evaluations of a step curve (adaptation.eval_at)."""
+    found = {r.info.run_id: r for where in (f"tags.`{TAG_STAGE}` = 'sweep'", f"tags.`{TAG_ARMS_RECORD}` = 'true'")
+             for r in search_all(experiment_id, f"{where} and attributes.status = 'FINISHED'")}
+    return sorted(found.values(), key=lambda r: r.info.end_time, reverse=True)
 
 
 def opens_on_sweep(sweeps: list[Run], evaluation: Run | None) -> bool:
-    """Whether the newest sweep ended after the latest evaluation outside it (a sweep's own evaluations end
-    before the sweep does)."""
+    """Whether the newest sweep (or step curve) ended after the latest evaluation outside it (a sweep's own
+    evaluations end before the sweep does; a step curve's is its own)."""
     return bool(sweeps) and (evaluation is None or sweeps[0].info.end_time >= evaluation.info.end_time)
 
 
 def load_record(client: MlflowClient, run: Run) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        return json.loads(Path(client.download_artifacts(run.info.run_id, RECORD, tmp)).read_text())
+        return json.loads(Path(client.download_artifacts(run.info.run_id, ARMS_RECORD, tmp)).read_text())
 
 
 def arm_rows(experiment_id: str, record: dict, metric: str) -> list[dict]:
@@ -66,8 +68,12 @@ def gain_metrics(experiment_id: str, record: dict) -> list[str]:
 
 
 def show(client: MlflowClient, sweeps: list[Run]) -> None:
-    st.header("Sweep")
-    run = st.sidebar.selectbox("Sweep", sweeps, format_func=lambda r: r.info.run_name)
+    run = st.sidebar.selectbox("Sweep or step curve", sweeps, format_func=lambda r: r.info.run_name)
+    kind = "sweep" if run.data.tags.get(TAG_STAGE) == "sweep" else "step curve"
+    st.header(kind.capitalize())
+    if kind == "step curve":
+        st.caption("adaptation.eval_at: each number of steps is an arm of its own, taken from one adaptation per "
+                   "clip (bit for bit the arm of that many steps run alone)")
     record = load_record(client, run)
     metric = st.sidebar.radio("Metric", gain_metrics(run.info.experiment_id, record) or [record["metric"]])
     rows = arm_rows(run.info.experiment_id, record, metric)
@@ -75,7 +81,11 @@ def show(client: MlflowClient, sweeps: list[Run]) -> None:
     st.caption(f"{len(rows)} arms against one baseline, best first: the mean paired Δ{metric} over the clips the "
                "baseline scored, a clip the arm failed on counting as no change (ITT), with its 95% CI, as `evaluate` "
                "computed it.")
-    columns = st.columns(min(2, len(record["grid"])))
-    for i, key in enumerate(record["grid"]):
-        columns[i % len(columns)].plotly_chart(figures.gain_by_setting(rows, key, record["grid"], metric),
-                                               key=f"sweep-{key}")
+    charts = [(f"{kind}-{key}", figures.gain_by_setting(rows, key, record["grid"], metric, kind))
+              for key in record["grid"]]
+    charts.append((f"{kind}-cost", figures.cost_gain_figure([r["arm"] for r in rows],
+                                                            [r["adapt s per clip"] for r in rows],
+                                                            [r[f"Δ{metric} (ITT)"] for r in rows], metric)))
+    columns = st.columns(2)
+    for i, (key, chart) in enumerate(charts):
+        columns[i % 2].plotly_chart(chart, key=key)
