@@ -138,6 +138,7 @@ class AdaptationConfig:
     eval_at: str = ""  # e.g. "0,10,20": also sample and score each clip after these steps of the same adaptation (each an arm of its own, keyed as adaptation.steps=s)
     warmup: int = 4
     batch_size: int = 4  # noise draws of the same clip per micro-batch
+    clips_per_batch: int = 1  # lora: clips adapted (each its own adapter) and sampled together; equal to one at a time up to float rounding
     grad_accum: int = 1  # micro-batches per optimizer step
     deepspeed: bool = True  # method full on a GPU: DeepSpeed ZeRO in the model's dtype (bf16 weights get fp32 masters)
     zero_stage: int = 2  # 0-2
@@ -348,6 +349,10 @@ def _check(config: Config, source: str) -> None:
                           "window's last frames from the rest; the oracle's window is the whole clip, with nothing "
                           "after it to continue (use adaptation.data=context or other)")
     eval_points(config.adaptation, source)
+    a = config.adaptation
+    if a.clips_per_batch > 1 and (a.method != "lora" or a.eval_at):
+        raise ConfigError(f"{source}: 'adaptation.clips_per_batch' adapts several clips at once with a LoRA adapter "
+                          "each; it takes adaptation.method=lora and no adaptation.eval_at")
     if config.adaptation.save_weights and config.adaptation.method != "lora":
         raise ConfigError(f"{source}: 'adaptation.save_weights' keeps LoRA weights; with adaptation.method="
                           f"{config.adaptation.method!r} it would write every transformer weight per clip")
@@ -359,7 +364,7 @@ def _check(config: Config, source: str) -> None:
             continue
         if key.endswith(("steps", "rank", "batch_size", "height", "width", "frames")) and value < 0:
             raise ConfigError(f"{source}: '{key}' must not be negative")
-        if key.endswith(("batch_size", "grad_accum", "samples")) and value < 1:
+        if key.endswith(("batch_size", "grad_accum", "samples", "clips_per_batch")) and value < 1:
             raise ConfigError(f"{source}: '{key}' must be at least 1")
 
 

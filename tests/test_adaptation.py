@@ -2,6 +2,7 @@
 target frames; per-clip, per-sample seeds shared by the arms; the sham arm adapts on its partner's
 context; reset restores base and adapter exactly."""
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -267,3 +268,46 @@ def test_a_step_of_eval_at_is_the_arm_of_that_many_steps(prepared, method):
         assert figures.keys() == {k for k in alone.metrics if k not in COSTS}
         assert all(np.array_equal(v, alone.metrics[k], equal_nan=True) for k, v in figures.items()), steps
     assert not np.array_equal(points[0].first, final.first)  # the points differ: the check can fail
+
+
+# --- adaptation.clips_per_batch: several clips adapted together, each with its own adapter ---
+def test_clips_adapted_together_equal_one_at_a_time(prepared):
+    """Three clips in one batched LoRA (each its own adapter, optimizer state and draws) give what
+    each gives alone, up to float rounding: samples, scores, losses and adapted weights. A clip whose
+    loss turns NaN fails alone; the others are not touched by it."""
+    settings = {"adaptation.lr": "0.01", "adaptation.steps": "4", "sampling.samples": "2",
+                "adaptation.save_weights": "true"}
+    alone = Continuer(load_config(prepared, settings), "adapt")
+    together = Continuer(load_config(prepared, {**settings, "adaptation.clips_per_batch": "3"}), "adapt")
+    clips = [_clip(together.config, together, i) for i in range(3)]
+    outputs = together.run_group(clips)
+    for clip, out in zip(clips, outputs):
+        expected = alone.run(clip)
+        assert np.abs(out.first.astype(int) - expected.first).max() <= 1
+        for name in ("psnr", "ssim"):
+            assert out.per_sample[name] == pytest.approx(expected.per_sample[name], rel=1e-4, abs=1e-4)
+        for name in ("adapt_loss_first", "adapt_loss_last"):
+            assert out.metrics[name] == pytest.approx(expected.metrics[name], rel=1e-4)
+        assert out.weights.keys() == expected.weights.keys()
+        # with its one prompt token, the tiny model's cross-attention weighs that token 1 whatever its
+        # query and key: their gradients are rounding noise, which AdamW scales up to whole steps
+        assert all(torch.allclose(out.weights[k], expected.weights[k], atol=1e-5) for k in out.weights
+                   if not any(f"attn2.{p}." in k for p in ("to_q", "to_k")))
+    assert not np.array_equal(outputs[0].first, outputs[1].first)
+
+    window = together.window
+    together.window = lambda clip, latents: window(clip, latents) * (math.nan if clip is clips[1] else 1)
+    failed = together.run_group(clips)
+    assert isinstance(failed[1], NonFiniteLoss) and "loss became nan at step 1" in str(failed[1])
+    for before, after in ((outputs[0], failed[0]), (outputs[2], failed[2])):
+        assert np.array_equal(before.first, after.first) and before.per_sample == after.per_sample
+
+
+def test_clips_per_batch_names_what_it_cannot_do(prepared):
+    with pytest.raises(ConfigError, match="'adaptation.clips_per_batch' .* takes adaptation.method=lora"):
+        load_config(prepared, {"adaptation.clips_per_batch": "2", "adaptation.method": "full"})
+    config = load_config(prepared, {"adaptation.clips_per_batch": "2"})
+    backend = load_backend(config)
+    backend.batches_clips = False  # as every backend but LTX-Video declares
+    with pytest.raises(ValueError, match="adaptation.clips_per_batch=2: .* trains one clip at a time"):
+        Continuer(config, "adapt", backend)

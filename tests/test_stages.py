@@ -445,3 +445,35 @@ def test_eval_at_records_each_step_as_its_arm_and_evaluate_draws_the_curve(prepa
     assert {s: sum(r.info.status == "FINISHED" for r in after if r.data.tags["tta.digest"] == d)
             for s, d in digests.items()} == {0: 3, 1: 3, 3: 3}
     assert len(after) == len(runs) + 1
+
+
+def test_clips_adapted_together_are_recorded_one_by_one(prepared, store, tmp_path):
+    """adaptation.clips_per_batch=2 over 3 clips (a pair, then one): every clip its own run and result,
+    close to the arm adapted one clip at a time; a broken clip fails alone inside its pair."""
+    config = load_config(prepared, {"adaptation.clips_per_batch": "2", "adaptation.lr": "0.01"})
+    alone = load_config(prepared, {"adaptation.lr": "0.01"})
+    assert stage_digest(config, "adapt") != stage_digest(alone, "adapt")  # its own arm: not the same bits
+    run_stage(alone, "adapt")
+    run_stage(config, "adapt")
+    runs = {r.data.tags["tta.digest"]: {} for r in clip_runs("tiny", "adapt")}
+    for r in clip_runs("tiny", "adapt"):
+        runs[r.data.tags["tta.digest"]][r.data.tags["tta.clip_id"]] = r
+    batched, single = runs[stage_digest(config, "adapt")], runs[stage_digest(alone, "adapt")]
+    assert sorted(batched) == sorted(single) and all(r.info.status == "FINISHED" for r in batched.values())
+    for clip_id, run in batched.items():
+        assert run.data.metrics["clips_per_batch"] in (1, 2) and "(2 clips per batch)" in run.data.tags["tta.arm"]
+        assert run.data.metrics["psnr"] == pytest.approx(single[clip_id].data.metrics["psnr"], abs=1e-3)
+
+    good = [r for r in read_manifest(config.data.manifest) if r.split == "test"]
+    source = Path(config.data.manifest).parent
+    (tmp_path / "garbage.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(500))
+    records = [ClipRecord(**{**r.__dict__, "path": str(source / r.path)}) for r in good]
+    records.insert(1, ClipRecord("corrupt", "bad", str(tmp_path / "garbage.mp4"), 6, 8.0, 16, 16, "test", "x"))
+    write_manifest(tmp_path / "data" / "manifest.csv", records)  # pairs: (good, corrupt), (good, good)
+    broken = load_config(prepared, {"adaptation.clips_per_batch": "2", "adaptation.lr": "0.01",
+                                    "data.output_dir": str(tmp_path / "data"), "data.num_clips": "0"})
+    run_stage(broken, "adapt")
+    runs = {r.data.tags["tta.clip_id"]: r for r in clip_runs("tiny", "adapt")
+            if r.data.tags["tta.digest"] == stage_digest(broken, "adapt")}
+    assert {c: r.info.status for c, r in runs.items()} == {**{r.clip_id: "FINISHED" for r in good}, "corrupt": "FAILED"}
+    assert "not a readable video" in runs["corrupt"].data.tags["tta.error"]

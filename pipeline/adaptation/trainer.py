@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,6 +16,7 @@ from .optim import Optimizer
 
 if TYPE_CHECKING:
     from .base import WeightAdapter
+    from .batched_lora import BatchedLora
 
 
 class NonFiniteLoss(RuntimeError):
@@ -39,16 +40,16 @@ def train(optimizer: Optimizer, loss_fn: Callable[[int], torch.Tensor], steps: i
     for step in range(start, steps):
         micro = []
         for _ in range(optimizer.accum):
-            loss = loss_fn(step)
-            optimizer.micro_step(loss)
+            loss = loss_fn(step)  # one clip's, or several clips' (each with its own adapter: their sum trains each)
+            optimizer.micro_step(loss.sum())
             micro.append(loss.detach())
         optimizer.step()
-        pending.append(torch.stack(micro).mean())
+        pending.append(torch.stack(micro).mean(0))
         paused = step + 1 in pause_at and on_pause is not None
         if (step + 1) % log_every == 0 or step + 1 == steps or paused:
             values = torch.stack(pending).tolist()
             pending.clear()
-            if not all(math.isfinite(v) for v in values):
+            if not all(_any_finite(v) for v in values):
                 raise NonFiniteLoss(f"loss became {values[-1]} within steps {step + 2 - len(values)}-{step + 1}")
             losses.extend(values)
             if on_step is not None:
@@ -66,22 +67,14 @@ def adapt_to_clip(backend: VideoBackend, adapter: WeightAdapter, latents: torch.
     Objective `continuation`: a random number of leading latent frames stays clean, the rest is
     noised, as at sampling time. `v2v_head`: the first half of the latent frames stays clean (the
     Open-Sora v1.3 training mask). `denoising`: every frame is noised."""
-    frames = latents.shape[2]
-    if config.objective in ("continuation", "v2v_head") and frames < 2:
-        raise ValueError("the continuation objective needs at least 2 latent frames to train on; "
-                         "use adaptation.objective=denoising or more context frames")
+    frames = _check_frames(config, latents)
     seed += 1000 * ranks.rank()  # each rank of a multi-GPU run draws its own noise for the same clip
     generator = torch.Generator(backend.device).manual_seed(seed)
     rng = random.Random(seed)  # host-side draws: no device sync per step
     batch = latents.expand(config.batch_size, -1, -1, -1, -1)
 
     def loss_fn(step: int) -> torch.Tensor:
-        clean = 0
-        if config.objective == "continuation":
-            clean = rng.randint(1, frames - 1)
-        elif config.objective == "v2v_head":
-            clean = frames // 2
-        return backend.training_loss(batch, clean, generator)
+        return backend.training_loss(batch, _clean_frames(config.objective, frames, rng), generator)
 
     visited = 0.0  # seconds spent in visits, which are not the adaptation's
 
@@ -104,6 +97,57 @@ def adapt_to_clip(backend: VideoBackend, adapter: WeightAdapter, latents: torch.
     seconds = time.perf_counter() - start - visited
     backend.transformer.eval()
     return _figures(config.steps, seconds, losses)
+
+
+def adapt_clips_together(backend: VideoBackend, adapter: BatchedLora, windows: Sequence[torch.Tensor],
+                         config: AdaptationConfig, seeds: Sequence[int]) -> list[dict[str, float] | NonFiniteLoss]:
+    """`adapt_to_clip` for several clips at once (adaptation.clips_per_batch), clip i in adapter slot
+    i with the draws adapt_to_clip makes for it from seeds[i], in one batched forward and backward
+    per step. Per clip: its figures (its `adapt_seconds` the group's time over the clips), or the
+    NonFiniteLoss of a clip whose loss became NaN or infinite (the others are not affected by it)."""
+    frames = _check_frames(config, windows[0])
+    generators = [torch.Generator(backend.device).manual_seed(seed) for seed in seeds]
+    rngs = [random.Random(seed) for seed in seeds]
+    batches = [w.expand(config.batch_size, -1, -1, -1, -1) for w in windows]
+
+    def loss_fn(step: int) -> torch.Tensor:
+        return backend.training_losses(batches, [_clean_frames(config.objective, frames, rng) for rng in rngs],
+                                       generators)
+
+    backend.transformer.train()
+    start = time.perf_counter()
+    with adapter.route(list(range(len(windows))), config.batch_size):
+        losses = torch.tensor(train(adapter.optimizer(), loss_fn, config.steps) if config.steps else [])
+    synchronize(backend.device)
+    seconds = time.perf_counter() - start
+    backend.transformer.eval()
+    results = []
+    for i in range(len(windows)):
+        clip = losses[:, i].tolist() if config.steps else []
+        bad = next((step for step, value in enumerate(clip) if not math.isfinite(value)), None)
+        results.append(_figures(config.steps, seconds / len(windows), clip) | {"adapt_group_seconds": seconds}
+                       if bad is None else NonFiniteLoss(f"loss became {clip[bad]} at step {bad + 1}"))
+    return results
+
+
+def _check_frames(config: AdaptationConfig, latents: torch.Tensor) -> int:
+    frames = latents.shape[2]
+    if config.objective in ("continuation", "v2v_head") and frames < 2:
+        raise ValueError("the continuation objective needs at least 2 latent frames to train on; "
+                         "use adaptation.objective=denoising or more context frames")
+    return frames
+
+
+def _clean_frames(objective: str, frames: int, rng: random.Random) -> int:
+    """The latent frames kept clean in one training step (see adapt_to_clip)."""
+    if objective == "continuation":
+        return rng.randint(1, frames - 1)
+    return frames // 2 if objective == "v2v_head" else 0
+
+
+def _any_finite(value: float | list[float]) -> bool:
+    """A step's loss: one clip's, or several clips' (training goes on while any of them is finite)."""
+    return math.isfinite(value) if isinstance(value, float) else any(math.isfinite(v) for v in value)
 
 
 def _figures(steps: int, seconds: float, losses: list[float]) -> dict[str, float]:

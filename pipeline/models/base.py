@@ -90,6 +90,7 @@ class VideoBackend(ABC):
     mlp_targets: list[str]  # added by 'attention+mlp'
     can_pretrain: ClassVar[bool] = False  # the pretrain stage can train it here, from `untrained`
     takes_noise: ClassVar[bool] = False  # sample_batch takes its starting noise (the noise and select methods need it)
+    batches_clips: ClassVar[bool] = False  # training_losses takes several clips (adaptation.clips_per_batch needs it)
 
     @classmethod
     @abstractmethod
@@ -126,6 +127,11 @@ class VideoBackend(ABC):
     @abstractmethod
     def training_loss(self, latents: torch.Tensor, clean_frames: int, generator: torch.Generator) -> torch.Tensor:
         """Rectified-flow loss on an encoding, the first `clean_frames` latent frames kept clean (timestep 0)."""
+
+    def training_losses(self, latents: Sequence[torch.Tensor], clean_frames: Sequence[int],
+                        generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Each clip's `training_loss` in one forward (backends that `batches_clips`)."""
+        raise NotImplementedError(f"{type(self).__name__} trains one clip at a time")
 
     @abstractmethod
     def sample(self, context: torch.Tensor, latent_frames: int, seed: int) -> torch.Tensor:

@@ -91,6 +91,7 @@ class LTXVideoBackend(VideoBackend):
     attention_targets, mlp_targets = ATTENTION_TARGETS, MLP_TARGETS
     can_pretrain = True  # the small default
     takes_noise = True
+    batches_clips = True
 
     def __init__(
         self,
@@ -306,18 +307,36 @@ class LTXVideoBackend(VideoBackend):
         return f, h // self.patch, w // self.patch
 
     def training_loss(self, latents: torch.Tensor, clean_frames: int, generator: torch.Generator) -> torch.Tensor:
-        latents = self.latents_from(latents, generator)
-        grid = self._grid(latents.shape)
-        x0 = _pack(latents, self.patch)
-        batch, tokens, _ = x0.shape
-        clean = clean_frames * grid[1] * grid[2]
-        sigma = torch.sigmoid(torch.randn(batch, generator=generator, device=self.device) + self._sigma_shift(tokens))
-        noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
-        sigmas = sigma[:, None].expand(batch, tokens).clone()
-        sigmas[:, :clean] = 0
-        xt = flow_noised(x0, noise, sigmas[..., None])
-        v = self._velocity(xt, sigmas * 1000, self._video_coords(batch, grid), self._training_prompt(batch, generator))
-        return torch.nn.functional.mse_loss(v[:, clean:].float(), (noise - x0)[:, clean:].float())
+        return self.training_losses([latents], [clean_frames], [generator])[0]
+
+    def training_losses(self, latents: Sequence[torch.Tensor], clean_frames: Sequence[int],
+                        generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Clip i's loss (its encoding, clean prefix and generator, drawn from in `training_loss`'s
+        order) for several clips in one forward: their items in blocks, one clip after another."""
+        x0s, noises, sigmas, prompts = [], [], [], []
+        for encoding, clean_frames_i, generator in zip(latents, clean_frames, generators, strict=True):
+            z = self.latents_from(encoding, generator)
+            grid = self._grid(z.shape)
+            x0 = _pack(z, self.patch)
+            batch, tokens, _ = x0.shape
+            sigma = torch.sigmoid(torch.randn(batch, generator=generator, device=self.device) + self._sigma_shift(tokens))
+            noises.append(torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype))
+            sigma = sigma[:, None].expand(batch, tokens).clone()
+            sigma[:, :clean_frames_i * grid[1] * grid[2]] = 0
+            x0s.append(x0)
+            sigmas.append(sigma)
+            prompts.append(self._training_prompt(batch, generator))
+        x0, noise, sigma = torch.cat(x0s), torch.cat(noises), torch.cat(sigmas)
+        prompt = tuple(torch.cat([p[k].expand(len(s), *p[k].shape[1:]) for p, s in zip(prompts, sigmas)])
+                       for k in range(2))
+        xt = flow_noised(x0, noise, sigma[..., None])
+        v = self._velocity(xt, sigma * 1000, self._video_coords(len(x0), grid), prompt)
+        losses = []
+        for v_i, target, clean_frames_i in zip(v.split([len(s) for s in sigmas]), (noise - x0).split(
+                [len(s) for s in sigmas]), clean_frames):
+            clean = clean_frames_i * grid[1] * grid[2]
+            losses.append(torch.nn.functional.mse_loss(v_i[:, clean:].float(), target[:, clean:].float()))
+        return torch.stack(losses)
 
     def _training_prompt(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt per sample, the negative one for a `prompt_dropout` share of them."""

@@ -25,6 +25,8 @@ from mlflow.tracking import MlflowClient
 from ..runtime import ranks
 from ..adaptation import METHODS, make_adapter
 from ..adaptation.base import WeightAdapter
+from ..adaptation.batched_lora import BatchedLora
+from ..adaptation.trainer import adapt_clips_together
 from ..runtime.cluster import Shard, check_store_for_many_writers, preemptible
 from ..config import NOT_RESULT_SETTINGS, Config, ConfigError, eval_points
 from ..data.manifest import ClipRecord, read_manifest, resolve_clip_path, select_clips
@@ -101,10 +103,12 @@ class ClipOutput:
     per_frame: dict[str, list[float]]  # per frame of [K, T): mean over samples; references
     per_sample: dict[str, list[float]]  # per sample: its clip mean
     features: dict[str, np.ndarray]  # for FVD: 'i3d' (one row per sample), 'truth_i3d' (baseline); {} without I3D
+    weights: dict[str, torch.Tensor]  # the clip's adapted LoRA weights with adaptation.save_weights, else {}
 
 
 class Continuer:
-    """Holds the model (and adapter) for a whole stage; `run(clip)` handles one clip."""
+    """Holds the model (and adapter) for a whole stage; `run(clip)` handles one clip, `run_group(clips)`
+    several adapted together (adaptation.clips_per_batch)."""
 
     def __init__(self, config: Config, stage: str, backend: VideoBackend | None = None):
         self.config, self.stage = config, stage
@@ -114,7 +118,15 @@ class Continuer:
             f"+{weights_fingerprint(self.backend.vae)}" if self.backend.vae is not None else "")
         d = config.data
         self.layout = self.backend.frame_layout(d.frames, d.context, d.height, d.width)
-        self.adapter = make_adapter(self.backend, config.adaptation) if stage == "adapt" else None
+        self.clips_per_batch = config.adaptation.clips_per_batch if stage == "adapt" else 1
+        self.adapter = make_adapter(self.backend, config.adaptation) if self.clips_per_batch == 1 and stage == "adapt" \
+            else None
+        self.batched = None  # the clips_per_batch adapters
+        if self.clips_per_batch > 1:
+            if not self.backend.batches_clips:
+                raise ValueError(f"adaptation.clips_per_batch={self.clips_per_batch}: {type(self.backend).__name__} "
+                                 "trains one clip at a time; use model.backend=ltx-video or clips_per_batch=1")
+            self.batched = BatchedLora(self.backend, config.adaptation, self.clips_per_batch)
         self.latents = LatentCache.for_stage(config, self.backend, self.layout.conditioned_pixel_frames)
         self.scorer = Scorer(config.evaluation.lpips, config.evaluation.lpips_net, self.backend.device)
         self.scorer.check_fvd_input(d.frames - d.context, d.height, d.width)
@@ -168,17 +180,54 @@ class Continuer:
         if self.adapter is None:
             return context_latents, timing
         self.adapter.reset()
-        if cfg.adaptation.data == "context":
-            window = context_latents
-        elif cfg.adaptation.data == "other":
-            window = self._context_latents(clip.partner, clip.partner_frames)[0]
-        else:
-            window = backend.encode(frames_to_tensor(clip.frames, backend.device))
-        noise_seed = derive_seed(cfg.adaptation.noise_seed, clip.record.clip_id)
         on_step = None if visit is None else (lambda steps, figures: visit(steps, context_latents,
                                                                            {**timing, **figures}))
-        return context_latents, {**timing, **self.adapter.fit(window, noise_seed, self.layout.latent_frames, seeds,
-                                                              at, on_step)}
+        return context_latents, {**timing, **self.adapter.fit(self.window(clip, context_latents), self.noise_seed(clip),
+                                                              self.layout.latent_frames, seeds, at, on_step)}
+
+    def window(self, clip: ClipFrames, context_latents: torch.Tensor) -> torch.Tensor:
+        """What the clip is adapted on: its context, another clip's (sham) or the whole clip (oracle)."""
+        data = self.config.adaptation.data
+        if data == "context":
+            return context_latents
+        if data == "other":
+            return self._context_latents(clip.partner, clip.partner_frames)[0]
+        return self.backend.encode(frames_to_tensor(clip.frames, self.backend.device))
+
+    def noise_seed(self, clip: ClipFrames) -> int:
+        return derive_seed(self.config.adaptation.noise_seed, clip.record.clip_id)
+
+    def run_group(self, clips: list[ClipFrames]) -> list[ClipOutput | Exception]:
+        """adaptation.clips_per_batch: the clips adapted together, each with its own LoRA adapter and
+        the draws `run` makes for it, then sampled in one batch. Per clip its output (as `run` makes
+        it, up to float rounding; seconds are the group's shared out per clip) or the error it failed with."""
+        cfg, backend, n = self.config, self.backend, self.config.sampling.samples
+        seeds = [self.sample_seeds(clip.record) for clip in clips]
+        encoded, timing = [], []
+        for clip in clips:
+            start = time.perf_counter()
+            context_latents, cached = self._context_latents(clip.record, clip.frames)
+            encoded.append(context_latents)
+            timing.append({"encode_seconds": _seconds_since(start, backend.device), "context_cached": float(cached),
+                           "clips_per_batch": float(len(clips))})
+        _reset_peak_memory(backend.device)
+        self.batched.reset()
+        fits = adapt_clips_together(backend, self.batched, [self.window(c, e) for c, e in zip(clips, encoded)],
+                                    cfg.adaptation, [self.noise_seed(clip) for clip in clips])
+        adapted = [i for i, fit in enumerate(fits) if not isinstance(fit, Exception)]
+        outputs: list[ClipOutput | Exception] = list(fits)
+        if not adapted:
+            return outputs
+        start = time.perf_counter()
+        with self.batched.route(adapted, n):
+            latents = backend.sample_batch(torch.cat([encoded[i].expand(n, *encoded[i].shape[1:]) for i in adapted]),
+                                           self.layout.latent_frames, [s for i in adapted for s in seeds[i]])
+        sample_seconds = _seconds_since(start, backend.device) / len(adapted)
+        for k, i in enumerate(adapted):
+            weights = self.batched.state_dict(i) if cfg.adaptation.save_weights else {}
+            outputs[i] = self.score(clips[i], seeds[i], latents[k * n:(k + 1) * n],
+                                    {**timing[i], **fits[i], "sample_seconds": sample_seconds}, weights)
+        return outputs
 
     def run(self, clip: ClipFrames, at: Collection[int] = (),
             emit: Callable[[int, ClipOutput], None] | None = None) -> ClipOutput:
@@ -197,15 +246,21 @@ class Continuer:
     def continue_clip(self, clip: ClipFrames, context_latents: torch.Tensor, seeds: list[int],
                       metrics: dict[str, float]) -> ClipOutput:
         """The clip's samples from the model as it is now, scored (with `metrics`, the adaptation's)."""
-        cfg, layout, backend = self.config, self.layout, self.backend
-        K, frames = cfg.data.context, clip.frames
-        metrics = dict(metrics)
-        samples, continuity, first, videos = [], [], None, []
         start = time.perf_counter()
-        latents = backend.sample_batch(context_latents.expand(len(seeds), *context_latents.shape[1:]),
-                                       layout.latent_frames, seeds,
-                                       noise=self.adapter.sampling_noise() if self.adapter is not None else None)
-        metrics.update(sample_seconds=_seconds_since(start, backend.device), decode_seconds=0.0, metrics_seconds=0.0)
+        latents = self.backend.sample_batch(context_latents.expand(len(seeds), *context_latents.shape[1:]),
+                                            self.layout.latent_frames, seeds,
+                                            noise=self.adapter.sampling_noise() if self.adapter is not None else None)
+        save = self.adapter is not None and self.config.adaptation.save_weights
+        return self.score(clip, seeds, latents, {**metrics, "sample_seconds": _seconds_since(start, self.backend.device)},
+                          self.adapter.state_dict() if save else {})
+
+    def score(self, clip: ClipFrames, seeds: list[int], latents: torch.Tensor, metrics: dict[str, float],
+              weights: dict[str, torch.Tensor]) -> ClipOutput:
+        """The clip's sampled latents (one per seed) decoded and scored, beside `metrics` (adaptation and sampling)."""
+        cfg, backend = self.config, self.backend
+        K, frames = cfg.data.context, clip.frames
+        metrics = {**metrics, "decode_seconds": 0.0, "metrics_seconds": 0.0}
+        samples, continuity, first, videos = [], [], None, []
         for seed, sample_latents in zip(seeds, latents):
             start = time.perf_counter()
             output = self._decode(sample_latents[None], seed)
@@ -242,7 +297,7 @@ class Continuer:
                             for name, values in temporal_metrics(frames[K - 1], frames[K:]).items()})
             if features:
                 features["truth_i3d"] = self.scorer.features(frames[None, K:])
-        return ClipOutput(first, metrics, per_frame, per_sample, features)
+        return ClipOutput(first, metrics, per_frame, per_sample, features, weights)
 
     def _decode(self, latents: torch.Tensor, seed: int) -> np.ndarray:
         generator = torch.Generator(self.backend.device).manual_seed(seed)
@@ -272,6 +327,8 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
     d = config.data
     if ranks.world_size() > 1 and stage != "adapt":
         raise ValueError(f"{stage}: several processes per clip (torchrun) only help the adapt stage")
+    if ranks.world_size() > 1 and config.adaptation.clips_per_batch > 1:
+        raise ValueError("adaptation.clips_per_batch batches clips on one GPU; under torchrun each clip uses every GPU")
     ranks.init()
     if ranks.is_main():
         check_store_for_many_writers(shard)
@@ -387,33 +444,36 @@ def _run_clips(continuer: Continuer, recorders: dict[int, Recorder], todo: list[
                needed: dict[str, list[int]], partners: dict[str, ClipRecord], inputs: dict[str, str],
                arms: dict[int, Config]) -> None:
     """Each clip in its own child run of every arm (by steps) it has no finished result in yet, tagged
-    with what its result was made from."""
+    with what its result was made from; `continuer.clips_per_batch` clips at a time."""
     manifest = continuer.config.data.manifest
     io = recorders[continuer.config.adaptation.steps]
 
-    def load(record: ClipRecord) -> Future:  # decoded on an I/O thread while the previous clip runs
-        return io.load(continuer.load_inputs, manifest, record, partners.get(record.clip_id))
+    def load(group: list[ClipRecord]) -> dict[str, Future]:  # decoded on I/O threads while the previous group runs
+        return {r.clip_id: io.load(continuer.load_inputs, manifest, r, partners.get(r.clip_id)) for r in group}
 
-    ahead = load(todo[0]) if todo else None
-    for i, record in enumerate(todo):
-        clip = ahead
-        if i + 1 < len(todo):
-            ahead = load(todo[i + 1])
-        tags = {TAG_CLASS: record.label, TAG_SOURCE: record.source, TAG_INPUTS: inputs[record.clip_id],
-                TAG_WEIGHTS: continuer.weights}
-        if record.clip_id in partners:
-            tags[TAG_PARTNER] = partners[record.clip_id].clip_id
-        runs = {steps: recorders[steps].start(record.clip_id, {**tags, "tta.arm": arm_label(arms[steps],
-                                                                                             continuer.stage)})
-                for steps in needed[record.clip_id]}
+    groups = [todo[i:i + continuer.clips_per_batch] for i in range(0, len(todo), continuer.clips_per_batch)]
+    ahead = load(groups[0]) if groups else {}
+    for g, group in enumerate(groups):
+        frames = ahead
+        if g + 1 < len(groups):
+            ahead = load(groups[g + 1])
+        runs = {}
+        for record in group:
+            tags = {TAG_CLASS: record.label, TAG_SOURCE: record.source, TAG_INPUTS: inputs[record.clip_id],
+                    TAG_WEIGHTS: continuer.weights}
+            if record.clip_id in partners:
+                tags[TAG_PARTNER] = partners[record.clip_id].clip_id
+            runs[record.clip_id] = {steps: recorders[steps].start(record.clip_id, {
+                **tags, "tta.arm": arm_label(arms[steps], continuer.stage)}) for steps in needed[record.clip_id]}
         try:
-            _run_clip(continuer, recorders, runs, record.clip_id, clip)
+            _run_group(continuer, recorders, runs, frames)
         except BaseException as exc:
             if isinstance(exc, torch.OutOfMemoryError):
                 torch.cuda.empty_cache()
-            for steps, run in runs.items():  # the arms not recorded before it failed
-                recorders[steps].fail(run, record.clip_id, exc)
-            if not isinstance(exc, Exception):  # preempted or interrupted: the clip is KILLED, the stage stops
+            for clip_id, clip_runs in runs.items():  # the arms not recorded before it failed
+                for steps, run in clip_runs.items():
+                    recorders[steps].fail(run, clip_id, exc)
+            if not isinstance(exc, Exception):  # preempted or interrupted: the clips are KILLED, the stage stops
                 raise
 
 
@@ -428,33 +488,53 @@ def _follow_main_rank(continuer: Continuer, manifest: Path, clips: dict[str, Cli
             print(f"[rank {ranks.rank()}] clip {clip_id} failed: {exc}", file=sys.stderr, flush=True)
 
 
-def _run_clip(continuer: Continuer, recorders: dict[int, Recorder], runs: dict[int, Future], clip_id: str,
-              clip_ahead: Future) -> None:
-    """One clip, recorded in the arms of `runs` (by steps; each removed once recorded), with its wall
-    time split: model compute (encode, adapt, sample, decode) against the rest on this thread (waiting
-    for the clip's frames, scoring, handing the clip to the recorder), logged as `non_model_share`
-    (an eval_at arm's clip_seconds run up to its own record); the baseline's reference predictors are
-    timed apart (`reference_seconds`)."""
+def _run_group(continuer: Continuer, recorders: dict[int, Recorder], runs: dict[str, dict[int, Future]],
+               frames: dict[str, Future]) -> None:
+    """A group of clips (one, unless adaptation.clips_per_batch), each recorded in the arms of its
+    `runs` (by steps; each removed once recorded; a clip that fails alone fails in them), with its
+    wall time split: model compute (encode, adapt, sample, decode) against the rest on this thread
+    (waiting for the clip's frames, scoring, handing the clip to the recorder), logged as
+    `non_model_share` (an eval_at arm's clip_seconds run up to its own record); the baseline's
+    reference predictors are timed apart (`reference_seconds`)."""
     start = time.perf_counter()
-    clip = clip_ahead.result()  # decoded on an I/O thread; a bad file raises its VideoError here
-    load_seconds = time.perf_counter() - start
+    clips, load_seconds = {}, {}
+    for clip_id, future in frames.items():
+        try:
+            clips[clip_id] = future.result()  # decoded on an I/O thread; a bad file raises its VideoError here
+        except Exception as exc:
+            _fail(recorders, runs, clip_id, exc)
+        load_seconds[clip_id] = time.perf_counter() - start
 
-    def record(steps: int, out: ClipOutput) -> None:
-        if steps not in runs:  # finished by an earlier invocation: never recorded twice
+    def record(clip_id: str, steps: int, out: ClipOutput) -> None:
+        if steps not in runs[clip_id]:  # finished by an earlier invocation: never recorded twice
             return
-        save = continuer.config.adaptation.save_weights and continuer.adapter
-        weights = continuer.adapter.state_dict() if save else {}
         recording = time.perf_counter()
         recorders[steps].wait_for_slot()
         end = time.perf_counter()
-        metrics = out.metrics  # reference_seconds (the baseline's reference predictors) is a part of its own
-        metrics.update(load_seconds=load_seconds, record_seconds=end - recording, clip_seconds=end - start,
-                       non_model_share=(load_seconds + metrics["metrics_seconds"] + end - recording) / (end - start))
-        recorders[steps].record(runs.pop(steps), clip_id, clip.frames, out.first, metrics, out.per_frame,
-                                out.per_sample, weights, out.features)
+        metrics, loaded = out.metrics, load_seconds[clip_id]  # reference_seconds is a part of its own
+        metrics.update(load_seconds=loaded, record_seconds=end - recording, clip_seconds=end - start,
+                       non_model_share=(loaded + metrics["metrics_seconds"] + end - recording) / (end - start))
+        recorders[steps].record(runs[clip_id].pop(steps), clip_id, clips[clip_id].frames, out.first, metrics,
+                                out.per_frame, out.per_sample, out.weights, out.features)
 
     final = continuer.config.adaptation.steps
-    record(final, continuer.run(clip, set(runs) - {final}, record))
+    if continuer.clips_per_batch == 1:
+        for clip_id, clip in clips.items():
+            record(clip_id, final, continuer.run(clip, set(runs[clip_id]) - {final},
+                                                 lambda steps, out: record(clip_id, steps, out)))
+        return
+    for clip_id, out in zip(clips, continuer.run_group(list(clips.values())) if clips else []):
+        if isinstance(out, Exception):
+            _fail(recorders, runs, clip_id, out)
+        else:
+            record(clip_id, final, out)
+
+
+def _fail(recorders: dict[int, Recorder], runs: dict[str, dict[int, Future]], clip_id: str, error: Exception) -> None:
+    """One clip of a group failed alone: each arm it has not been recorded in yet says why."""
+    for steps, run in runs[clip_id].items():
+        recorders[steps].fail(run, clip_id, error)
+    runs[clip_id].clear()
 
 
 def arm_run_name(config: Config, stage: str) -> str:
