@@ -20,7 +20,6 @@ from peft.tuners.lora import LoraLayer
 from ..config import AdaptationConfig
 from ..models.base import VideoBackend
 from .lora import LoraAdapter
-from .optim import Optimizer, TorchAdamW
 
 
 class Routing:
@@ -58,33 +57,22 @@ class BatchedLoraLinear(torch.nn.Module):
         return (result + update.reshape(*x.shape[:-1], -1) * self.scaling).to(result.dtype)
 
 
-class BatchedLora:
-    """`clips` LoRA adapters on the backend's transformer, each reset to the `lora` method's initial state."""
+class BatchedLora(LoraAdapter):
+    """`clips` LoRA adapters on the backend's transformer, each reset to the `lora` method's initial
+    state; its clips are fitted together by `trainer.adapt_clips_together`, inside `route`."""
 
     def __init__(self, backend: VideoBackend, config: AdaptationConfig, clips: int):
-        single = LoraAdapter(backend, config)  # PEFT's injection and initialisation, as for one clip
-        self.config, self.backend, self.clips = config, backend, clips
-        self.names = list(single.named_parameters())  # PEFT's names, for each clip's saved weights
-        self.routing = Routing()
-        self.layers: dict[str, BatchedLoraLinear] = {}
-        for name, module in list(backend.transformer.named_modules()):
+        super().__init__(backend, config)  # PEFT's injection and initialisation, as for one clip
+        self.clips, self.routing = clips, Routing()
+        self.peft_names = list(self.named_parameters())  # for each clip's saved weights
+        for name, module in list(self.transformer.named_modules()):
             if isinstance(module, LoraLayer):
                 parent, _, leaf = name.rpartition(".")
-                self.layers[name] = BatchedLoraLinear(module, clips, self.routing)
-                setattr(backend.transformer.get_submodule(parent) if parent else backend.transformer, leaf,
-                        self.layers[name])
+                setattr(self.transformer.get_submodule(parent), leaf, BatchedLoraLinear(module, clips, self.routing))
         self.initial = [p.detach().clone() for p in self.parameters()]
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
-
-    @torch.no_grad()
-    def reset(self) -> None:
-        torch._foreach_copy_(self.parameters(), self.initial)
-
-    def optimizer(self) -> Optimizer:
-        c = self.config
-        return TorchAdamW(self.parameters(), c.lr, c.warmup, c.grad_accum)
+    def fit(self, *args, **kwargs):
+        raise NotImplementedError("batched adapters fit several clips at once: trainer.adapt_clips_together")
 
     @contextmanager
     def route(self, slots: list[int], items_per_clip: int):
@@ -95,7 +83,7 @@ class BatchedLora:
         finally:
             self.routing.slots = []
 
-    def state_dict(self, slot: int) -> dict[str, torch.Tensor]:
+    def clip_state_dict(self, slot: int) -> dict[str, torch.Tensor]:
         """Clip slot's adapted weights under PEFT's parameter names, as the `lora` method saves them."""
-        stacks = [p[slot] for p in self.parameters()]
-        return {name: w.detach().to("cpu", copy=True) for name, w in zip(self.names, stacks, strict=True)}
+        return {name: p[slot].detach().to("cpu", copy=True)
+                for name, p in zip(self.peft_names, self.parameters(), strict=True)}

@@ -224,7 +224,7 @@ class Continuer:
                                            self.layout.latent_frames, [s for i in adapted for s in seeds[i]])
         sample_seconds = _seconds_since(start, backend.device) / len(adapted)
         for k, i in enumerate(adapted):
-            weights = self.batched.state_dict(i) if cfg.adaptation.save_weights else {}
+            weights = self.batched.clip_state_dict(i) if cfg.adaptation.save_weights else {}
             outputs[i] = self.score(clips[i], seeds[i], latents[k * n:(k + 1) * n],
                                     {**timing[i], **fits[i], "sample_seconds": sample_seconds}, weights)
         return outputs
