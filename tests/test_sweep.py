@@ -27,6 +27,31 @@ def stage_runs(experiment_id: str, stage: str | None = None) -> list:
     return MlflowClient().search_runs([experiment_id], where)
 
 
+def open_view(browser, url: str, heading: str, plots: int):
+    """The viewer's page once the view under `heading` has drawn its `plots` figures."""
+    page = open_page(browser, url)
+    page.get_by_role("heading", name=heading).wait_for(timeout=60_000)
+    page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length === {plots}", timeout=60_000)
+    wait_idle(page)
+    return page
+
+
+def table_rows(page) -> list[dict[str, str]]:
+    """The first table on the page, a dict per row by column header."""
+    table = page.locator("[data-testid='stTable']").first
+    headers = [h.strip() for h in table.locator("thead th").all_inner_texts()]
+    return [dict(zip(headers, (c.strip() for c in r.locator("th, td").all_inner_texts())))
+            for r in table.locator("tbody tr").all()]
+
+
+def plots_by_title(page) -> dict[str, dict]:
+    """Every Plotly figure on the page by title: its traces' x and y."""
+    plots = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(
+        el => ({title: (el.layout.title.text || "").replace(/<[^>]+>/g, ""), x: el.data.map(t => t.x),
+               y: el.data.map(t => t.y)}))""")
+    return {p["title"]: p for p in plots}
+
+
 @pytest.fixture(scope="module")
 def swept(prepared, tmp_path_factory):
     """`sweep --grid adaptation.rank=2,4 --grid adaptation.lr=1e-3,2e-3` over the 3 tiny clips, in a store of its own."""
@@ -66,22 +91,13 @@ def test_the_viewer_opens_on_the_sweep_with_every_arm(swept, browser):  # noqa: 
     gains = {r.info.run_name: r.data.metrics["eval.psnr_gain"] for r in stage_runs(experiment_id, "adapt")}
     viewer = Viewer(uri)
     try:
-        page = open_page(browser, viewer.url)
-        page.get_by_role("heading", name="Sweep").wait_for(timeout=60_000)
-        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length === 3", timeout=60_000)
-        wait_idle(page)
-        table = page.locator("[data-testid='stTable']").first
-        headers = [h.strip() for h in table.locator("thead th").all_inner_texts()]
-        rows = [dict(zip(headers, (c.strip() for c in r.locator("th, td").all_inner_texts())))
-                for r in table.locator("tbody tr").all()]
+        page = open_view(browser, viewer.url, "Sweep", plots=3)
+        rows = table_rows(page)
         assert [r["arm"] for r in rows] == sorted(gains, key=gains.get, reverse=True)  # best first
         assert all(float(r["Δpsnr (ITT)"]) == pytest.approx(gains[r["arm"]], abs=1e-3) for r in rows)
         assert {(r["adaptation.rank"], r["adaptation.lr"]) for r in rows} == {
             (rank, lr) for rank in ("2", "4") for lr in ("1e-3", "2e-3")}
-        plots = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(
-            el => ({title: (el.layout.title.text || "").replace(/<[^>]+>/g, ""), x: el.data.map(t => t.x),
-                   y: el.data.map(t => t.y)}))""")
-        by_title = {p["title"]: p for p in plots}
+        by_title = plots_by_title(page)
         page.screenshot(path=str(SHOTS / "viewer-sweep.png"), full_page=True)
         assert len(by_title) == 3, list(by_title)
         cost = by_title["cost vs gain per adapted arm: mean Δpsnr (ITT)"]  # gain against adaptation seconds
@@ -185,19 +201,10 @@ def test_the_viewer_shows_the_step_curve_of_one_adaptation(stepped, browser):  #
     assert sorted(gains) == [f"lora-r4-lr0.001-{s}steps" for s in (0, 1, 3)] and gains["lora-r4-lr0.001-0steps"] == 0
     viewer = Viewer(uri)
     try:
-        page = open_page(browser, viewer.url)
-        page.get_by_role("heading", name="Step curve").wait_for(timeout=60_000)
-        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length === 2", timeout=60_000)
-        wait_idle(page)
-        table = page.locator("[data-testid='stTable']").first
-        headers = [h.strip() for h in table.locator("thead th").all_inner_texts()]
-        rows = [dict(zip(headers, (c.strip() for c in r.locator("th, td").all_inner_texts())))
-                for r in table.locator("tbody tr").all()]
+        page = open_view(browser, viewer.url, "Step curve", plots=2)
+        rows = table_rows(page)
         assert sorted(r["adaptation.steps"] for r in rows) == ["0", "1", "3"]
-        plots = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(
-            el => ({title: (el.layout.title.text || "").replace(/<[^>]+>/g, ""), x: el.data.map(t => t.x),
-                   y: el.data.map(t => t.y)}))""")
-        by_title = {p["title"]: p for p in plots}
+        by_title = plots_by_title(page)
         page.screenshot(path=str(SHOTS / "viewer-step-curve.png"), full_page=True)
         curve = by_title["step curve: Δpsnr (ITT, 95% CI) against adaptation.steps"]
         assert curve["x"] == [["0", "1", "3"]]

@@ -172,7 +172,7 @@ class Continuer:
         adapter to the clip (every rank) before its samples (from `seeds`) are drawn: on its context,
         the whole clip (oracle) or another clip's context (sham). After each step count in `at`,
         `visit(steps, context latents, figures)` runs with the adapter in that state."""
-        cfg, backend = self.config, self.backend
+        backend = self.backend
         start = time.perf_counter()
         context_latents, cached = self._context_latents(clip.record, clip.frames)
         timing = {"encode_seconds": _seconds_since(start, backend.device), "context_cached": float(cached)}
