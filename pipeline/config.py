@@ -116,6 +116,7 @@ class SamplingConfig:
     steps: int = 50
     seed: int = 0  # sampling noise: each clip's sample n draws from a seed derived from (seed, clip id, n)
     samples: int = 1  # continuations per clip, each from its own derived seed (the same in every arm)
+    clips_per_batch: int = 1  # clips sampled in one batch and, with LoRA, adapted together (each its own adapter); equal to one at a time up to float rounding
     schedule: str = "linear_quadratic"  # ltx-video: LTXConditionPipeline's sigmas | linear (the scheduler's own spacing, with shift)
     shift: float = 1.0  # ltx-video, schedule=linear: the flow shift
     cond_noise_scale: float = 0.15  # ltx-video: context tokens re-noised by this x sigma^2 each step (the pipeline's image_cond_noise_scale; 0 = kept clean)
@@ -138,7 +139,6 @@ class AdaptationConfig:
     eval_at: str = ""  # e.g. "0,10,20": also sample and score each clip after these steps of the same adaptation (each an arm of its own, keyed as adaptation.steps=s)
     warmup: int = 4
     batch_size: int = 4  # noise draws of the same clip per micro-batch
-    clips_per_batch: int = 1  # lora: clips adapted (each its own adapter) and sampled together; equal to one at a time up to float rounding
     grad_accum: int = 1  # micro-batches per optimizer step
     deepspeed: bool = True  # method full on a GPU: DeepSpeed ZeRO in the model's dtype (bf16 weights get fp32 masters)
     zero_stage: int = 2  # 0-2
@@ -350,9 +350,9 @@ def _check(config: Config, source: str) -> None:
                           "after it to continue (use adaptation.data=context or other)")
     eval_points(config.adaptation, source)
     a = config.adaptation
-    if a.clips_per_batch > 1 and (a.method != "lora" or a.eval_at):
-        raise ConfigError(f"{source}: 'adaptation.clips_per_batch' adapts several clips at once with a LoRA adapter "
-                          "each; it takes adaptation.method=lora and no adaptation.eval_at")
+    if config.sampling.clips_per_batch > 1 and (a.method != "lora" or a.eval_at):
+        raise ConfigError(f"{source}: 'sampling.clips_per_batch' also adapts several clips at once, with a LoRA "
+                          "adapter each; it takes adaptation.method=lora and no adaptation.eval_at")
     if config.adaptation.save_weights and config.adaptation.method != "lora":
         raise ConfigError(f"{source}: 'adaptation.save_weights' keeps LoRA weights; with adaptation.method="
                           f"{config.adaptation.method!r} it would write every transformer weight per clip")

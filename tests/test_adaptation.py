@@ -270,7 +270,7 @@ def test_a_step_of_eval_at_is_the_arm_of_that_many_steps(prepared, method):
     assert not np.array_equal(points[0].first, final.first)  # the points differ: the check can fail
 
 
-# --- adaptation.clips_per_batch: several clips adapted together, each with its own adapter ---
+# --- sampling.clips_per_batch: several clips adapted together, each with its own adapter ---
 def test_clips_adapted_together_equal_one_at_a_time(prepared):
     """Three clips in one batched LoRA (each its own adapter, optimizer state and draws) give what
     each gives alone, up to float rounding: samples, scores, losses and adapted weights. A clip whose
@@ -278,7 +278,7 @@ def test_clips_adapted_together_equal_one_at_a_time(prepared):
     settings = {"adaptation.lr": "0.01", "adaptation.steps": "4", "sampling.samples": "2",
                 "adaptation.save_weights": "true"}
     alone = Continuer(load_config(prepared, settings), "adapt")
-    together = Continuer(load_config(prepared, {**settings, "adaptation.clips_per_batch": "3"}), "adapt")
+    together = Continuer(load_config(prepared, {**settings, "sampling.clips_per_batch": "3"}), "adapt")
     clips = [_clip(together.config, together, i) for i in range(3)]
     outputs = together.run_group(clips)
     for clip, out in zip(clips, outputs):
@@ -303,11 +303,28 @@ def test_clips_adapted_together_equal_one_at_a_time(prepared):
         assert np.array_equal(before.first, after.first) and before.per_sample == after.per_sample
 
 
+def test_clips_sampled_together_keep_the_baseline_and_zero_steps_bitwise(prepared):
+    """The baseline of three clips in one batch equals one clip at a time up to float rounding, and 0
+    adaptation steps in the same batch reproduce that batched baseline bit for bit."""
+    settings = {"sampling.samples": "2", "sampling.clips_per_batch": "3", "adaptation.steps": "0"}
+    together = Continuer(load_config(prepared, settings), "baseline")
+    clips = [_clip(together.config, together, i) for i in range(3)]
+    outputs = together.run_group(clips)
+    adapted = Continuer(load_config(prepared, settings), "adapt").run_group(clips)
+    alone = Continuer(load_config(prepared, {"sampling.samples": "2"}), "baseline")
+    for clip, out, zero in zip(clips, outputs, adapted):
+        expected = alone.run(clip)
+        assert np.abs(out.first.astype(int) - expected.first).max() <= 1
+        assert out.per_sample["psnr"] == pytest.approx(expected.per_sample["psnr"], rel=1e-4)
+        assert out.metrics["repeat_last_psnr"] == expected.metrics["repeat_last_psnr"]  # no model: the same
+        assert np.array_equal(zero.first, out.first) and zero.per_sample == out.per_sample
+
+
 def test_clips_per_batch_names_what_it_cannot_do(prepared):
-    with pytest.raises(ConfigError, match="'adaptation.clips_per_batch' .* takes adaptation.method=lora"):
-        load_config(prepared, {"adaptation.clips_per_batch": "2", "adaptation.method": "full"})
-    config = load_config(prepared, {"adaptation.clips_per_batch": "2"})
+    with pytest.raises(ConfigError, match="'sampling.clips_per_batch' also adapts .* takes adaptation.method=lora"):
+        load_config(prepared, {"sampling.clips_per_batch": "2", "adaptation.method": "full"})
+    config = load_config(prepared, {"sampling.clips_per_batch": "2"})
     backend = load_backend(config)
     backend.batches_clips = False  # as every backend but LTX-Video declares
-    with pytest.raises(ValueError, match="adaptation.clips_per_batch=2: .* trains one clip at a time"):
+    with pytest.raises(ValueError, match="sampling.clips_per_batch=2: .* adapts one clip at a time"):
         Continuer(config, "adapt", backend)

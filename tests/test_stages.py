@@ -450,7 +450,7 @@ def test_eval_at_records_each_step_as_its_arm_and_evaluate_draws_the_curve(prepa
 def test_clips_adapted_together_are_recorded_one_by_one(prepared, store, tmp_path):
     """adaptation.clips_per_batch=2 over 3 clips (a pair, then one): every clip its own run and result,
     close to the arm adapted one clip at a time; a broken clip fails alone inside its pair."""
-    config = load_config(prepared, {"adaptation.clips_per_batch": "2", "adaptation.lr": "0.01"})
+    config = load_config(prepared, {"sampling.clips_per_batch": "2", "adaptation.lr": "0.01"})
     alone = load_config(prepared, {"adaptation.lr": "0.01"})
     assert stage_digest(config, "adapt") != stage_digest(alone, "adapt")  # its own arm: not the same bits
     run_stage(alone, "adapt")
@@ -463,6 +463,12 @@ def test_clips_adapted_together_are_recorded_one_by_one(prepared, store, tmp_pat
     for clip_id, run in batched.items():
         assert run.data.metrics["clips_per_batch"] in (1, 2) and "(2 clips per batch)" in run.data.tags["tta.arm"]
         assert run.data.metrics["psnr"] == pytest.approx(single[clip_id].data.metrics["psnr"], abs=1e-3)
+    run_stage(config, "baseline")  # batched too: the arm pairs with the baseline of the same sampling settings
+    summary = evaluate(config)
+    assert primary(summary, "psnr")["n"] == 3 and summary["arms"]["adapted"]["failed"] == 0
+    names = {r.info.run_name for r in MlflowClient().search_runs(
+        [mlflow.get_experiment_by_name("tiny").experiment_id], "tags.`tta.kind` = 'stage'")}
+    assert {"baseline-b2", "lora-r4-lr0.01-3steps-b2"} <= names
 
     good = [r for r in read_manifest(config.data.manifest) if r.split == "test"]
     source = Path(config.data.manifest).parent
@@ -470,7 +476,7 @@ def test_clips_adapted_together_are_recorded_one_by_one(prepared, store, tmp_pat
     records = [ClipRecord(**{**r.__dict__, "path": str(source / r.path)}) for r in good]
     records.insert(1, ClipRecord("corrupt", "bad", str(tmp_path / "garbage.mp4"), 6, 8.0, 16, 16, "test", "x"))
     write_manifest(tmp_path / "data" / "manifest.csv", records)  # pairs: (good, corrupt), (good, good)
-    broken = load_config(prepared, {"adaptation.clips_per_batch": "2", "adaptation.lr": "0.01",
+    broken = load_config(prepared, {"sampling.clips_per_batch": "2", "adaptation.lr": "0.01",
                                     "data.output_dir": str(tmp_path / "data"), "data.num_clips": "0"})
     run_stage(broken, "adapt")
     runs = {r.data.tags["tta.clip_id"]: r for r in clip_runs("tiny", "adapt")

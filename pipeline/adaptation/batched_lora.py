@@ -1,4 +1,4 @@
-"""LoRA for several clips at once (`adaptation.clips_per_batch`): every clip its own adapter weights
+"""LoRA for several clips at once (`sampling.clips_per_batch`): every clip its own adapter weights
 and optimizer state, trained and sampled in one batched forward.
 
 The adapters are the `lora` method's own: PEFT injects them as for one clip (same targets, same

@@ -32,9 +32,7 @@ class LoraAdapter(WeightAdapter):
 
     @classmethod
     def describe(cls, config: AdaptationConfig) -> tuple[str, str]:
-        batch = config.clips_per_batch  # batched adapters: the same up to float rounding, its own arm
-        return (f"lora r{config.rank}" + (f" ({batch} clips per batch)" if batch > 1 else ""),
-                f"lora-r{config.rank}" + (f"-b{batch}" if batch > 1 else ""))
+        return f"lora r{config.rank}", f"lora-r{config.rank}"
 
     def named_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.transformer.named_parameters() if "lora_" in n}

@@ -101,7 +101,7 @@ def adapt_to_clip(backend: VideoBackend, adapter: WeightAdapter, latents: torch.
 
 def adapt_clips_together(backend: VideoBackend, adapter: BatchedLora, windows: Sequence[torch.Tensor],
                          config: AdaptationConfig, seeds: Sequence[int]) -> list[dict[str, float] | NonFiniteLoss]:
-    """`adapt_to_clip` for several clips at once (adaptation.clips_per_batch), clip i in adapter slot
+    """`adapt_to_clip` for several clips at once (sampling.clips_per_batch), clip i in adapter slot
     i with the draws adapt_to_clip makes for it from seeds[i], in one batched forward and backward
     per step. Per clip: its figures (its `adapt_seconds` the group's time over the clips), or the
     NonFiniteLoss of a clip whose loss became NaN or infinite (the others are not affected by it)."""

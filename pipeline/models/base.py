@@ -90,7 +90,7 @@ class VideoBackend(ABC):
     mlp_targets: list[str]  # added by 'attention+mlp'
     can_pretrain: ClassVar[bool] = False  # the pretrain stage can train it here, from `untrained`
     takes_noise: ClassVar[bool] = False  # sample_batch takes its starting noise (the noise and select methods need it)
-    batches_clips: ClassVar[bool] = False  # training_losses takes several clips (adaptation.clips_per_batch needs it)
+    batches_clips: ClassVar[bool] = False  # training_losses takes several clips (sampling.clips_per_batch's adapt stage needs it)
 
     @classmethod
     @abstractmethod

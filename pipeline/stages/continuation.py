@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import Future
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +108,7 @@ class ClipOutput:
 
 class Continuer:
     """Holds the model (and adapter) for a whole stage; `run(clip)` handles one clip, `run_group(clips)`
-    several adapted together (adaptation.clips_per_batch)."""
+    several together (sampling.clips_per_batch)."""
 
     def __init__(self, config: Config, stage: str, backend: VideoBackend | None = None):
         self.config, self.stage = config, stage
@@ -118,14 +118,14 @@ class Continuer:
             f"+{weights_fingerprint(self.backend.vae)}" if self.backend.vae is not None else "")
         d = config.data
         self.layout = self.backend.frame_layout(d.frames, d.context, d.height, d.width)
-        self.clips_per_batch = config.adaptation.clips_per_batch if stage == "adapt" else 1
+        self.clips_per_batch = config.sampling.clips_per_batch
         self.adapter = make_adapter(self.backend, config.adaptation) if self.clips_per_batch == 1 and stage == "adapt" \
             else None
-        self.batched = None  # the clips_per_batch adapters
-        if self.clips_per_batch > 1:
+        self.batched = None  # the adapters of clips adapted together
+        if self.clips_per_batch > 1 and stage == "adapt":
             if not self.backend.batches_clips:
-                raise ValueError(f"adaptation.clips_per_batch={self.clips_per_batch}: {type(self.backend).__name__} "
-                                 "trains one clip at a time; use model.backend=ltx-video or clips_per_batch=1")
+                raise ValueError(f"sampling.clips_per_batch={self.clips_per_batch}: {type(self.backend).__name__} "
+                                 "adapts one clip at a time; use model.backend=ltx-video or clips_per_batch=1")
             self.batched = BatchedLora(self.backend, config.adaptation, self.clips_per_batch)
         self.latents = LatentCache.for_stage(config, self.backend, self.layout.conditioned_pixel_frames)
         self.scorer = Scorer(config.evaluation.lpips, config.evaluation.lpips_net, self.backend.device)
@@ -198,9 +198,10 @@ class Continuer:
         return derive_seed(self.config.adaptation.noise_seed, clip.record.clip_id)
 
     def run_group(self, clips: list[ClipFrames]) -> list[ClipOutput | Exception]:
-        """adaptation.clips_per_batch: the clips adapted together, each with its own LoRA adapter and
-        the draws `run` makes for it, then sampled in one batch. Per clip its output (as `run` makes
-        it, up to float rounding; seconds are the group's shared out per clip) or the error it failed with."""
+        """sampling.clips_per_batch: in the adapt stage the clips adapted together, each with its own
+        LoRA adapter and the draws `run` makes for it; then sampled in one batch. Per clip its output
+        (as `run` makes it, up to float rounding; seconds are the group's shared out per clip) or the
+        error it failed with."""
         cfg, backend, n = self.config, self.backend, self.config.sampling.samples
         seeds = [self.sample_seeds(clip.record) for clip in clips]
         encoded, timing = [], []
@@ -211,20 +212,22 @@ class Continuer:
             timing.append({"encode_seconds": _seconds_since(start, backend.device), "context_cached": float(cached),
                            "clips_per_batch": float(len(clips))})
         _reset_peak_memory(backend.device)
-        self.batched.reset()
-        fits = adapt_clips_together(backend, self.batched, [self.window(c, e) for c, e in zip(clips, encoded)],
-                                    cfg.adaptation, [self.noise_seed(clip) for clip in clips])
+        fits: list[dict[str, float] | Exception] = [{} for _ in clips]
+        if self.batched is not None:
+            self.batched.reset()
+            fits = adapt_clips_together(backend, self.batched, [self.window(c, e) for c, e in zip(clips, encoded)],
+                                        cfg.adaptation, [self.noise_seed(clip) for clip in clips])
         adapted = [i for i, fit in enumerate(fits) if not isinstance(fit, Exception)]
         outputs: list[ClipOutput | Exception] = list(fits)
         if not adapted:
             return outputs
         start = time.perf_counter()
-        with self.batched.route(adapted, n):
+        with self.batched.route(adapted, n) if self.batched is not None else nullcontext():
             latents = backend.sample_batch(torch.cat([encoded[i].expand(n, *encoded[i].shape[1:]) for i in adapted]),
                                            self.layout.latent_frames, [s for i in adapted for s in seeds[i]])
         sample_seconds = _seconds_since(start, backend.device) / len(adapted)
         for k, i in enumerate(adapted):
-            weights = self.batched.clip_state_dict(i) if cfg.adaptation.save_weights else {}
+            weights = self.batched.clip_state_dict(i) if self.batched and cfg.adaptation.save_weights else {}
             outputs[i] = self.score(clips[i], seeds[i], latents[k * n:(k + 1) * n],
                                     {**timing[i], **fits[i], "sample_seconds": sample_seconds}, weights)
         return outputs
@@ -327,8 +330,8 @@ def run_stage(config: Config, stage: str, backend: VideoBackend | None = None, s
     d = config.data
     if ranks.world_size() > 1 and stage != "adapt":
         raise ValueError(f"{stage}: several processes per clip (torchrun) only help the adapt stage")
-    if ranks.world_size() > 1 and config.adaptation.clips_per_batch > 1:
-        raise ValueError("adaptation.clips_per_batch batches clips on one GPU; under torchrun each clip uses every GPU")
+    if ranks.world_size() > 1 and config.sampling.clips_per_batch > 1:
+        raise ValueError("sampling.clips_per_batch batches clips on one GPU; under torchrun each clip uses every GPU")
     ranks.init()
     if ranks.is_main():
         check_store_for_many_writers(shard)
@@ -490,7 +493,7 @@ def _follow_main_rank(continuer: Continuer, manifest: Path, clips: dict[str, Cli
 
 def _run_group(continuer: Continuer, recorders: dict[int, Recorder], runs: dict[str, dict[int, Future]],
                frames: dict[str, Future]) -> None:
-    """A group of clips (one, unless adaptation.clips_per_batch), each recorded in the arms of its
+    """A group of clips (one, unless sampling.clips_per_batch), each recorded in the arms of its
     `runs` (by steps; each removed once recorded; a clip that fails alone fails in them), with its
     wall time split: model compute (encode, adapt, sample, decode) against the rest on this thread
     (waiting for the clip's frames, scoring, handing the clip to the recorder), logged as
@@ -540,16 +543,19 @@ def _fail(recorders: dict[int, Recorder], runs: dict[str, dict[int, Future]], cl
 def arm_run_name(config: Config, stage: str) -> str:
     """The stage run's name: `baseline`, or the arm's method and settings (`lora-r16-lr0.001-40steps`),
     sham and oracle arms marked."""
+    batched = f"-b{config.sampling.clips_per_batch}" if config.sampling.clips_per_batch > 1 else ""
     if stage == "baseline":
-        return "baseline"
+        return "baseline" + batched
     a = config.adaptation
-    return METHODS[a.method].names(a)[1] + {"other": "-sham", "oracle": "-oracle"}.get(a.data, "")
+    return METHODS[a.method].names(a)[1] + batched + {"other": "-sham", "oracle": "-oracle"}.get(a.data, "")
 
 
 def arm_label(config: Config, stage: str) -> str:
     trains = stage != "baseline" and issubclass(METHODS[config.adaptation.method], WeightAdapter)
     deviations = reference_deviations(config, trains=trains)
     note = f" [not the reference: {', '.join(deviations)}]" if deviations else ""
+    if config.sampling.clips_per_batch > 1:
+        note += f" ({config.sampling.clips_per_batch} clips per batch)"
     if stage == "baseline":
         return "baseline" + note
     a = config.adaptation
