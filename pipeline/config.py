@@ -287,6 +287,9 @@ def grid_points(grid: list[str]) -> list[dict[str, str]]:
         key, sep, values = item.partition("=")
         if not sep or not values:
             raise ConfigError(f"--grid {item!r}: expected KEY=VALUE1,VALUE2,...")
+        if not key.strip().startswith("adaptation."):
+            raise ConfigError(f"--grid {item!r}: a sweep pairs every arm with one baseline, so it sweeps adaptation.* "
+                              "settings only (others change the baseline: run a sweep per value)")
         axes.append([(key.strip(), v.strip()) for v in values.split(",") if v.strip()])
     return [dict(point) for point in itertools.product(*axes)]
 

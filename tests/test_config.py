@@ -130,3 +130,14 @@ def test_a_config_written_by_section_loads_back_equal(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config.sections()))
     assert load_config(path) == config
+
+
+def test_a_sweep_grid_outside_the_adaptation_settings_is_refused():
+    """Every arm of a sweep pairs with one baseline: a swept sampling (or data, model) setting would
+    pair arms with a baseline made otherwise."""
+    from pipeline.config import grid_points
+
+    assert grid_points(["adaptation.rank=2,4", "adaptation.lr=1e-3"]) == [
+        {"adaptation.rank": "2", "adaptation.lr": "1e-3"}, {"adaptation.rank": "4", "adaptation.lr": "1e-3"}]
+    with pytest.raises(ConfigError, match="--grid 'sampling.clips_per_batch=1,4': a sweep pairs every arm with one"):
+        grid_points(["sampling.clips_per_batch=1,4"])
