@@ -348,7 +348,7 @@ def test_an_arm_added_to_the_demo_with_mlflow_run_exactly_as_typed(store, tmp_pa
     assert "demo: lora r8 20 steps on context" in result.stdout and "16 clips the baseline scored" in result.stdout
     demo = mlflow.get_experiment_by_name("demo").experiment_id
     stages = {r.info.run_name: r for r in MlflowClient().search_runs([demo], "tags.`tta.kind` = 'stage'")}
-    assert set(stages) == {"baseline", "lora-r8-lr0.001-20steps", "evaluate lora-r8-lr0.001-20steps"}
+    assert set(stages) == {"preprocess", "baseline", "lora-r8-lr0.001-20steps", "evaluate lora-r8-lr0.001-20steps"}
     arm = stages["lora-r8-lr0.001-20steps"].data
     assert arm.params["adaptation.rank"] == "8" and arm.metrics["eval.clips_failed"] == 0
     assert math.isfinite(arm.metrics["eval.psnr_gain"])
