@@ -308,7 +308,8 @@ def download_dataset(name: str, dest: str) -> None:
 @click.option("--vae", is_flag=True, help="instead: time the LTX-Video VAE (encode context, decode clip) per shape")
 @click.option("--sampling", is_flag=True, help="instead: time one baseline sample (50 steps, guidance 1 and 3) per shape")
 @click.option("--batch", default="1", show_default=True, help="with --sampling: comma-separated numbers of clips "
-                                                               "sampled in one batch")
+                                                               "sampled in one batch; with --stage-clips: the "
+                                                               "first is sampling.clips_per_batch")
 def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, stage_clips, vae, sampling,
           batch) -> None:
     """Speed and memory of TTA steps on LTX-Video 2B with random weights (needs a GPU)."""
@@ -337,7 +338,8 @@ def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, 
         return
     if stage_clips:
         with tempfile.TemporaryDirectory() as workdir:
-            split = time_stages(Path(workdir), stage_clips, ints(frames)[0], ints(sizes)[0])
+            split = time_stages(Path(workdir), stage_clips, ints(frames)[0], ints(sizes)[0],
+                                clips_per_batch=ints(batch)[0])
         click.echo(json.dumps(split, indent=1))
         return
     flags = {"off": [False], "on": [True], "both": [False, True]}[checkpointing]

@@ -51,14 +51,16 @@ def test_evaluation_timing_runs_batched_metrics():
     assert timing["seconds"] > 0 and (timing["clips"], timing["frames"], timing["size"]) == (2, 3, 64)
 
 
-def test_stage_clips_times_both_stages_with_tracking_and_video(tmp_path):
+@pytest.mark.parametrize("clips_per_batch", [1, 2])
+def test_stage_clips_times_both_stages_with_tracking_and_video(tmp_path, clips_per_batch):
     """The real stages (MLflow store, mp4 writing, scoring) with the LTX-Video VAE's architecture on
-    the CPU: every part of a clip's wall time is accounted for."""
+    the CPU: every part of a clip's wall time is accounted for; clips per hour after the first group."""
     transformer = {**TINY, "in_channels": 128, "out_channels": 128}
-    arms = bench.stage_clips(tmp_path, clips=2, frames=17, size=64, steps=2, sampling_steps=2,
-                             transformer_config=transformer, vae_config=NARROW_VAE)
+    clips = clips_per_batch + 1
+    arms = bench.stage_clips(tmp_path, clips=clips, frames=17, size=64, steps=2, sampling_steps=2,
+                             transformer_config=transformer, vae_config=NARROW_VAE, clips_per_batch=clips_per_batch)
     for split in arms.values():
-        assert split["clips"] == 1  # the first clip is left out
+        assert split["clips"] == 1 and split["clips_per_hour"] > 0  # the first group is left out
         model = sum(split[k] for k in ("encode_seconds", "adapt_seconds", "sample_seconds", "decode_seconds")
                     if k in split)
         rest = split["load_seconds"] + split["metrics_seconds"] + split["record_seconds"]
@@ -67,7 +69,7 @@ def test_stage_clips_times_both_stages_with_tracking_and_video(tmp_path):
         assert split["bytes_per_clip"] > 0 and split["weight_bytes_per_clip"] == 0  # videos, no weights
     assert "adapt_seconds" in arms["adapt"] and "adapt_seconds" not in arms["baseline"]
     assert (arms["baseline"]["context_cached"], arms["adapt"]["context_cached"]) == (0, 1)  # encoded once
-    assert len(list((tmp_path / "clips").rglob("*.mkv"))) == 2
+    assert len(list((tmp_path / "clips").rglob("*.mkv"))) == clips
 
 
 def test_grid_lists_every_configuration_once():
