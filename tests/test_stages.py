@@ -408,12 +408,13 @@ def test_stage_runs_ask_for_mlflow_system_metrics_on_a_gpu(prepared, store, monk
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.05")
     run_clip = continuation.Continuer.run
 
-    def slow_run(self, clip):  # the monitor logs its first sample after an interval: give it several
+    def slow_run(self, clip, *args):  # the monitor logs its first sample after an interval: give it several
         time.sleep(0.5)
-        return run_clip(self, clip)
+        return run_clip(self, clip, *args)
 
     monkeypatch.setattr(continuation.Continuer, "run", slow_run)
     metrics = mlflow.get_run(run_stage(load_config(prepared), "baseline")).data.metrics
+    assert metrics["clips_failed"] == 0
     assert ("system/cpu_utilization_percentage" in metrics) == gpu
 
 

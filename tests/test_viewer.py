@@ -66,10 +66,10 @@ def filled_store(prepared, tmp_path_factory):
     failing = max(c.clip_id for c in read_manifest(config.data.manifest) if c.split == config.data.split)
     adapt = Continuer.adapt
 
-    def adapt_or_fail(self, clip, seeds):
+    def adapt_or_fail(self, clip, seeds, *args):
         if clip.record.clip_id == failing:
             raise RuntimeError("CUDA out of memory (injected)")
-        return adapt(self, clip, seeds)
+        return adapt(self, clip, seeds, *args)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Continuer, "adapt", adapt_or_fail)
