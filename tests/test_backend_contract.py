@@ -1,8 +1,10 @@
 """The contract every registered backend keeps, checked with a tiny config of its own: the frame
 layout, encode/decode shapes, 0 adaptation steps equal to the baseline bit for bit and a reset that
 restores every weight (for every method that trains weights), a finite loss, sampling deterministic
-under a seed, and a starting noise that replaces the seed's own exactly where the backend takes one. A backend whose package is not installed here is skipped with the reason. Each backend's own
-test file keeps only what is specific to it."""
+under a seed, a batch sampled as one call per context and seed, several clips adapted together as
+each alone (where the backend batches clips), and a starting noise that replaces the seed's own
+exactly where the backend takes one. A backend whose package is not installed here is skipped with
+the reason. Each backend's own test file keeps only what is specific to it."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +15,8 @@ import torch
 
 from pipeline.adaptation import METHODS, make_adapter
 from pipeline.adaptation.base import WeightAdapter
-from pipeline.adaptation.trainer import adapt_to_clip
+from pipeline.adaptation.batched_lora import BatchedLora
+from pipeline.adaptation.trainer import adapt_clips_together, adapt_to_clip
 from pipeline.config import Config, load_config
 from pipeline.models import BACKENDS, VideoBackend
 from pipeline.models.base import PackageMissing
@@ -168,3 +171,61 @@ def test_a_given_starting_noise_replaces_the_seeds_own_or_the_noise_methods_refu
     assert torch.equal(backend.sample_batch(contexts, frames, seeds, noise=own), backend.sample_batch(contexts, frames, seeds))
     assert not torch.equal(backend.sample_batch(contexts, frames, seeds, noise=backend.draw_noise(contexts, frames, [7, 8])),
                            backend.sample_batch(contexts, frames, seeds))
+
+
+def test_a_batch_samples_each_context_as_its_own_seed_does(make_case):
+    """sample_batch, the stages' path (a clip's samples and clips sampled together in one batch),
+    gives continuation i what `sample` gives context i under seeds[i], up to float rounding."""
+    case = make_case(**{"sampling.guidance": "3"})  # where the backend guides, its branches batch too
+    backend, d = case.backend, case.config.data
+    frames = backend.frame_layout(d.frames, d.context, d.height, d.width).latent_frames
+    context = case.context()
+    contexts, seeds = torch.cat([context, context.flip(-1)]), [3, 5]
+    batched = backend.sample_batch(contexts, frames, seeds)
+    alone = torch.cat([backend.sample(c[None], frames, s) for c, s in zip(contexts, seeds)])
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(batched[0], batched[1], atol=1e-3)  # each its own context and seed
+
+
+def test_clips_trained_together_lose_what_each_loses_alone(make_case):
+    """Backends that batch clips (sampling.clips_per_batch) give each clip of a `training_losses` call
+    its own `training_loss`, drawn from its own generator; the others say they train one at a time."""
+    case = make_case()
+    backend = case.backend
+    latents = [backend.encode(case.video), backend.encode(case.video.flip(-1))]
+    generators = lambda: [torch.Generator().manual_seed(s) for s in (1, 2)]  # noqa: E731
+    if not backend.batches_clips:
+        with pytest.raises(NotImplementedError, match="one clip at a time"):
+            backend.training_losses(latents, [1, 0], generators())
+        return
+    together = backend.training_losses(latents, [1, 0], generators())
+    alone = torch.stack([backend.training_loss(x, c, g) for x, c, g in zip(latents, [1, 0], generators())])
+    assert together.shape == (2,) and torch.isfinite(together).all()
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-6)
+    assert together[0] != together[1]
+
+
+def test_clips_adapted_together_continue_as_each_adapted_alone(make_case):
+    """sampling.clips_per_batch on backends that batch clips: two clips, each its own LoRA slot, adapted
+    and then sampled in one batch (two samples each, guided where the backend guides), give what each
+    gives with its own adapter alone, up to float rounding."""
+    settings = {"adaptation.method": "lora", "adaptation.steps": "2", "adaptation.lr": "0.01", "sampling.guidance": "3"}
+    case = make_case(**settings)
+    backend, d, cfg = case.backend, case.config.data, case.config.adaptation
+    if not backend.batches_clips:
+        pytest.skip(f"{case.config.model.backend} adapts one clip at a time")
+    frames = backend.frame_layout(d.frames, d.context, d.height, d.width).latent_frames
+    contexts = [case.context(), case.context().flip(-1)]
+    together = BatchedLora(backend, cfg, clips=2)
+    fits = adapt_clips_together(backend, together, contexts, cfg, seeds=[11, 12])
+    with together.route([0, 1], items_per_clip=2):
+        samples = backend.sample_batch(torch.cat([c.expand(2, -1, -1, -1, -1) for c in contexts]), frames, [1, 2, 3, 4])
+    backend = make_case(**settings).backend  # the same model, without the batched layers
+    for i, context in enumerate(contexts):
+        adapter = make_adapter(backend, cfg)
+        fit = adapt_to_clip(backend, adapter, context, cfg, seed=11 + i)
+        alone = backend.sample_batch(context.expand(2, -1, -1, -1, -1), frames, [1 + 2 * i, 2 + 2 * i])
+        assert fits[i]["adapt_loss_last"] == pytest.approx(fit["adapt_loss_last"], rel=1e-4)
+        torch.testing.assert_close(samples[2 * i:2 * i + 2], alone, rtol=1e-4, atol=1e-4)
+        adapter.reset()
+    assert not torch.allclose(samples[0], samples[2], atol=1e-3)

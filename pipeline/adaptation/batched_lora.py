@@ -23,18 +23,26 @@ from .lora import LoraAdapter
 
 
 class Routing:
-    """Which adapter slot each item of the next forward batches goes through."""
+    """Which adapter slot each item of the next forward batches goes through. The index is built once
+    per batch size and device, not by every layer: a Python list turned into a device tensor per
+    layer and forward is a host-to-device copy each time (and a value torch.compile would guard on)."""
 
     def __init__(self) -> None:
-        self.slots: list[int] = []
-        self.items_per_clip = 1
+        self.set([], 1)
+
+    def set(self, slots: list[int], items_per_clip: int) -> None:
+        self.slots, self.items_per_clip = list(slots), items_per_clip
+        self._index: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def index(self, items: int, device: torch.device) -> torch.Tensor:
-        if not self.slots or items % (self.items_per_clip * len(self.slots)):
-            raise RuntimeError(f"a batched LoRA layer got {items} items, not blocks of {self.items_per_clip} per clip "
-                               f"for the {len(self.slots)} routed clips")
-        item = torch.arange(items, device=device)
-        return torch.tensor(self.slots, device=device)[(item // self.items_per_clip) % len(self.slots)]
+        if (items, device) not in self._index:
+            if not self.slots or items % (self.items_per_clip * len(self.slots)):
+                raise RuntimeError(f"a batched LoRA layer got {items} items, not blocks of {self.items_per_clip} "
+                                   f"per clip for the {len(self.slots)} routed clips")
+            item = torch.arange(items, device=device)
+            self._index[items, device] = torch.tensor(self.slots, device=device)[
+                (item // self.items_per_clip) % len(self.slots)]
+        return self._index[items, device]
 
 
 class BatchedLoraLinear(torch.nn.Module):
@@ -77,11 +85,11 @@ class BatchedLora(LoraAdapter):
     @contextmanager
     def route(self, slots: list[int], items_per_clip: int):
         """Forwards inside go through these slots, `items_per_clip` consecutive items per clip."""
-        self.routing.slots, self.routing.items_per_clip = list(slots), items_per_clip
+        self.routing.set(slots, items_per_clip)
         try:
             yield
         finally:
-            self.routing.slots = []
+            self.routing.set([], 1)
 
     def clip_state_dict(self, slot: int) -> dict[str, torch.Tensor]:
         """Clip slot's adapted weights under PEFT's parameter names, as the `lora` method saves them."""

@@ -10,9 +10,13 @@ checks it is bitwise equal): one noise draw of the whole latent video, the prefi
 timestep 0, every other frame stepped by UniPC through the scheduler's timesteps, classifier-free
 guidance against the negative prompt. The pipeline keeps one scheduler per latent frame because
 asynchronous modes step frames at different timesteps; in the synchronous mode all generated frames
-share every timestep, so one scheduler steps them together.
+share every timestep, so one scheduler steps them together. The stages sample through
+`sample_batch`: every sample of a clip (and of the clips sampled together) and both guidance branches
+in one forward per step, equal to that pipeline up to float rounding (tests/test_backend_contract.py).
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from diffusers import AutoencoderKLWan, SkyReelsV2DiffusionForcingVideoToVideoPipeline, SkyReelsV2Transformer3DModel
@@ -33,6 +37,7 @@ MLP_TARGETS = ["ffn.net.0.proj", "ffn.net.2"]
 
 class SkyReelsV2Backend(VideoBackend):
     attention_targets, mlp_targets = ATTENTION_TARGETS, MLP_TARGETS
+    batches_clips = True
 
     def __init__(
         self,
@@ -175,40 +180,72 @@ class SkyReelsV2Backend(VideoBackend):
         sampling denoises them. `adaptation.timesteps=model` draws that level uniformly and shifts it
         with the scheduler's flow_shift (the sampler's own sigma warp); `logit_normal` is sigmoid(N(0, 1)).
         The prompt is never dropped."""
-        batch, frames = latents.shape[0], latents.shape[2]
-        if self.timestep_draw == "logit_normal":
-            sigma = torch.sigmoid(torch.randn(batch, generator=generator, device=self.device))
-        else:
-            shift = self.scheduler.config.flow_shift
-            u = torch.rand(batch, generator=generator, device=self.device)
-            sigma = shift * u / (1 + (shift - 1) * u)
-        sigmas = sigma[:, None].expand(batch, frames).clone()
-        sigmas[:, :clean_frames] = 0
-        noise = torch.randn(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
-        s = sigmas[:, None, :, None, None]
-        v = self._velocity(flow_noised(latents, noise, s), sigmas * 1000, self.prompt)
-        return torch.nn.functional.mse_loss(v[:, :, clean_frames:].float(),
-                                            (noise - latents)[:, :, clean_frames:].float())
+        return self.training_losses([latents], [clean_frames], [generator])[0]
+
+    def training_losses(self, latents: Sequence[torch.Tensor], clean_frames: Sequence[int],
+                        generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Clip i's `training_loss` (its encoding, clean prefix and generator, drawn from in that order)
+        for several clips in one forward: their items in blocks, one clip after another."""
+        x0s, noises, sigmas = [], [], []
+        for x0, clean, generator in zip(latents, clean_frames, generators, strict=True):
+            batch, frames = x0.shape[0], x0.shape[2]
+            if self.timestep_draw == "logit_normal":
+                sigma = torch.sigmoid(torch.randn(batch, generator=generator, device=self.device))
+            else:
+                shift = self.scheduler.config.flow_shift
+                u = torch.rand(batch, generator=generator, device=self.device)
+                sigma = shift * u / (1 + (shift - 1) * u)
+            sigma = sigma[:, None].expand(batch, frames).clone()
+            sigma[:, :clean] = 0
+            noises.append(torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype))
+            x0s.append(x0)
+            sigmas.append(sigma)
+        x0, noise, sigma = torch.cat(x0s), torch.cat(noises), torch.cat(sigmas)
+        v = self._velocity(flow_noised(x0, noise, sigma[:, None, :, None, None]), sigma * 1000, self.prompt)
+        sizes = [len(s) for s in sigmas]
+        return torch.stack([torch.nn.functional.mse_loss(v_i[:, :, clean:].float(), target[:, :, clean:].float())
+                            for v_i, target, clean in zip(v.split(sizes), (noise - x0).split(sizes), clean_frames)])
 
     @torch.no_grad()
     def sample(self, context: torch.Tensor, latent_frames: int, seed: int) -> torch.Tensor:
         """SkyReelsV2DiffusionForcingVideoToVideoPipeline(video=context, overlap_history=K,
-        num_frames=base_num_frames=T, ar_step=0, output_type="latent"), its generator seeded by `seed`."""
-        generator = torch.Generator(self.device).manual_seed(seed)
-        batch, channels, prefix, h, w = context.shape
-        latents = torch.randn((batch, channels, latent_frames, h, w), generator=generator, device=self.device,
-                              dtype=torch.float32)
-        latents[:, :, :prefix] = context.to(self.dtype)
+        num_frames=base_num_frames=T, ar_step=0, output_type="latent"), its generator seeded by `seed`,
+        bit for bit: the guidance branches in two forwards, as the pipeline runs them."""
+        return self._sample(context, latent_frames, [seed], branches_together=False)
+
+    @torch.no_grad()
+    def sample_batch(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int],
+                     noise: torch.Tensor | None = None, steps: int | None = None, grad: bool = False) -> torch.Tensor:
+        """Continuation i of context i from seeds[i], all of them and both guidance branches in one
+        forward per step: `sample` per context and seed up to float rounding (the stages' path)."""
+        if noise is not None or steps is not None or grad:
+            return super().sample_batch(contexts, latent_frames, seeds, noise, steps, grad)  # says what it lacks
+        if len(contexts) != len(seeds):
+            raise ValueError(f"{len(contexts)} contexts and {len(seeds)} seeds: one seed per context")
+        return self._sample(contexts, latent_frames, seeds, branches_together=True)
+
+    def _sample(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int],
+                branches_together: bool) -> torch.Tensor:
+        batch, channels, prefix, h, w = contexts.shape
+        latents = torch.cat([torch.randn((1, channels, latent_frames, h, w), device=self.device, dtype=torch.float32,
+                                         generator=torch.Generator(self.device).manual_seed(seed)) for seed in seeds])
+        latents[:, :, :prefix] = contexts.to(self.dtype)
         # the same prompt on both branches makes the guided velocity the unguided one, bit for bit
         guided = self.guidance > 1 and not torch.equal(self.prompt, self.negative_prompt)
+        prompts = torch.cat([self.prompt.expand(batch, -1, -1), self.negative_prompt.expand(batch, -1, -1)])
         self.scheduler.set_timesteps(self.sampling_steps, device=self.device)
         for t in self.scheduler.timesteps:
             timestep = t.expand(batch, latent_frames).clone()
             timestep[:, :prefix] = 0
-            v = self._velocity(latents, timestep, self.prompt)
-            if guided:
-                uncond = self._velocity(latents, timestep, self.negative_prompt)
-                v = uncond + self.guidance * (v - uncond)
+            if not guided:
+                v = self._velocity(latents, timestep, self.prompt)
+            else:
+                if branches_together:
+                    cond, uncond = self._velocity(latents.repeat(2, 1, 1, 1, 1), timestep.repeat(2, 1), prompts).chunk(2)
+                else:
+                    cond = self._velocity(latents, timestep, self.prompt)
+                    uncond = self._velocity(latents, timestep, self.negative_prompt)
+                v = uncond + self.guidance * (cond - uncond)
             latents[:, :, prefix:] = self.scheduler.step(v[:, :, prefix:], t, latents[:, :, prefix:],
                                                          return_dict=False)[0]
         return latents

@@ -125,7 +125,7 @@ class Continuer:
         if self.clips_per_batch > 1 and stage == "adapt":
             if not self.backend.batches_clips:
                 raise ValueError(f"sampling.clips_per_batch={self.clips_per_batch}: {type(self.backend).__name__} "
-                                 "adapts one clip at a time; use model.backend=ltx-video or clips_per_batch=1")
+                                 "adapts one clip at a time; use sampling.clips_per_batch=1")
             self.batched = BatchedLora(self.backend, config.adaptation, self.clips_per_batch)
         self.latents = LatentCache.for_stage(config, self.backend, self.layout.conditioned_pixel_frames)
         self.scorer = Scorer(config.evaluation.lpips, config.evaluation.lpips_net, self.backend.device)
