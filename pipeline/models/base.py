@@ -140,17 +140,24 @@ class VideoBackend(ABC):
 
     def sample_batch(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int],
                      noise: torch.Tensor | None = None, steps: int | None = None, grad: bool = False) -> torch.Tensor:
-        """Continuation i of context i (a batch of encodings) from seeds[i]. Backends with a batched
-        sampler draw them in one batch, each from its own generator, equal to one `sample` call per
-        context and seed up to float rounding; this default makes those calls.
+        """Continuation i of context i (a batch of encodings) from seeds[i], equal to one `sample` call
+        per context and seed up to float rounding. Backends with a batched sampler draw them in one
+        batch, each from its own generator (`_sample_batch`).
 
         Backends that `takes_noise` also take `noise` ((B, C, latent_frames, h, w), what `draw_noise`
         draws; frames under the context are not read) in place of each seed's own starting noise,
         `steps` in place of the configured sampler steps, and `grad` to back-propagate into `noise`."""
-        if noise is not None or steps is not None or grad:
+        if len(contexts) != len(seeds):
+            raise ValueError(f"{len(contexts)} contexts and {len(seeds)} seeds: one seed per context")
+        if (noise is not None or steps is not None or grad) and not self.takes_noise:
             raise NotImplementedError(f"{type(self).__name__} samples from its seeds' own noise only")
-        return torch.cat([self.sample(context[None], latent_frames, seed)
-                          for context, seed in zip(contexts, seeds, strict=True)])
+        with torch.set_grad_enabled(grad):
+            return self._sample_batch(contexts, latent_frames, seeds, noise, steps)
+
+    def _sample_batch(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int],
+                      noise: torch.Tensor | None, steps: int | None) -> torch.Tensor:
+        """`sample_batch` after its checks; this default makes one `sample` call per context and seed."""
+        return torch.cat([self.sample(context[None], latent_frames, seed) for context, seed in zip(contexts, seeds)])
 
     def draw_noise(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int]) -> torch.Tensor:
         """The starting noise `sample_batch` draws from each seed (backends that `takes_noise`)."""

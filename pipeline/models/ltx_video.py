@@ -374,19 +374,12 @@ class LTXVideoBackend(VideoBackend):
         shape = (1, self.transformer.config.in_channels // self.patch**2, latent_frames, h, w)
         return torch.cat([torch.randn(shape, generator=g, device=self.device, dtype=torch.float32) for g in generators])
 
-    def sample_batch(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int],
-                     noise: torch.Tensor | None = None, steps: int | None = None, grad: bool = False) -> torch.Tensor:
+    def _sample_batch(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int],
+                      noise: torch.Tensor | None, steps: int | None) -> torch.Tensor:
         """LTXConditionPipeline(conditions=[LTXVideoCondition(video=context, frame_index=0)],
         generator=[one per seed], output_type="latent"): continuation i of context i drawn from the
         generator seeded by seeds[i], in one batch, as one call per context and seed draws it; `noise`
         replaces the generators' first draw (they still make it, so every later draw is the same)."""
-        if len(contexts) != len(seeds):
-            raise ValueError(f"{len(contexts)} contexts and {len(seeds)} seeds: one seed per context")
-        with torch.set_grad_enabled(grad):
-            return self._sample(contexts, latent_frames, seeds, noise, steps)
-
-    def _sample(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int], noise: torch.Tensor | None,
-                steps: int | None) -> torch.Tensor:
         generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
         batch = len(seeds)
         drawn = self._draw_noise(generators, contexts, latent_frames)

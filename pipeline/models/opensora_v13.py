@@ -28,6 +28,7 @@ tests/test_opensora_upstream.py checks both reference paths against upstream's o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -229,16 +230,25 @@ class OpenSoraV13Backend(OpenSoraBackend):
         steps = [(1 - i / self.sampling_steps) * 1000 for i in range(self.sampling_steps)]
         return [float(timestep_transform(torch.tensor([t]), args, num_timesteps=1000)) for t in steps] + [0.0]
 
-    @torch.no_grad()
     def sample(self, context_latents: torch.Tensor, latent_frames: int, seed: int) -> torch.Tensor:
         """Upstream's v2v sampling (text+image, image only, neither guidance passes); with
         conditioning=reference `RFLOW.sample(..., use_sdedit=True, oscillation on text and image,
         scale_image_weight)` as the v2v inference config runs it, with clean_prefix the prefix held
         clean under constant guidance."""
+        return self.sample_batch(context_latents, latent_frames, [seed])
+
+    def _sample_batch(self, context_latents: torch.Tensor, latent_frames: int, seeds: Sequence[int],
+                      noise: torch.Tensor | None, steps: int | None) -> torch.Tensor:
+        """`sample` for every context and seed in one batch, the guidance passes in the same forward,
+        each continuation's draws from its own seed's generator."""
         batch, channels, clean, h, w = context_latents.shape
         reference = self.conditioning == "reference"
-        generator = torch.Generator(self.device).manual_seed(seed)
-        x = torch.randn((batch, channels, latent_frames, h, w), generator=generator, device=self.device)
+        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
+
+        def draw(shape: torch.Size) -> torch.Tensor:
+            return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=self.device) for g in generators])
+
+        x = draw((batch, channels, latent_frames, h, w))
         ref = torch.zeros_like(x)
         ref[:, :, :clean] = context_latents
         if not reference:
@@ -253,7 +263,7 @@ class OpenSoraV13Backend(OpenSoraBackend):
             timestep = torch.full((batch,), t, device=self.device)
             text_scale, image_scale = self.guidance, self.image_guidance
             if reference:  # SDEdit: the condition frames re-noised to the current level
-                noised = add_noise(ref, torch.randn(ref.shape, generator=generator, device=self.device), timestep)
+                noised = add_noise(ref, draw(ref.shape), timestep)
                 x = torch.where(torch.arange(latent_frames, device=self.device)[None, None, :, None, None] < clean,
                                 noised, x)
                 text_scale, image_scale = oscillation_scale(text_scale, step), oscillation_scale(image_scale, step)

@@ -24,6 +24,7 @@ three passes: text+image, image only (empty prompt), neither. `model.conditionin
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from einops import rearrange
@@ -203,14 +204,19 @@ class OpenSoraV20Backend(OpenSoraBackend):
         v = self._velocity(pack(xt), t, image_ids(batch, frames, h, w, self.device), cond, text, vec)
         return torch.nn.functional.mse_loss(v, pack((1 - SIGMA_MIN) * noise - x0))
 
-    @torch.no_grad()
     def sample(self, context_latents: torch.Tensor, latent_frames: int, seed: int) -> torch.Tensor:
         """`I2VDenoiser.denoise` on the v2v condition; with conditioning=reference its oscillation
         guidance and nothing put back, with clean_prefix constant guidance and the context put back."""
+        return self.sample_batch(context_latents, latent_frames, [seed])
+
+    def _sample_batch(self, context_latents: torch.Tensor, latent_frames: int, seeds: Sequence[int],
+                      noise: torch.Tensor | None, steps: int | None) -> torch.Tensor:
+        """`sample` for every context and seed in one batch, the guidance passes in the same forward,
+        each continuation's noise from its own seed's generator."""
         batch, channels, clean, h, w = context_latents.shape
         reference = self.conditioning == "reference"
-        generator = torch.Generator(self.device).manual_seed(seed)
-        x = pack(torch.randn((batch, channels, latent_frames, h, w), generator=generator, device=self.device))
+        x = pack(torch.cat([torch.randn((1, channels, latent_frames, h, w), device=self.device,
+                                        generator=torch.Generator(self.device).manual_seed(seed)) for seed in seeds]))
         cond = condition(context_latents, latent_frames)
         ids = image_ids(batch, latent_frames, h, w, self.device)
         branches = [(self.text, self.vec, cond), (self.null_text, self.null_vec, cond),

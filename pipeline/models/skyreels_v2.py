@@ -211,20 +211,15 @@ class SkyReelsV2Backend(VideoBackend):
         """SkyReelsV2DiffusionForcingVideoToVideoPipeline(video=context, overlap_history=K,
         num_frames=base_num_frames=T, ar_step=0, output_type="latent"), its generator seeded by `seed`,
         bit for bit: the guidance branches in two forwards, as the pipeline runs them."""
-        return self._sample(context, latent_frames, [seed], branches_together=False)
+        return self._denoise(context, latent_frames, [seed], branches_together=False)
 
-    @torch.no_grad()
-    def sample_batch(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int],
-                     noise: torch.Tensor | None = None, steps: int | None = None, grad: bool = False) -> torch.Tensor:
-        """Continuation i of context i from seeds[i], all of them and both guidance branches in one
-        forward per step: `sample` per context and seed up to float rounding (the stages' path)."""
-        if noise is not None or steps is not None or grad:
-            return super().sample_batch(contexts, latent_frames, seeds, noise, steps, grad)  # says what it lacks
-        if len(contexts) != len(seeds):
-            raise ValueError(f"{len(contexts)} contexts and {len(seeds)} seeds: one seed per context")
-        return self._sample(contexts, latent_frames, seeds, branches_together=True)
+    def _sample_batch(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int],
+                      noise: torch.Tensor | None, steps: int | None) -> torch.Tensor:
+        """All continuations and both guidance branches in one forward per step: `sample` per context
+        and seed up to float rounding (the stages' path)."""
+        return self._denoise(contexts, latent_frames, seeds, branches_together=True)
 
-    def _sample(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int],
+    def _denoise(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int],
                 branches_together: bool) -> torch.Tensor:
         batch, channels, prefix, h, w = contexts.shape
         latents = torch.cat([torch.randn((1, channels, latent_frames, h, w), device=self.device, dtype=torch.float32,
