@@ -136,6 +136,42 @@ def test_compiled_blocks_match_eager_and_compile_once_for_all_blocks():
     torch.testing.assert_close(grads[2], grads[0], atol=1e-4, rtol=1e-3)
 
 
+def test_compiled_blocks_take_the_batched_lora_of_clips_adapted_together():
+    """model.compile with sampling.clips_per_batch: the batched LoRA layers inside the compiled blocks
+    train and sample as in eager mode, and a group with fewer clips (one failed) compiles its own
+    batch size without changing the answer."""
+    from torch._dynamo.utils import counters
+
+    from pipeline.adaptation.batched_lora import BatchedLora
+    from pipeline.adaptation.trainer import adapt_clips_together
+    from pipeline.config import load_config
+
+    config = load_config(None, {"adaptation.steps": "2", "adaptation.lr": "0.01", "adaptation.batch_size": "1",
+                                "adaptation.rank": "4"}).adaptation
+    contexts = [torch.rand(1, 3, 2, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(2)]
+    results = []
+    for compile in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        backend = LTXVideoBackend.small(None, patch_size=4, layers=2, heads=2, head_dim=32, fps=8.0, sampling_steps=2,
+                                        compile=compile)
+        lora = BatchedLora(backend, config, clips=2)
+        fits = adapt_clips_together(backend, lora, contexts, config, seeds=[5, 6])
+        with lora.route([0, 1], items_per_clip=1):
+            both = backend.sample_batch(torch.cat(contexts), 4, [1, 2])
+        with lora.route([1], items_per_clip=1):
+            second = backend.sample_batch(contexts[1], 4, [2])
+        results.append((both, second, [fit["adapt_loss_last"] for fit in fits]))
+    assert counters["stats"]["unique_graphs"] > 0  # the compiled run did compile
+    (eager, eager_second, eager_losses), (compiled, compiled_second, compiled_losses) = results
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled_second, eager_second, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled_second, compiled[1:], atol=1e-5, rtol=1e-5)  # slot 1, whatever the group
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    assert not torch.allclose(compiled[0], compiled[1], atol=1e-3)
+
+
 @pytest.mark.parametrize("make", [pixel_backend, vae_backend])
 def test_a_batch_of_contexts_and_seeds_samples_as_one_call_per_pair(make):
     """Each continuation of a batch comes from its own generator (posterior draw, initial noise, the
