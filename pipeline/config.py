@@ -353,9 +353,9 @@ def _check(config: Config, source: str) -> None:
                           "after it to continue (use adaptation.data=context or other)")
     eval_points(config.adaptation, source)
     a = config.adaptation
-    if config.sampling.clips_per_batch > 1 and (a.method != "lora" or a.eval_at):
+    if config.sampling.clips_per_batch > 1 and a.method != "lora":
         raise ConfigError(f"{source}: 'sampling.clips_per_batch' also adapts several clips at once, with a LoRA "
-                          "adapter each; it takes adaptation.method=lora and no adaptation.eval_at")
+                          "adapter each; it takes adaptation.method=lora")
     if config.adaptation.save_weights and config.adaptation.method != "lora":
         raise ConfigError(f"{source}: 'adaptation.save_weights' keeps LoRA weights; with adaptation.method="
                           f"{config.adaptation.method!r} it would write every transformer weight per clip")

@@ -320,6 +320,32 @@ def test_clips_sampled_together_keep_the_baseline_and_zero_steps_bitwise(prepare
         assert np.array_equal(zero.first, out.first) and zero.per_sample == out.per_sample
 
 
+def test_a_step_of_eval_at_in_clips_adapted_together_is_that_arm_batched(prepared):
+    """eval_at with sampling.clips_per_batch: what the group emits after s steps is, bit for bit, what
+    the batched arm of adaptation.steps=s makes on its own; a clip whose loss turns NaN emits nothing
+    after it and fails, the others go on."""
+    settings = {"adaptation.lr": "0.01", "sampling.samples": "2", "sampling.clips_per_batch": "3"}
+    continuer = Continuer(load_config(prepared, {**settings, "adaptation.steps": "4", "adaptation.eval_at": "0,2"}),
+                          "adapt")
+    clips = [_clip(continuer.config, continuer, i) for i in range(3)]
+    points = {}
+    final = continuer.run_group(clips, {0, 2}, lambda i, steps, out: points.setdefault((i, steps), out))
+    assert sorted(points) == [(i, s) for i in range(3) for s in (0, 2)]
+    for steps in (0, 2, 4):
+        alone = Continuer(load_config(prepared, {**settings, "adaptation.steps": str(steps)}), "adapt").run_group(clips)
+        for i, expected in enumerate(alone):
+            out = final[i] if steps == 4 else points[i, steps]
+            assert np.array_equal(out.first, expected.first) and out.per_sample == expected.per_sample, (i, steps)
+            assert out.metrics["adapt_loss_last"] == expected.metrics["adapt_loss_last"] or steps == 0
+    assert not np.array_equal(points[0, 2].first, final[0].first)
+
+    window, points = continuer.window, {}
+    continuer.window = lambda clip, latents: window(clip, latents) * (math.nan if clip is clips[1] else 1)
+    failed = continuer.run_group(clips, {0, 2}, lambda i, steps, out: points.setdefault((i, steps), out))
+    assert sorted(points) == [(0, 0), (0, 2), (1, 0), (2, 0), (2, 2)]  # 0 steps: clip 1 is the baseline yet
+    assert isinstance(failed[1], NonFiniteLoss) and np.array_equal(failed[2].first, final[2].first)
+
+
 def test_clips_per_batch_names_what_it_cannot_do(prepared):
     with pytest.raises(ConfigError, match="'sampling.clips_per_batch' also adapts .* takes adaptation.method=lora"):
         load_config(prepared, {"sampling.clips_per_batch": "2", "adaptation.method": "full"})

@@ -507,3 +507,15 @@ def test_clips_adapted_together_are_recorded_one_by_one(prepared, store, tmp_pat
             if r.data.tags["tta.digest"] == stage_digest(broken, "adapt")}
     assert {c: r.info.status for c, r in runs.items()} == {**{r.clip_id: "FINISHED" for r in good}, "corrupt": "FAILED"}
     assert "not a readable video" in runs["corrupt"].data.tags["tta.error"]
+
+
+def test_eval_at_with_clips_adapted_together_records_every_point(prepared, store):
+    """eval_at and sampling.clips_per_batch together (a pair, then one clip): every clip in every
+    point's arm, so each batched arm of those steps finds every clip done."""
+    settings = {"sampling.clips_per_batch": "2", "adaptation.lr": "0.01"}
+    run_stage(load_config(prepared, {**settings, "adaptation.steps": "3", "adaptation.eval_at": "0,1"}), "adapt")
+    digests = {s: stage_digest(load_config(prepared, {**settings, "adaptation.steps": str(s)}), "adapt") for s in (0, 1, 3)}
+    runs = clip_runs("tiny", "adapt")
+    assert {s: sorted(r.info.status for r in runs if r.data.tags["tta.digest"] == d) for s, d in digests.items()} \
+        == {s: ["FINISHED"] * 3 for s in digests}
+    assert run_stage(load_config(prepared, {**settings, "adaptation.steps": "1"}), "adapt") == ""

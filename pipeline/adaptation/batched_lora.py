@@ -84,12 +84,14 @@ class BatchedLora(LoraAdapter):
 
     @contextmanager
     def route(self, slots: list[int], items_per_clip: int):
-        """Forwards inside go through these slots, `items_per_clip` consecutive items per clip."""
+        """Forwards inside go through these slots, `items_per_clip` consecutive items per clip; the
+        routing outside (sampling at an eval_at point within training's) holds again afterwards."""
+        outer = self.routing.slots, self.routing.items_per_clip
         self.routing.set(slots, items_per_clip)
         try:
             yield
         finally:
-            self.routing.set([], 1)
+            self.routing.set(*outer)
 
     def clip_state_dict(self, slot: int) -> dict[str, torch.Tensor]:
         """Clip slot's adapted weights under PEFT's parameter names, as the `lora` method saves them."""

@@ -24,6 +24,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 Visit = Callable[[int, dict[str, float]], None]  # (steps taken, the adaptation's figures up to them)
+GroupVisit = Callable[[int, list["dict[str, float] | NonFiniteLoss"]], None]  # the same, per clip of a group
 
 
 def train(optimizer: Optimizer, loss_fn: Callable[[int], torch.Tensor], steps: int,
@@ -100,11 +101,14 @@ def adapt_to_clip(backend: VideoBackend, adapter: WeightAdapter, latents: torch.
 
 
 def adapt_clips_together(backend: VideoBackend, adapter: BatchedLora, windows: Sequence[torch.Tensor],
-                         config: AdaptationConfig, seeds: Sequence[int]) -> list[dict[str, float] | NonFiniteLoss]:
+                         config: AdaptationConfig, seeds: Sequence[int], at: Collection[int] = (),
+                         visit: GroupVisit | None = None) -> list[dict[str, float] | NonFiniteLoss]:
     """`adapt_to_clip` for several clips at once (sampling.clips_per_batch), clip i in adapter slot
     i with the draws adapt_to_clip makes for it from seeds[i], in one batched forward and backward
     per step. Per clip: its figures (its `adapt_seconds` the group's time over the clips), or the
-    NonFiniteLoss of a clip whose loss became NaN or infinite (the others are not affected by it)."""
+    NonFiniteLoss of a clip whose loss became NaN or infinite (the others are not affected by it).
+    After each step count in `at`, `visit(steps, per clip figures so far)` sees the adapters in that
+    state (see Adapter.fit), inside the adapter's routing of the group."""
     frames = _check_frames(config, windows[0])
     generators = [torch.Generator(backend.device).manual_seed(seed) for seed in seeds]
     rngs = [random.Random(seed) for seed in seeds]
@@ -114,18 +118,39 @@ def adapt_clips_together(backend: VideoBackend, adapter: BatchedLora, windows: S
         return backend.training_losses(batches, [_clean_frames(config.objective, frames, rng) for rng in rngs],
                                        generators)
 
+    visited = 0.0  # seconds spent in visits, which are not the adaptation's
+
+    def pause(steps: int, losses: list[list[float]]) -> None:
+        nonlocal visited
+        synchronize(backend.device)
+        paused = time.perf_counter()
+        backend.transformer.eval()
+        visit(steps, _clip_figures(steps, paused - start - visited, losses, len(windows)))
+        backend.transformer.train()
+        visited += time.perf_counter() - paused
+
     backend.transformer.train()
     start = time.perf_counter()
     with adapter.route(list(range(len(windows))), config.batch_size):
-        losses = torch.tensor(train(adapter.optimizer(), loss_fn, config.steps) if config.steps else [])
+        if 0 in at and visit is not None:
+            pause(0, [])
+        losses = train(adapter.optimizer(), loss_fn, config.steps, pause_at=at,
+                       on_pause=pause if visit is not None else None) if config.steps else []
     synchronize(backend.device)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - visited
     backend.transformer.eval()
+    return _clip_figures(config.steps, seconds, losses, len(windows))
+
+
+def _clip_figures(steps: int, seconds: float, losses: list[list[float]], clips: int
+                  ) -> list[dict[str, float] | NonFiniteLoss]:
+    """Per clip of a group adapted together: its figures after `steps` steps (the group's `seconds`
+    shared out), or the NonFiniteLoss its loss became."""
     results = []
-    for i in range(len(windows)):
-        clip = losses[:, i].tolist() if config.steps else []
+    for i in range(clips):
+        clip = [step[i] for step in losses]
         bad = next((step for step, value in enumerate(clip) if not math.isfinite(value)), None)
-        results.append(_figures(config.steps, seconds / len(windows), clip) | {"adapt_group_seconds": seconds}
+        results.append(_figures(steps, seconds / clips, clip) | {"adapt_group_seconds": seconds}
                        if bad is None else NonFiniteLoss(f"loss became {clip[bad]} at step {bad + 1}"))
     return results
 

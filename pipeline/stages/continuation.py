@@ -197,11 +197,13 @@ class Continuer:
     def noise_seed(self, clip: ClipFrames) -> int:
         return derive_seed(self.config.adaptation.noise_seed, clip.record.clip_id)
 
-    def run_group(self, clips: list[ClipFrames]) -> list[ClipOutput | Exception]:
+    def run_group(self, clips: list[ClipFrames], at: Collection[int] = (),
+                  emit: Callable[[int, int, ClipOutput], None] | None = None) -> list[ClipOutput | Exception]:
         """sampling.clips_per_batch: in the adapt stage the clips adapted together, each with its own
         LoRA adapter and the draws `run` makes for it; then sampled in one batch. Per clip its output
         (as `run` makes it, up to float rounding; seconds are the group's shared out per clip) or the
-        error it failed with."""
+        error it failed with. After each step count in `at`, `emit(i, steps, output)` receives clip
+        i's output at that many steps (for the clips whose loss is still finite)."""
         cfg, backend, n = self.config, self.backend, self.config.sampling.samples
         seeds = [self.sample_seeds(clip.record) for clip in clips]
         encoded, timing = [], []
@@ -211,26 +213,37 @@ class Continuer:
             encoded.append(context_latents)
             timing.append({"encode_seconds": _seconds_since(start, backend.device), "context_cached": float(cached),
                            "clips_per_batch": float(len(clips))})
+
+        def continue_group(fits: list[dict[str, float] | Exception]) -> list[ClipOutput | Exception]:
+            """The clips that have figures (not an error) sampled in one batch, inside the adapters' routing."""
+            adapted = [i for i, fit in enumerate(fits) if not isinstance(fit, Exception)]
+            outputs: list[ClipOutput | Exception] = list(fits)
+            if not adapted:
+                return outputs
+            start = time.perf_counter()
+            with self.batched.route(adapted, n) if self.batched is not None else nullcontext():
+                latents = backend.sample_batch(torch.cat([encoded[i].expand(n, *encoded[i].shape[1:]) for i in adapted]),
+                                               self.layout.latent_frames, [s for i in adapted for s in seeds[i]])
+            sample_seconds = _seconds_since(start, backend.device) / len(adapted)
+            for k, i in enumerate(adapted):
+                weights = self.batched.clip_state_dict(i) if self.batched and cfg.adaptation.save_weights else {}
+                outputs[i] = self.score(clips[i], seeds[i], latents[k * n:(k + 1) * n],
+                                        {**timing[i], **fits[i], "sample_seconds": sample_seconds}, weights)
+            return outputs
+
+        def visit(steps: int, fits: list[dict[str, float] | Exception]) -> None:
+            for i, output in enumerate(continue_group(fits)):
+                if not isinstance(output, Exception):
+                    emit(i, steps, output)
+
         _reset_peak_memory(backend.device)
         fits: list[dict[str, float] | Exception] = [{} for _ in clips]
         if self.batched is not None:
             self.batched.reset()
             fits = adapt_clips_together(backend, self.batched, [self.window(c, e) for c, e in zip(clips, encoded)],
-                                        cfg.adaptation, [self.noise_seed(clip) for clip in clips])
-        adapted = [i for i, fit in enumerate(fits) if not isinstance(fit, Exception)]
-        outputs: list[ClipOutput | Exception] = list(fits)
-        if not adapted:
-            return outputs
-        start = time.perf_counter()
-        with self.batched.route(adapted, n) if self.batched is not None else nullcontext():
-            latents = backend.sample_batch(torch.cat([encoded[i].expand(n, *encoded[i].shape[1:]) for i in adapted]),
-                                           self.layout.latent_frames, [s for i in adapted for s in seeds[i]])
-        sample_seconds = _seconds_since(start, backend.device) / len(adapted)
-        for k, i in enumerate(adapted):
-            weights = self.batched.clip_state_dict(i) if self.batched and cfg.adaptation.save_weights else {}
-            outputs[i] = self.score(clips[i], seeds[i], latents[k * n:(k + 1) * n],
-                                    {**timing[i], **fits[i], "sample_seconds": sample_seconds}, weights)
-        return outputs
+                                        cfg.adaptation, [self.noise_seed(clip) for clip in clips], at,
+                                        visit if emit is not None else None)
+        return continue_group(fits)
 
     def run(self, clip: ClipFrames, at: Collection[int] = (),
             emit: Callable[[int, ClipOutput], None] | None = None) -> ClipOutput:
@@ -526,7 +539,12 @@ def _run_group(continuer: Continuer, recorders: dict[int, Recorder], runs: dict[
             record(clip_id, final, continuer.run(clip, set(runs[clip_id]) - {final},
                                                  lambda steps, out: record(clip_id, steps, out)))
         return
-    for clip_id, out in zip(clips, continuer.run_group(list(clips.values())) if clips else []):
+    if not clips:
+        return
+    ids = list(clips)
+    points = set().union(*(runs[clip_id] for clip_id in ids)) - {final}  # a point some clip still needs
+    outputs = continuer.run_group(list(clips.values()), points, lambda i, steps, out: record(ids[i], steps, out))
+    for clip_id, out in zip(ids, outputs):
         if isinstance(out, Exception):
             _fail(recorders, runs, clip_id, out)
         else:
