@@ -351,6 +351,6 @@ def test_clips_per_batch_names_what_it_cannot_do(prepared):
         load_config(prepared, {"sampling.clips_per_batch": "2", "adaptation.method": "full"})
     config = load_config(prepared, {"sampling.clips_per_batch": "2"})
     backend = load_backend(config)
-    backend.batches_clips = False  # as the Open-Sora backends declare
+    backend.batches_clips = False  # as Open-Sora v1.3 declares
     with pytest.raises(ValueError, match="sampling.clips_per_batch=2: .* adapts one clip at a time"):
         Continuer(config, "adapt", backend)

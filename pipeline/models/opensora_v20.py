@@ -108,6 +108,7 @@ def shifted_timesteps(steps: int, tokens_per_frame: int, frames: int) -> list[fl
 
 class OpenSoraV20Backend(OpenSoraBackend):
     attention_targets, mlp_targets = ATTENTION_TARGETS, MLP_TARGETS
+    batches_clips = True
 
     def __init__(self, transformer, vae, text: torch.Tensor, null_text: torch.Tensor, vec: torch.Tensor,
                  null_vec: torch.Tensor, sampling_steps: int = 25, guidance: float = 7.5, image_guidance: float = 3.0,
@@ -176,33 +177,39 @@ class OpenSoraV20Backend(OpenSoraBackend):
         return out.float()
 
     def training_loss(self, latents: torch.Tensor, clean_frames: int, generator: torch.Generator) -> torch.Tensor:
-        x0 = latents.float()
-        batch, _, frames, h, w = x0.shape
-        t = torch.sigmoid(torch.randn(batch, generator=generator, device=self.device))
-        if self.timestep_draw == "model":
-            t = time_shift(shift_alpha((h // PATCH) * (w // PATCH), frames), t)
-        noise = torch.randn(x0.shape, generator=generator, device=self.device)
-        cond = condition(x0[:, :, :clean_frames], frames)
-        ids = image_ids(batch, frames, h, w, self.device)
-        text, vec = self.text.expand(batch, -1, -1), self.vec.expand(batch, -1)
-        if self.conditioning == "clean_prefix":
-            xt = flow_noised(x0, noise, t[:, None, None, None, None])
-            v = self._velocity(pack(xt), t, ids, cond, text, vec)
-            first = clean_frames * (h // PATCH) * (w // PATCH)  # tokens are frame-major
-            return torch.nn.functional.mse_loss(v[:, first:], pack(noise - x0)[:, first:])
-        drop = torch.rand(2, batch, generator=generator, device=self.device) < TEXT_DROPOUT  # T5, CLIP
-        text = torch.where(drop[0, :, None, None], self.null_text, text)
-        vec = torch.where(drop[1, :, None], self.null_vec, vec)
-        return self.reference_loss(x0, t, noise, cond, text, vec)
+        return self.training_losses([latents], [clean_frames], [generator])[0]
 
-    def reference_loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor,
-                       text: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-        """scripts/diffusion/train.py's loss: x_t with sigma_min, target (1 - sigma_min) noise - x0,
-        every token."""
-        batch, _, frames, h, w = x0.shape
-        xt = flow_noised(x0, noise, t[:, None, None, None, None], SIGMA_MIN)
-        v = self._velocity(pack(xt), t, image_ids(batch, frames, h, w, self.device), cond, text, vec)
-        return torch.nn.functional.mse_loss(v, pack((1 - SIGMA_MIN) * noise - x0))
+    def training_losses(self, latents: Sequence[torch.Tensor], clean_frames: Sequence[int],
+                        generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Clip i's loss (its encoding, clean prefix and generator, drawn from in that order) for
+        several clips in one forward, their items in blocks. conditioning=reference: the training
+        script's (scripts/diffusion/train.py: x_t with sigma_min, target (1 - sigma_min) noise - x0,
+        every token, T5 and CLIP dropped per item); clean_prefix: plain rectified flow, the loss on
+        the generated latent frames only."""
+        inputs, targets, firsts = [], [], []
+        for x0, clean, generator in zip(latents, clean_frames, generators, strict=True):
+            x0 = x0.float()
+            batch, _, frames, h, w = x0.shape
+            t = torch.sigmoid(torch.randn(batch, generator=generator, device=self.device))
+            if self.timestep_draw == "model":
+                t = time_shift(shift_alpha((h // PATCH) * (w // PATCH), frames), t)
+            noise = torch.randn(x0.shape, generator=generator, device=self.device)
+            text, vec = self.text.expand(batch, -1, -1), self.vec.expand(batch, -1)
+            if self.conditioning == "clean_prefix":
+                sigma_min, first = None, clean * (h // PATCH) * (w // PATCH)  # tokens are frame-major
+            else:
+                sigma_min, first = SIGMA_MIN, 0
+                drop = torch.rand(2, batch, generator=generator, device=self.device) < TEXT_DROPOUT  # T5, CLIP
+                text = torch.where(drop[0, :, None, None], self.null_text, text)
+                vec = torch.where(drop[1, :, None], self.null_vec, vec)
+            xt = flow_noised(x0, noise, t[:, None, None, None, None], sigma_min)
+            inputs.append((pack(xt), t, image_ids(batch, frames, h, w, self.device),
+                           condition(x0[:, :, :clean], frames), text, vec))
+            targets.append(pack(noise - x0 if sigma_min is None else (1 - sigma_min) * noise - x0))
+            firsts.append(first)
+        v = self._velocity(*(torch.cat(parts) for parts in zip(*inputs)))
+        return torch.stack([torch.nn.functional.mse_loss(v_i[:, first:], target[:, first:])
+                            for v_i, target, first in zip(v.split([len(t) for t in targets]), targets, firsts)])
 
     def sample(self, context_latents: torch.Tensor, latent_frames: int, seed: int) -> torch.Tensor:
         """`I2VDenoiser.denoise` on the v2v condition; with conditioning=reference its oscillation
