@@ -77,14 +77,24 @@ def adapt_to_clip(backend: VideoBackend, adapter: WeightAdapter, latents: torch.
     def loss_fn(step: int) -> torch.Tensor:
         return backend.training_loss(batch, _clean_frames(config.objective, frames, rng), generator)
 
-    visited = 0.0  # seconds spent in visits, which are not the adaptation's
+    losses, seconds = _train_visiting(backend, adapter.optimizer(), loss_fn, config.steps, at, visit, _figures)
+    return _figures(config.steps, seconds, losses)
 
-    def pause(steps: int, losses: list[float]) -> None:
+
+def _train_visiting(backend: VideoBackend, optimizer: Optimizer, loss_fn: Callable[[int], torch.Tensor], steps: int,
+                    at: Collection[int], visit: Callable[[int, object], None] | None,
+                    figures: Callable[[int, float, list], object]) -> tuple[list, float]:
+    """`train` with the transformer in training mode, visited after each step count in `at` (0 before
+    the first step) with `figures(steps, seconds, losses)` so far and the transformer in eval mode.
+    Returns the losses and the training's seconds, the visits' left out."""
+    visited = 0.0
+
+    def pause(steps_taken: int, losses: list) -> None:
         nonlocal visited
         synchronize(backend.device)
         paused = time.perf_counter()
         backend.transformer.eval()
-        visit(steps, _figures(steps, paused - start - visited, losses))
+        visit(steps_taken, figures(steps_taken, paused - start - visited, losses))
         backend.transformer.train()
         visited += time.perf_counter() - paused
 
@@ -92,12 +102,12 @@ def adapt_to_clip(backend: VideoBackend, adapter: WeightAdapter, latents: torch.
     start = time.perf_counter()
     if 0 in at and visit is not None:
         pause(0, [])
-    losses = train(adapter.optimizer(), loss_fn, config.steps, pause_at=at,
-                   on_pause=pause if visit is not None else None) if config.steps else []
+    losses = train(optimizer, loss_fn, steps, pause_at=at,
+                   on_pause=pause if visit is not None else None) if steps else []
     synchronize(backend.device)
     seconds = time.perf_counter() - start - visited
     backend.transformer.eval()
-    return _figures(config.steps, seconds, losses)
+    return losses, seconds
 
 
 def adapt_clips_together(backend: VideoBackend, adapter: BatchedLora, windows: Sequence[torch.Tensor],
@@ -118,28 +128,12 @@ def adapt_clips_together(backend: VideoBackend, adapter: BatchedLora, windows: S
         return backend.training_losses(batches, [_clean_frames(config.objective, frames, rng) for rng in rngs],
                                        generators)
 
-    visited = 0.0  # seconds spent in visits, which are not the adaptation's
+    def figures(steps: int, seconds: float, losses: list[list[float]]) -> list[dict[str, float] | NonFiniteLoss]:
+        return _clip_figures(steps, seconds, losses, len(windows))
 
-    def pause(steps: int, losses: list[list[float]]) -> None:
-        nonlocal visited
-        synchronize(backend.device)
-        paused = time.perf_counter()
-        backend.transformer.eval()
-        visit(steps, _clip_figures(steps, paused - start - visited, losses, len(windows)))
-        backend.transformer.train()
-        visited += time.perf_counter() - paused
-
-    backend.transformer.train()
-    start = time.perf_counter()
     with adapter.route(list(range(len(windows))), config.batch_size):
-        if 0 in at and visit is not None:
-            pause(0, [])
-        losses = train(adapter.optimizer(), loss_fn, config.steps, pause_at=at,
-                       on_pause=pause if visit is not None else None) if config.steps else []
-    synchronize(backend.device)
-    seconds = time.perf_counter() - start - visited
-    backend.transformer.eval()
-    return _clip_figures(config.steps, seconds, losses, len(windows))
+        losses, seconds = _train_visiting(backend, adapter.optimizer(), loss_fn, config.steps, at, visit, figures)
+    return figures(config.steps, seconds, losses)
 
 
 def _clip_figures(steps: int, seconds: float, losses: list[list[float]], clips: int

@@ -42,6 +42,13 @@ def flow_noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
     return keep * x0 + (1 - (1 - sigma_min) * keep) * noise
 
 
+def draw_per_generator(generators: Sequence[torch.Generator], shape: Sequence[int], device: torch.device,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Item i of a batch drawn from generators[i]: (len(generators), *shape[1:]), each item what a
+    batch-1 draw of that shape from its own generator gives (one sample's seed, whatever the batch)."""
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generators])
+
+
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """A hash of every parameter's name, shape and sum, and a strided sample of its values: results
     are keyed on the weights actually loaded, not on a path."""

@@ -30,7 +30,7 @@ from diffusers.pipelines.ltx.pipeline_ltx_condition import (LTXConditionPipeline
                                                             retrieve_timesteps)
 
 from ..config import Config
-from .base import FrameLayout, VideoBackend, check_context, default_device, flow_noised
+from .base import FrameLayout, VideoBackend, check_context, default_device, draw_per_generator, flow_noised
 
 # the pipeline hands the scheduler timesteps without sigmas, which makes it warn on every call; we make
 # the same call
@@ -372,7 +372,7 @@ class LTXVideoBackend(VideoBackend):
     def _draw_noise(self, generators: list[torch.Generator], contexts: torch.Tensor, latent_frames: int) -> torch.Tensor:
         *_, h, w = contexts.shape
         shape = (1, self.transformer.config.in_channels // self.patch**2, latent_frames, h, w)
-        return torch.cat([torch.randn(shape, generator=g, device=self.device, dtype=torch.float32) for g in generators])
+        return draw_per_generator(generators, shape, self.device)
 
     def _sample_batch(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int],
                       noise: torch.Tensor | None, steps: int | None) -> torch.Tensor:
@@ -396,8 +396,7 @@ class LTXVideoBackend(VideoBackend):
                        for n, p in zip(self.negative_prompt, self.prompt)) if guided else self.prompt
         for t in self.timesteps(steps):
             if self.cond_noise_scale > 0:
-                fresh = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype)
-                                   for g in generators])
+                fresh = draw_per_generator(generators, x.shape, x.device, x.dtype)
                 renoised = init + self.cond_noise_scale * fresh * (t / 1000.0) ** 2
                 x = torch.where(mask[..., None] > 1 - 1e-6, renoised, x)
             token_t = torch.minimum(t.expand(batch).unsqueeze(-1).float(), (1 - mask) * 1000.0)

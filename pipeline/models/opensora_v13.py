@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from ..config import Config
-from .base import FrameLayout, check_context, flow_noised
+from .base import FrameLayout, check_context, draw_per_generator, flow_noised
 from .upstream import OpenSoraBackend, oscillation_scale, require_opensora
 
 CHUNK, CHUNK_LATENTS = 17, 5  # pixel frames per VAE chunk (overlapping by one) and their latent frames
@@ -244,11 +244,7 @@ class OpenSoraV13Backend(OpenSoraBackend):
         batch, channels, clean, h, w = context_latents.shape
         reference = self.conditioning == "reference"
         generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
-
-        def draw(shape: torch.Size) -> torch.Tensor:
-            return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=self.device) for g in generators])
-
-        x = draw((batch, channels, latent_frames, h, w))
+        x = draw_per_generator(generators, (batch, channels, latent_frames, h, w), self.device)
         ref = torch.zeros_like(x)
         ref[:, :, :clean] = context_latents
         if not reference:
@@ -263,7 +259,7 @@ class OpenSoraV13Backend(OpenSoraBackend):
             timestep = torch.full((batch,), t, device=self.device)
             text_scale, image_scale = self.guidance, self.image_guidance
             if reference:  # SDEdit: the condition frames re-noised to the current level
-                noised = add_noise(ref, draw(ref.shape), timestep)
+                noised = add_noise(ref, draw_per_generator(generators, ref.shape, self.device), timestep)
                 x = torch.where(torch.arange(latent_frames, device=self.device)[None, None, :, None, None] < clean,
                                 noised, x)
                 text_scale, image_scale = oscillation_scale(text_scale, step), oscillation_scale(image_scale, step)

@@ -30,7 +30,7 @@ import torch
 from einops import rearrange
 
 from ..config import Config
-from .base import FrameLayout, check_context, flow_noised
+from .base import FrameLayout, check_context, draw_per_generator, flow_noised
 from .upstream import OpenSoraBackend, oscillation_scale, require_opensora
 
 TEMPORAL, SPATIAL, PATCH = 4, 8, 2
@@ -222,8 +222,8 @@ class OpenSoraV20Backend(OpenSoraBackend):
         each continuation's noise from its own seed's generator."""
         batch, channels, clean, h, w = context_latents.shape
         reference = self.conditioning == "reference"
-        x = pack(torch.cat([torch.randn((1, channels, latent_frames, h, w), device=self.device,
-                                        generator=torch.Generator(self.device).manual_seed(seed)) for seed in seeds]))
+        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
+        x = pack(draw_per_generator(generators, (batch, channels, latent_frames, h, w), self.device))
         cond = condition(context_latents, latent_frames)
         ids = image_ids(batch, latent_frames, h, w, self.device)
         branches = [(self.text, self.vec, cond), (self.null_text, self.null_vec, cond),

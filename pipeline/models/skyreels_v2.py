@@ -23,7 +23,7 @@ from diffusers import AutoencoderKLWan, SkyReelsV2DiffusionForcingVideoToVideoPi
 from diffusers import UniPCMultistepScheduler
 
 from ..config import Config
-from .base import FrameLayout, VideoBackend, check_context, default_device, flow_noised
+from .base import FrameLayout, VideoBackend, check_context, default_device, draw_per_generator, flow_noised
 
 # The V2V pipeline's docstring example: UniPC with flow_shift 8.0 ("8.0 for T2V, 5.0 for I2V"),
 # guidance 6.0, 50 steps; the prompt padded to its max_sequence_length
@@ -222,8 +222,8 @@ class SkyReelsV2Backend(VideoBackend):
     def _denoise(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int],
                 branches_together: bool) -> torch.Tensor:
         batch, channels, prefix, h, w = contexts.shape
-        latents = torch.cat([torch.randn((1, channels, latent_frames, h, w), device=self.device, dtype=torch.float32,
-                                         generator=torch.Generator(self.device).manual_seed(seed)) for seed in seeds])
+        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
+        latents = draw_per_generator(generators, (batch, channels, latent_frames, h, w), self.device)
         latents[:, :, :prefix] = contexts.to(self.dtype)
         # the same prompt on both branches makes the guided velocity the unguided one, bit for bit
         guided = self.guidance > 1 and not torch.equal(self.prompt, self.negative_prompt)
@@ -234,12 +234,12 @@ class SkyReelsV2Backend(VideoBackend):
             timestep[:, :prefix] = 0
             if not guided:
                 v = self._velocity(latents, timestep, self.prompt)
+            elif branches_together:
+                cond, uncond = self._velocity(latents.repeat(2, 1, 1, 1, 1), timestep.repeat(2, 1), prompts).chunk(2)
             else:
-                if branches_together:
-                    cond, uncond = self._velocity(latents.repeat(2, 1, 1, 1, 1), timestep.repeat(2, 1), prompts).chunk(2)
-                else:
-                    cond = self._velocity(latents, timestep, self.prompt)
-                    uncond = self._velocity(latents, timestep, self.negative_prompt)
+                cond = self._velocity(latents, timestep, self.prompt)
+                uncond = self._velocity(latents, timestep, self.negative_prompt)
+            if guided:
                 v = uncond + self.guidance * (cond - uncond)
             latents[:, :, prefix:] = self.scheduler.step(v[:, :, prefix:], t, latents[:, :, prefix:],
                                                          return_dict=False)[0]
