@@ -307,11 +307,13 @@ def download_dataset(name: str, dest: str) -> None:
                                                "clips (the first --frames and --sizes) and print their time split")
 @click.option("--vae", is_flag=True, help="instead: time the LTX-Video VAE (encode context, decode clip) per shape")
 @click.option("--sampling", is_flag=True, help="instead: time one baseline sample (50 steps, guidance 1 and 3) per shape")
-@click.option("--batch", default="1", show_default=True, help="with --sampling: comma-separated numbers of clips "
-                                                               "sampled in one batch; with --stage-clips: the "
-                                                               "first is sampling.clips_per_batch")
+@click.option("--adaptation", is_flag=True, help="instead: time 20 LoRA r16 steps of --batch clips adapted together "
+                                                 "per shape, with the step's MFU")
+@click.option("--batch", default="1", show_default=True, help="with --sampling and --adaptation: comma-separated "
+                                                               "numbers of clips in one batch; with --stage-clips: "
+                                                               "the first is sampling.clips_per_batch")
 def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, stage_clips, vae, sampling,
-          batch) -> None:
+          adaptation, batch) -> None:
     """Speed and memory of TTA steps on LTX-Video 2B with random weights (needs a GPU)."""
     import json
     import tempfile
@@ -319,16 +321,19 @@ def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, 
 
     import torch
 
-    from .benchmarks.ltx_video import evaluation_seconds, grid, run_bench, sampling_seconds, vae_seconds
+    from .benchmarks.ltx_video import adaptation_seconds, evaluation_seconds, grid, run_bench, sampling_seconds
+    from .benchmarks.ltx_video import vae_seconds
     from .benchmarks.ltx_video import stage_clips as time_stages  # the option of the same name is a clip count
 
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     if evaluation:
         click.echo(evaluation_seconds(100, 37, 256, torch.device("cuda")))
         return
-    if vae or sampling:
+    if vae or sampling or adaptation:
         for f in ints(frames):
             for size in ints(sizes):
+                for clips in ints(batch) if adaptation else ():
+                    click.echo(json.dumps(adaptation_seconds(f, size, torch.device("cuda"), clips)))
                 if vae:
                     click.echo(json.dumps(vae_seconds(f, size, torch.device("cuda"))))
                 for guidance in (1.0, 3.0) if sampling else ():
@@ -347,16 +352,17 @@ def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, 
     run_bench(cases, tuple(paths.split(",")), out or None)
 
 
-@main.command("bench-opensora")
-@click.option("--config", "config_path", required=True, help="an Open-Sora preset, e.g. conf/opensora13-naive.yaml")
+@main.command("bench-backend")
+@click.option("--config", "config_path", required=True, help="an Open-Sora or SkyReels-V2 preset, e.g. "
+                                                            "conf/opensora13-naive.yaml")
 @click.option("--steps", default=4, show_default=True, help="adaptation steps timed (the first is reported apart)")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="config overrides")
-def bench_opensora(config_path: str, steps: int, sets: tuple[str, ...]) -> None:
-    """Real-size Open-Sora with random weights on a GPU: text encoders, one adaptation step, sampling,
-    peak memory, at the preset's clip shape."""
+def bench_backend(config_path: str, steps: int, sets: tuple[str, ...]) -> None:
+    """Real-size Open-Sora or SkyReels-V2 with random weights on a GPU: text encoders, adaptation steps,
+    sampling, peak memory, at the preset's clip shape."""
     import json
 
-    from .benchmarks.opensora import measure
+    from .benchmarks.released_size import measure
 
     click.echo(json.dumps(measure(config_path, parse_sets(sets), steps)))
 

@@ -69,7 +69,6 @@ class OpenSoraOptions:
 
     vae: str = ""  # VAE checkpoint; empty = random weights
     text_encoder: str = ""  # T5 (hub id or directory), needed for a non-empty prompt
-    size: str = "full"  # with random weights: full (the released architecture) | tiny (tests)
     portable_kernels: bool = False  # upstream's xformers/flash-attn/Liger calls in plain torch
     conditioning: str = "reference"  # upstream's sampler and loss as released | clean_prefix (docs/backends.md)
 
@@ -89,7 +88,8 @@ def _options(cls: type) -> dataclasses.Field:
 @dataclass
 class ModelConfig:
     backend: str = "ltx-video"  # ltx-video | opensora-v1.3 | opensora-v2.0 | skyreels-v2
-    pretrained: str = ""  # hub id or local checkpoint; empty = the small default (ltx) or random weights (opensora)
+    pretrained: str = ""  # hub id or local checkpoint; empty = the small default (ltx) or random weights (opensora, skyreels)
+    size: str = "full"  # opensora-*, skyreels-v2 with random weights: full (the released architecture) | tiny (tests)
     gradient_checkpointing: bool = False
     prompt: str = ""
     negative_prompt: str = ""  # ltx-video, skyreels-v2: the unconditional branch of classifier-free guidance

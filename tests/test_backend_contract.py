@@ -30,7 +30,7 @@ TINY = {
                   "model.heads": "2", "model.head_dim": "32"},
     "opensora-v1.3": {"data.frames": "17", "data.context": "8", "model.size": "tiny", "model.portable_kernels": "true"},
     "opensora-v2.0": {"data.frames": "17", "data.context": "9", "model.size": "tiny", "model.portable_kernels": "true"},
-    "skyreels-v2": {"data.frames": "9", "data.context": "5"},
+    "skyreels-v2": {"data.frames": "9", "data.context": "5", "model.size": "tiny"},
 }
 
 

@@ -93,3 +93,12 @@ def test_sampling_timing_samples_the_baseline_continuation(guidance, passes):
                                     vae_config=NARROW_VAE, batch=2)
     assert (timing["tokens"], timing["passes"], timing["batch"]) == (3 * 2 * 2, passes, 2)
     assert timing["sample_s_per_clip"] == timing["sample_s"] / 2 > 0
+
+
+def test_adaptation_timing_counts_the_work_of_every_clip_adapted_together():
+    """Clips adapted together run one step of all their draws: twice the clips, twice the FLOPs of a step."""
+    tiny = dict(transformer_config={**TINY, "in_channels": 128, "out_channels": 128}, vae_config=NARROW_VAE)
+    one, two = (bench.adaptation_seconds(17, 64, torch.device("cpu"), clips, steps=2, **tiny) for clips in (1, 2))
+    assert (one["tokens"], two["clips"]) == (2 * 2 * 2, 2)  # the 2 latent context frames of 2x2
+    assert two["flops_per_step"] == 2 * one["flops_per_step"] > 0
+    assert two["adapt_s_per_clip"] == two["adapt_s"] / 2 > 0

@@ -166,7 +166,8 @@ def test_loss_ignores_the_clean_frames(backend):
 
 def config(**overrides):
     return load_config(None, {"model.backend": "skyreels-v2", "data.frames": "13", "data.context": "7",
-                              "data.height": "32", "data.width": "32", "sampling.steps": "3", **overrides})
+                              "data.height": "32", "data.width": "32", "sampling.steps": "3", "model.size": "tiny",
+                              **overrides})
 
 
 def test_zero_adaptation_steps_is_the_baseline_and_a_lora_step_trains():

@@ -3,8 +3,8 @@ and optimizer state, trained and sampled in one batched forward.
 
 The adapters are the `lora` method's own: PEFT injects them as for one clip (same targets, same
 initial weights from `adaptation.init_seed`), then each LoRA layer is replaced by one holding a
-stack of `clips` copies of its A and B. Item j of a forward batch goes through slot
-`slots[(j // items_per_clip) % len(slots)]` (`route`): blocks of one clip's items, repeated as a
+stack of `clips` copies of its A and B. The items of a forward batch come in blocks of
+`items_per_clip`, one per routed slot (`route`), the blocks repeated as a
 guided sampler repeats the batch. AdamW acts on each element alone, so one optimizer over the
 stacks is every clip's own AdamW; each clip's loss is its own mean, their sum is back-propagated,
 and no layer mixes items, so a clip's gradient is that of its own loss. Results equal those of one
@@ -23,26 +23,26 @@ from .lora import LoraAdapter
 
 
 class Routing:
-    """Which adapter slot each item of the next forward batches goes through. The index is built once
-    per batch size and device, not by every layer: a Python list turned into a device tensor per
-    layer and forward is a host-to-device copy each time (and a value torch.compile would guard on)."""
+    """Which adapter slots the next forwards go through: `slots`, one block of `items_per_clip`
+    consecutive items each, the blocks repeated as a guided sampler repeats the batch. The slots'
+    index is built on the device when the route is set, outside any compiled region: built lazily
+    inside a compiled block it would be an output of a CUDA graph, overwritten by the next replay
+    (and a Python list of slots would be a value torch.compile guards on)."""
 
     def __init__(self) -> None:
-        self.set([], 1)
+        self.set([], 1, torch.device("cpu"))
 
-    def set(self, slots: list[int], items_per_clip: int) -> None:
-        self.slots, self.items_per_clip = list(slots), items_per_clip
-        self._index: dict[tuple[int, torch.device], torch.Tensor] = {}
+    def set(self, slots: list[int], items_per_clip: int, device: torch.device) -> None:
+        self.slots, self.items_per_clip, self.device = list(slots), items_per_clip, device
+        self.index = torch.tensor(self.slots, dtype=torch.long, device=device)
 
-    def index(self, items: int, device: torch.device) -> torch.Tensor:
-        if (items, device) not in self._index:
-            if not self.slots or items % (self.items_per_clip * len(self.slots)):
-                raise RuntimeError(f"a batched LoRA layer got {items} items, not blocks of {self.items_per_clip} "
-                                   f"per clip for the {len(self.slots)} routed clips")
-            item = torch.arange(items, device=device)
-            self._index[items, device] = torch.tensor(self.slots, device=device)[
-                (item // self.items_per_clip) % len(self.slots)]
-        return self._index[items, device]
+    def repeats(self, items: int) -> int:
+        """How many times the routed blocks repeat in a batch of `items`."""
+        block = self.items_per_clip * len(self.slots)
+        if not self.slots or items % block:
+            raise RuntimeError(f"a batched LoRA layer got {items} items, not blocks of {self.items_per_clip} "
+                               f"per clip for the {len(self.slots)} routed clips")
+        return items // block
 
 
 class BatchedLoraLinear(torch.nn.Module):
@@ -59,9 +59,12 @@ class BatchedLoraLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        slot = self.routing.index(x.shape[0], x.device)
-        flat = x.to(self.lora_A.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (items, tokens, in)
-        update = torch.bmm(torch.bmm(flat, self.lora_A[slot].transpose(1, 2)), self.lora_B[slot].transpose(1, 2))
+        r = self.routing
+        # (repeats, slots, items per clip, tokens, in): each routed clip's block against its own A and B,
+        # selected once per slot (index_select: its backward adds into the selected rows)
+        blocks = x.to(self.lora_A.dtype).reshape(r.repeats(x.shape[0]), len(r.slots), r.items_per_clip, -1, x.shape[-1])
+        a, b = self.lora_A.index_select(0, r.index), self.lora_B.index_select(0, r.index)
+        update = torch.einsum("ncktr,cor->nckto", torch.einsum("nckti,cri->ncktr", blocks, a), b)
         return (result + update.reshape(*x.shape[:-1], -1) * self.scaling).to(result.dtype)
 
 
@@ -86,8 +89,8 @@ class BatchedLora(LoraAdapter):
     def route(self, slots: list[int], items_per_clip: int):
         """Forwards inside go through these slots, `items_per_clip` consecutive items per clip; the
         routing outside (sampling at an eval_at point within training's) holds again afterwards."""
-        outer = self.routing.slots, self.routing.items_per_clip
-        self.routing.set(slots, items_per_clip)
+        outer = self.routing.slots, self.routing.items_per_clip, self.routing.device
+        self.routing.set(slots, items_per_clip, self.backend.device)
         try:
             yield
         finally:

@@ -229,14 +229,10 @@ def vae_seconds(frames: int, size: int, device: torch.device, config: dict = LTX
             "peak_gb": peak}
 
 
-@torch.no_grad()
-def sampling_seconds(frames: int, size: int, device: torch.device, guidance: float, steps: int = 50,
-                     transformer_config: dict = LTX_VIDEO_2B, vae_config: dict = LTX_VIDEO_VAE,
-                     batch: int = 1) -> dict:
-    """Continuations of `batch` clips in one batch as the baseline samples them (LTXConditionPipeline's
-    sampler: posterior draw, context re-noising, linear-quadratic sigmas, guidance in one batched
-    forward) with LTX-Video 2B and its VAE's latent layout, random weights, bf16 and compiled blocks
-    on a GPU."""
+def random_backend(device: torch.device, transformer_config: dict = LTX_VIDEO_2B, vae_config: dict = LTX_VIDEO_VAE,
+                   compile: bool | None = None, fps: float = 25.0, **kw):
+    """The stages' LTX-Video backend around a transformer and VAE of these configs with random weights
+    and random prompt embeddings: bf16 with compiled blocks on a GPU (unless `compile=False`), fp32 on a CPU."""
     from ..models.ltx_video import LTXVideoBackend
 
     cuda = device.type == "cuda"
@@ -246,8 +242,76 @@ def sampling_seconds(frames: int, size: int, device: torch.device, guidance: flo
         vae = AutoencoderKLLTXVideo(**vae_config).to(dtype)
     prompts = [(torch.randn(1, TEXT_TOKENS, transformer_config["caption_channels"]),
                 torch.ones(1, TEXT_TOKENS, dtype=torch.bool)) for _ in range(2)]
-    backend = LTXVideoBackend(transformer, vae, FlowMatchEulerDiscreteScheduler(), *prompts, fps=25.0,
-                              sampling_steps=steps, guidance=guidance, device=device, dtype=dtype, compile=cuda)
+    return LTXVideoBackend(transformer, vae, FlowMatchEulerDiscreteScheduler(), *prompts, fps=fps, **kw,
+                           device=device, dtype=dtype, compile=cuda if compile is None else compile)
+
+
+def adaptation_seconds(frames: int, size: int, device: torch.device, clips: int, steps: int = 20,
+                       transformer_config: dict = LTX_VIDEO_2B, vae_config: dict = LTX_VIDEO_VAE) -> dict:
+    """LoRA r16 adaptation (the stages' defaults: attention targets, batch 4 noise draws per step) of
+    `clips` clips' contexts at once, as the adapt stage runs it: one clip through `adapt_to_clip`,
+    several through `BatchedLora` and `adapt_clips_together` (sampling.clips_per_batch). LTX-Video 2B
+    with random weights, bf16, compiled blocks on a GPU. Seconds per clip (median of 3 adaptations
+    after one that compiles), the FLOPs of one step counted eagerly, and the step's bf16 rate."""
+    from ..adaptation import make_adapter
+    from ..adaptation.batched_lora import BatchedLora
+    from ..adaptation.trainer import adapt_clips_together, adapt_to_clip
+    from ..config import load_config
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
+    config = load_config(None, {"adaptation.steps": str(steps), "adaptation.lr": "2e-4"}).adaptation
+
+    def adaptation(compile: bool):
+        """A fresh backend with the adapter of `clips` clips, and a function adapting them `n` steps."""
+        backend = random_backend(device, transformer_config, vae_config, compile=compile)
+        layout = backend.frame_layout(frames, context_frames(frames), size, size)
+        side = size // backend.spatial_ratio
+        # each context's posterior mean and log-variance, as the latent cache holds them
+        windows = [torch.randn(1, 2 * transformer_config["in_channels"], layout.latent_context, side, side,
+                               device=device) for _ in range(clips)]
+        adapter = BatchedLora(backend, config, clips) if clips > 1 else make_adapter(backend, config)
+
+        def adapt(n: int) -> None:
+            config.steps = n
+            adapter.reset()
+            if clips > 1:
+                adapt_clips_together(backend, adapter, windows, config, list(range(clips)))
+            else:
+                adapt_to_clip(backend, adapter, windows[0], config, seed=0)
+        return adapt, layout.latent_context * side * side
+
+    # FLOPs on an eager copy (a dispatch mode around compiled code would make it fall back), time as the stages run
+    adapt, tokens = adaptation(compile=False)
+    flops = count_flops(lambda: adapt(1))
+    del adapt
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    adapt, _ = adaptation(compile=cuda)
+    seconds = median_seconds(lambda: adapt(steps), device, warmup=1, iters=3)
+    peak = matmul_peak_tflops(device) if cuda else float("nan")
+    step = seconds / steps
+    return {"frames": frames, "size": size, "tokens": tokens, "clips": clips,
+            "steps": steps, "adapt_s": seconds, "adapt_s_per_clip": seconds / clips, "step_ms": step * 1e3,
+            "flops_per_step": flops, "mfu": flops / step / 1e12 / peak, "matmul_peak_tflops": peak,
+            "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0}
+
+
+@torch.no_grad()
+def sampling_seconds(frames: int, size: int, device: torch.device, guidance: float, steps: int = 50,
+                     transformer_config: dict = LTX_VIDEO_2B, vae_config: dict = LTX_VIDEO_VAE,
+                     batch: int = 1) -> dict:
+    """Continuations of `batch` clips in one batch as the baseline samples them (LTXConditionPipeline's
+    sampler: posterior draw, context re-noising, linear-quadratic sigmas, guidance in one batched
+    forward) with LTX-Video 2B and its VAE's latent layout, random weights, bf16 and compiled blocks
+    on a GPU."""
+    cuda = device.type == "cuda"
+    backend = random_backend(device, transformer_config, vae_config, sampling_steps=steps, guidance=guidance)
     layout = backend.frame_layout(frames, context_frames(frames), size, size)
     side = size // backend.spatial_ratio
     # the posterior's mean and log-variance, as the latent cache holds them
@@ -276,7 +340,6 @@ def stage_clips(workdir: Path, clips: int = 4, frames: int = 65, size: int = 256
     from ..config import load_config
     from ..data.preprocess import preprocess
     from ..models import default_device
-    from ..models.ltx_video import LTXVideoBackend
 
     device = default_device()
     cuda = device.type == "cuda"
@@ -289,14 +352,8 @@ def stage_clips(workdir: Path, clips: int = 4, frames: int = 65, size: int = 256
         "sampling.steps": str(sampling_steps), "adaptation.steps": str(steps), "adaptation.lr": "2e-4",
         "sampling.clips_per_batch": str(clips_per_batch)})
     preprocess(config.data)
-    with torch.device(device):
-        transformer = LTXVideoTransformer3DModel(**transformer_config).to(dtype)
-        vae = AutoencoderKLLTXVideo(**vae_config).to(dtype)
-    prompts = [(torch.randn(1, TEXT_TOKENS, transformer_config["caption_channels"]),
-                torch.ones(1, TEXT_TOKENS, dtype=torch.bool)) for _ in range(2)]
-    backend = LTXVideoBackend(transformer, vae, FlowMatchEulerDiscreteScheduler(), *prompts, fps=config.data.fps,
-                              sampling_steps=sampling_steps, guidance=config.sampling.guidance, device=device,
-                              dtype=dtype, compile=cuda)
+    backend = random_backend(device, transformer_config, vae_config, fps=config.data.fps,
+                             sampling_steps=sampling_steps, guidance=config.sampling.guidance)
     previous_store = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     try:

@@ -31,6 +31,11 @@ FLOW_SHIFT = 8.0
 GUIDANCE = 6.0
 PROMPT_TOKENS = 512
 
+# Skywork/SkyReels-V2-DF-1.3B-540P-Diffusers' transformer (its VAE is AutoencoderKLWan's defaults)
+DF_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+               text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", eps=1e-6, inject_sample_info=True)
+
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attn1 (self) and attn2 (text) of every Wan block
 MLP_TARGETS = ["ffn.net.0.proj", "ffn.net.2"]
 
@@ -70,7 +75,8 @@ class SkyReelsV2Backend(VideoBackend):
     # --- loading -----------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: Config) -> SkyReelsV2Backend:
-        """`model.pretrained` (a hub id or a local diffusers directory), or tiny random components when empty."""
+        """`model.pretrained` (a hub id or a local diffusers directory), or random weights when empty: the
+        released 1.3B architecture (`model.size=full`, for speed and memory) or tiny components (`tiny`)."""
         m, s = config.model, config.sampling
         if s.image_guidance != 1:
             raise ValueError("sampling.image_guidance is not implemented for model.backend=skyreels-v2")
@@ -78,7 +84,7 @@ class SkyReelsV2Backend(VideoBackend):
                       timesteps=config.adaptation.timesteps, device=default_device(), dtype=getattr(torch, m.dtype))
         if m.pretrained:
             return cls.from_pretrained(m.pretrained, m.prompt, m.negative_prompt, **common)
-        return cls.small(**common)
+        return cls.small(**common) if m.size == "tiny" else cls.released_size(**common)
 
     @classmethod
     def reference_deviations(cls, config: Config) -> list[str]:
@@ -102,6 +108,22 @@ class SkyReelsV2Backend(VideoBackend):
         scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                             flow_shift=FLOW_SHIFT)
         return cls(transformer.to(kw.get("dtype", torch.float32)), vae, scheduler, prompt, negative_prompt, **kw)
+
+    @classmethod
+    def released_size(cls, **kw) -> SkyReelsV2Backend:
+        """SkyReels-V2-DF-1.3B's transformer and VAE with random weights, built on the device, and random
+        prompt embeddings of the pipeline's length: speed and memory do not depend on weight values."""
+        dtype, device = kw.get("dtype", torch.float32), kw.get("device", "cpu")
+        with torch.device(device):
+            transformer = SkyReelsV2Transformer3DModel(**DF_1_3B)
+            vae = AutoencoderKLWan()
+        for name, parameter in transformer.named_parameters():  # the modules from_pretrained(dtype=...) keeps in fp32
+            keep = any(module in name.split(".") for module in transformer._keep_in_fp32_modules)
+            parameter.data = parameter.data.to(torch.float32 if keep else dtype)
+            prompt, negative_prompt = torch.randn(2, 1, PROMPT_TOKENS, DF_1_3B["text_dim"])
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                            flow_shift=FLOW_SHIFT)
+        return cls(transformer, vae, scheduler, prompt, negative_prompt, **kw)
 
     @classmethod
     def from_pretrained(cls, path: str, prompt: str, negative_prompt: str = "", **kw) -> SkyReelsV2Backend:
@@ -244,6 +266,10 @@ class SkyReelsV2Backend(VideoBackend):
             latents[:, :, prefix:] = self.scheduler.step(v[:, :, prefix:], t, latents[:, :, prefix:],
                                                          return_dict=False)[0]
         return latents
+
+    def guidance_passes(self) -> int:
+        """Forwards per sampling step: 2 (prompt and negative prompt) with guidance, else 1."""
+        return 2 if self.guidance > 1 and not torch.equal(self.prompt, self.negative_prompt) else 1
 
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()

@@ -62,7 +62,7 @@ class OpenSoraBackend(VideoBackend):
     def settings(config: Config) -> dict:
         """The `build` arguments both versions read from the config, beside their checkpoints."""
         m, s = config.model, config.sampling
-        return dict(prompt=m.prompt, size=m.opensora.size, portable_kernels=m.opensora.portable_kernels,
+        return dict(prompt=m.prompt, size=m.size, portable_kernels=m.opensora.portable_kernels,
                     conditioning=m.opensora.conditioning, fps=config.data.fps, sampling_steps=s.steps,
                     guidance=s.guidance, image_guidance=s.image_guidance, timesteps=config.adaptation.timesteps,
                     device=default_device(), dtype=getattr(torch, m.dtype))

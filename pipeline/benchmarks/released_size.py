@@ -1,5 +1,5 @@
-"""Open-Sora at real size with random weights (speed and memory do not depend on weight values):
-the stages' own backend, adapter and optimizer at a preset's clip shape, timed piece by piece."""
+"""Open-Sora and SkyReels-V2 at real size with random weights (speed and memory do not depend on weight
+values): the stages' own backend, adapter and optimizer at a preset's clip shape, timed piece by piece."""
 from __future__ import annotations
 
 import functools
@@ -26,15 +26,17 @@ def _gib(value: int) -> float:
 
 
 def text_encoders(backend_name: str) -> dict[str, float]:
-    """A T5-XXL encoder (and CLIP-L for v2.0) of real size, random, bf16: one prompt encoded, then freed."""
+    """A T5-XXL encoder (UMT5-XXL's vocabulary for SkyReels-V2, and CLIP-L for v2.0) of real size, random,
+    bf16: one prompt encoded, then freed."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     tokens = 300 if backend_name == "opensora-v1.3" else 512
+    vocabulary = 256384 if backend_name == "skyreels-v2" else 32128
     torch.cuda.reset_peak_memory_stats()
     with torch.device("cuda"):
         t5 = T5EncoderModel(T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                                     feed_forward_proj="gated-gelu", vocab_size=32128)).to(torch.bfloat16).eval()
-        ids = torch.randint(0, 32128, (1, tokens))
+                                     feed_forward_proj="gated-gelu", vocab_size=vocabulary)).to(torch.bfloat16).eval()
+        ids = torch.randint(0, vocabulary, (1, tokens))
     with torch.no_grad():
         t5(input_ids=ids)  # warm-up
         _, seconds = _timed(functools.partial(t5, input_ids=ids))
