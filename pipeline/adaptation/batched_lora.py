@@ -33,7 +33,7 @@ class Routing:
         self.set([], 1, torch.device("cpu"))
 
     def set(self, slots: list[int], items_per_clip: int, device: torch.device) -> None:
-        self.slots, self.items_per_clip, self.device = list(slots), items_per_clip, device
+        self.slots, self.items_per_clip = list(slots), items_per_clip
         self.index = torch.tensor(self.slots, dtype=torch.long, device=device)
 
     def repeats(self, items: int) -> int:
@@ -89,7 +89,7 @@ class BatchedLora(LoraAdapter):
     def route(self, slots: list[int], items_per_clip: int):
         """Forwards inside go through these slots, `items_per_clip` consecutive items per clip; the
         routing outside (sampling at an eval_at point within training's) holds again afterwards."""
-        outer = self.routing.slots, self.routing.items_per_clip, self.routing.device
+        outer = self.routing.slots, self.routing.items_per_clip, self.routing.index.device
         self.routing.set(slots, items_per_clip, self.backend.device)
         try:
             yield

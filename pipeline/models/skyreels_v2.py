@@ -40,6 +40,11 @@ ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attn1 (self) and att
 MLP_TARGETS = ["ffn.net.0.proj", "ffn.net.2"]
 
 
+def flow_scheduler() -> UniPCMultistepScheduler:
+    """UniPC on flow sigmas with the pipeline example's shift, for components built without a checkpoint."""
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=FLOW_SHIFT)
+
+
 class SkyReelsV2Backend(VideoBackend):
     attention_targets, mlp_targets = ATTENTION_TARGETS, MLP_TARGETS
     batches_clips = True
@@ -105,9 +110,7 @@ class SkyReelsV2Backend(VideoBackend):
             vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                    temperal_downsample=[False, True, True])
             prompt, negative_prompt = torch.randn(2, 1, prompt_tokens, text_dim)
-        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                            flow_shift=FLOW_SHIFT)
-        return cls(transformer.to(kw.get("dtype", torch.float32)), vae, scheduler, prompt, negative_prompt, **kw)
+        return cls(transformer.to(kw.get("dtype", torch.float32)), vae, flow_scheduler(), prompt, negative_prompt, **kw)
 
     @classmethod
     def released_size(cls, **kw) -> SkyReelsV2Backend:
@@ -117,13 +120,11 @@ class SkyReelsV2Backend(VideoBackend):
         with torch.device(device):
             transformer = SkyReelsV2Transformer3DModel(**DF_1_3B)
             vae = AutoencoderKLWan()
+            prompt, negative_prompt = torch.randn(2, 1, PROMPT_TOKENS, DF_1_3B["text_dim"])
         for name, parameter in transformer.named_parameters():  # the modules from_pretrained(dtype=...) keeps in fp32
             keep = any(module in name.split(".") for module in transformer._keep_in_fp32_modules)
             parameter.data = parameter.data.to(torch.float32 if keep else dtype)
-            prompt, negative_prompt = torch.randn(2, 1, PROMPT_TOKENS, DF_1_3B["text_dim"])
-        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                            flow_shift=FLOW_SHIFT)
-        return cls(transformer, vae, scheduler, prompt, negative_prompt, **kw)
+        return cls(transformer, vae, flow_scheduler(), prompt, negative_prompt, **kw)
 
     @classmethod
     def from_pretrained(cls, path: str, prompt: str, negative_prompt: str = "", **kw) -> SkyReelsV2Backend:
@@ -247,8 +248,7 @@ class SkyReelsV2Backend(VideoBackend):
         generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
         latents = draw_per_generator(generators, (batch, channels, latent_frames, h, w), self.device)
         latents[:, :, :prefix] = contexts.to(self.dtype)
-        # the same prompt on both branches makes the guided velocity the unguided one, bit for bit
-        guided = self.guidance > 1 and not torch.equal(self.prompt, self.negative_prompt)
+        guided = self.guidance_passes() == 2
         prompts = torch.cat([self.prompt.expand(batch, -1, -1), self.negative_prompt.expand(batch, -1, -1)])
         self.scheduler.set_timesteps(self.sampling_steps, device=self.device)
         for t in self.scheduler.timesteps:
@@ -268,7 +268,8 @@ class SkyReelsV2Backend(VideoBackend):
         return latents
 
     def guidance_passes(self) -> int:
-        """Forwards per sampling step: 2 (prompt and negative prompt) with guidance, else 1."""
+        """Forwards per sampling step: 2 (prompt and negative prompt) with guidance, else 1 (also when both
+        prompts are the same: the guided velocity would be the unguided one, bit for bit)."""
         return 2 if self.guidance > 1 and not torch.equal(self.prompt, self.negative_prompt) else 1
 
     def enable_gradient_checkpointing(self) -> None:
