@@ -309,11 +309,13 @@ def download_dataset(name: str, dest: str) -> None:
 @click.option("--sampling", is_flag=True, help="instead: time one baseline sample (50 steps, guidance 1 and 3) per shape")
 @click.option("--adaptation", is_flag=True, help="instead: time 20 LoRA r16 steps of --batch clips adapted together "
                                                  "per shape, with the step's MFU")
+@click.option("--profile", default="", help="with --adaptation: also profile two steps and write the operator "
+                                             "table to this folder")
 @click.option("--batch", default="1", show_default=True, help="with --sampling and --adaptation: comma-separated "
                                                                "numbers of clips in one batch; with --stage-clips: "
                                                                "the first is sampling.clips_per_batch")
 def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, stage_clips, vae, sampling,
-          adaptation, batch) -> None:
+          adaptation, profile, batch) -> None:
     """Speed and memory of TTA steps on LTX-Video 2B with random weights (needs a GPU)."""
     import json
     import tempfile
@@ -333,7 +335,8 @@ def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, 
         for f in ints(frames):
             for size in ints(sizes):
                 for clips in ints(batch) if adaptation else ():
-                    click.echo(json.dumps(adaptation_seconds(f, size, torch.device("cuda"), clips)))
+                    click.echo(json.dumps(adaptation_seconds(f, size, torch.device("cuda"), clips,
+                                                                  profile_dir=Path(profile) if profile else None)))
                 if vae:
                     click.echo(json.dumps(vae_seconds(f, size, torch.device("cuda"))))
                 for guidance in (1.0, 3.0) if sampling else ():

@@ -1,4 +1,6 @@
 """The benchmark's FLOP counting and its table, on a tiny LTX-Video transformer on the CPU."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -95,10 +97,15 @@ def test_sampling_timing_samples_the_baseline_continuation(guidance, passes):
     assert timing["sample_s_per_clip"] == timing["sample_s"] / 2 > 0
 
 
-def test_adaptation_timing_counts_the_work_of_every_clip_adapted_together():
-    """Clips adapted together run one step of all their draws: twice the clips, twice the FLOPs of a step."""
+def test_adaptation_timing_counts_the_work_of_every_clip_adapted_together(tmp_path):
+    """Clips adapted together run one step of all their draws: twice the clips, twice the FLOPs of a step.
+    The profile names the operators of the path timed: the batched LoRA's einsum only for clips together."""
     tiny = dict(transformer_config={**TINY, "in_channels": 128, "out_channels": 128}, vae_config=NARROW_VAE)
-    one, two = (bench.adaptation_seconds(17, 64, torch.device("cpu"), clips, steps=2, **tiny) for clips in (1, 2))
+    one, two = (bench.adaptation_seconds(17, 64, torch.device("cpu"), clips, steps=2, profile_dir=tmp_path, **tiny)
+                for clips in (1, 2))
     assert (one["tokens"], two["clips"]) == (2 * 2 * 2, 2)  # the 2 latent context frames of 2x2
     assert two["flops_per_step"] == 2 * one["flops_per_step"] > 0
     assert two["adapt_s_per_clip"] == two["adapt_s"] / 2 > 0
+    tables = [Path(timing["profile"]).read_text() for timing in (one, two)]
+    assert Path(two["profile"]).name == "adaptation_17x64_clips2.txt"
+    assert "aten::einsum" not in tables[0] and "aten::einsum" in tables[1]

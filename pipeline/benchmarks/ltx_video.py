@@ -247,12 +247,15 @@ def random_backend(device: torch.device, transformer_config: dict = LTX_VIDEO_2B
 
 
 def adaptation_seconds(frames: int, size: int, device: torch.device, clips: int, steps: int = 20,
-                       transformer_config: dict = LTX_VIDEO_2B, vae_config: dict = LTX_VIDEO_VAE) -> dict:
+                       transformer_config: dict = LTX_VIDEO_2B, vae_config: dict = LTX_VIDEO_VAE,
+                       profile_dir: Path | None = None) -> dict:
     """LoRA r16 adaptation (the stages' defaults: attention targets, batch 4 noise draws per step) of
     `clips` clips' contexts at once, as the adapt stage runs it: one clip through `adapt_to_clip`,
     several through `BatchedLora` and `adapt_clips_together` (sampling.clips_per_batch). LTX-Video 2B
     with random weights, bf16, compiled blocks on a GPU. Seconds per clip (median of 3 adaptations
-    after one that compiles), the FLOPs of one step counted eagerly, and the step's bf16 rate."""
+    after one that compiles), the FLOPs of one step counted eagerly, and the step's bf16 rate. With
+    `profile_dir`, two more timed steps run under torch.profiler and its table of operators (by their
+    own device time, or CPU time without a GPU) is written there (`profile`)."""
     from ..adaptation import make_adapter
     from ..adaptation.batched_lora import BatchedLora
     from ..adaptation.trainer import adapt_clips_together, adapt_to_clip
@@ -296,7 +299,19 @@ def adaptation_seconds(frames: int, size: int, device: torch.device, clips: int,
     seconds = median_seconds(lambda: adapt(steps), device, warmup=1, iters=3)
     peak = matmul_peak_tflops(device) if cuda else float("nan")
     step = seconds / steps
-    return {"frames": frames, "size": size, "tokens": tokens, "clips": clips,
+    profiled = {}
+    if profile_dir is not None:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as profiler:
+            adapt(2)
+            _sync(device)
+        table = profiler.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                              row_limit=40)
+        path = Path(profile_dir) / f"adaptation_{frames}x{size}_clips{clips}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(table)
+        profiled["profile"] = str(path)
+    return {**profiled, "frames": frames, "size": size, "tokens": tokens, "clips": clips,
             "steps": steps, "adapt_s": seconds, "adapt_s_per_clip": seconds / clips, "step_ms": step * 1e3,
             "flops_per_step": flops, "mfu": flops / step / 1e12 / peak, "matmul_peak_tflops": peak,
             "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0}
