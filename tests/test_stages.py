@@ -334,7 +334,7 @@ def test_mlflow_run_as_typed_lands_in_the_configs_experiment(prepared, store, tm
 def test_an_arm_added_to_the_demo_with_mlflow_run_exactly_as_typed(store, tmp_path):
     """The demo's experiment (its clips and baseline, as `make demo` makes them), then
     `mlflow run . -e adapt -P rank=8` and `mlflow run . -e evaluate -P rank=8` with no other flag:
-    the arm lands beside the demo's baseline and evaluate pairs it on all 16 clips."""
+    the arm lands beside the demo's baseline and evaluate pairs it on all the demo's clips."""
     env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}",
            "MLFLOW_ENV_ROOT": str(tmp_path / "envs")}
     subprocess.run([os.sys.executable, "-m", "pipeline.tracking.project_env"], cwd=ROOT, env=env, check=True,
@@ -345,7 +345,8 @@ def test_an_arm_added_to_the_demo_with_mlflow_run_exactly_as_typed(store, tmp_pa
         result = subprocess.run(["mlflow", "run", ".", "-e", entry, "-P", "rank=8"], cwd=ROOT, env=env,
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
-    assert "demo: lora r8 20 steps on context" in result.stdout and "16 clips the baseline scored" in result.stdout
+    clips = load_config("conf/demo.yaml").data.num_clips
+    assert "demo: lora r8 20 steps on context" in result.stdout and f"{clips} clips the baseline scored" in result.stdout
     demo = mlflow.get_experiment_by_name("demo").experiment_id
     stages = {r.info.run_name: r for r in MlflowClient().search_runs([demo], "tags.`tta.kind` = 'stage'")}
     assert set(stages) == {"preprocess", "baseline", "lora-r8-lr0.001-20steps", "evaluate lora-r8-lr0.001-20steps"}
