@@ -25,16 +25,23 @@ from .lora import LoraAdapter
 class Routing:
     """Which adapter slots the next forwards go through: `slots`, one block of `items_per_clip`
     consecutive items each, the blocks repeated as a guided sampler repeats the batch. The slots'
-    index is built on the device when the route is set, outside any compiled region: built lazily
-    inside a compiled block it would be an output of a CUDA graph, overwritten by the next replay
-    (and a Python list of slots would be a value torch.compile guards on)."""
+    index lives in one device tensor for every route, written in place when the route is set
+    (outside any compiled region): compiled blocks read it as a static input of their CUDA graphs,
+    so a new tensor per route would re-record every graph (measured: 511 ms a step of 4 clips
+    instead of about 100), and one built inside a compiled block would be a graph output,
+    overwritten by the next replay."""
 
-    def __init__(self) -> None:
-        self.set([], 1, torch.device("cpu"))
+    def __init__(self, clips: int, device: torch.device) -> None:
+        self._index = torch.zeros(clips, dtype=torch.long, device=device)
+        self.set([], 1)
 
-    def set(self, slots: list[int], items_per_clip: int, device: torch.device) -> None:
+    def set(self, slots: list[int], items_per_clip: int) -> None:
         self.slots, self.items_per_clip = list(slots), items_per_clip
-        self.index = torch.tensor(self.slots, dtype=torch.long, device=device)
+        self._index[:len(self.slots)].copy_(torch.tensor(self.slots, dtype=torch.long))
+
+    @property
+    def index(self) -> torch.Tensor:
+        return self._index[:len(self.slots)]
 
     def repeats(self, items: int) -> int:
         """How many times the routed blocks repeat in a batch of `items`."""
@@ -74,7 +81,7 @@ class BatchedLora(LoraAdapter):
 
     def __init__(self, backend: VideoBackend, config: AdaptationConfig, clips: int):
         super().__init__(backend, config)  # PEFT's injection and initialisation, as for one clip
-        self.clips, self.routing = clips, Routing()
+        self.clips, self.routing = clips, Routing(clips, backend.device)
         self.peft_names = list(self.named_parameters())  # for each clip's saved weights
         for name, module in list(self.transformer.named_modules()):
             if isinstance(module, LoraLayer):
@@ -89,8 +96,8 @@ class BatchedLora(LoraAdapter):
     def route(self, slots: list[int], items_per_clip: int):
         """Forwards inside go through these slots, `items_per_clip` consecutive items per clip; the
         routing outside (sampling at an eval_at point within training's) holds again afterwards."""
-        outer = self.routing.slots, self.routing.items_per_clip, self.routing.index.device
-        self.routing.set(slots, items_per_clip, self.backend.device)
+        outer = self.routing.slots, self.routing.items_per_clip
+        self.routing.set(slots, items_per_clip)
         try:
             yield
         finally:
