@@ -360,14 +360,17 @@ def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, 
                                                             "conf/opensora13-naive.yaml")
 @click.option("--steps", default=4, show_default=True, help="adaptation steps timed (the first is reported apart)")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="config overrides")
-def bench_backend(config_path: str, steps: int, sets: tuple[str, ...]) -> None:
+@click.option("--profile", default="", help="also profile two adaptation steps and write the operator table to "
+                                            "this folder")
+def bench_backend(config_path: str, steps: int, sets: tuple[str, ...], profile: str) -> None:
     """Real-size Open-Sora or SkyReels-V2 with random weights on a GPU: text encoders, adaptation steps,
-    sampling, peak memory, at the preset's clip shape."""
+    sampling, their FLOPs and MFU, peak memory, at the preset's clip shape."""
     import json
+    from pathlib import Path
 
     from .benchmarks.released_size import measure
 
-    click.echo(json.dumps(measure(config_path, parse_sets(sets), steps)))
+    click.echo(json.dumps(measure(config_path, parse_sets(sets), steps, Path(profile) if profile else None)))
 
 
 @main.command("fetch-weights")

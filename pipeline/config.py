@@ -60,7 +60,6 @@ class LTXVideoOptions:
     vae_posterior: str = "sample"  # the context latents are a draw from the VAE posterior (as LTXConditionPipeline) | mode
     decode_timestep: float = 0.0  # VAEs with timestep conditioning: decode at this timestep...
     decode_noise_scale: float | None = None  # ...after mixing in this much noise (None: decode_timestep)
-    compile: bool = False  # CUDA graphs via torch.compile(mode="reduce-overhead"): for GPUs (docs/benchmarks.md)
 
 
 @dataclass
@@ -95,6 +94,7 @@ class ModelConfig:
     negative_prompt: str = ""  # ltx-video, skyreels-v2: the unconditional branch of classifier-free guidance
     dtype: str = "float32"  # float32 | bfloat16
     cache_latents: bool = True  # VAE latents of each clip's context kept on disk, shared by every arm
+    compile: bool = False  # ltx-video, opensora-v1.3 on GPUs: each transformer block through torch.compile (docs/benchmarks.md)
     ltx_video: LTXVideoOptions = _options(LTXVideoOptions)
     opensora: OpenSoraOptions = _options(OpenSoraOptions)
     opensora_v20: OpenSoraV20Options = _options(OpenSoraV20Options)
@@ -140,7 +140,7 @@ class AdaptationConfig:
     warmup: int = 4
     batch_size: int = 4  # noise draws of the same clip per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    deepspeed: bool = True  # method full on a GPU: DeepSpeed ZeRO in the model's dtype (bf16 weights get fp32 masters)
+    deepspeed: bool = False  # method full on a GPU: DeepSpeed ZeRO (partitioned optimizer state, offload); else torch AdamW; both keep fp32 masters of bf16 weights
     zero_stage: int = 2  # 0-2
     offload: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
     candidates: int = 8  # select: noises tried per sample (the first is the sample's own)
@@ -356,6 +356,9 @@ def _check(config: Config, source: str) -> None:
     if config.sampling.clips_per_batch > 1 and a.method != "lora":
         raise ConfigError(f"{source}: 'sampling.clips_per_batch' also adapts several clips at once, with a LoRA "
                           "adapter each; it takes adaptation.method=lora")
+    if config.model.compile and config.model.backend not in ("ltx-video", "opensora-v1.3"):
+        raise ConfigError(f"{source}: 'model.compile' compiles the transformer blocks of LTX-Video and Open-Sora v1.3; "
+                          f"model.backend={config.model.backend} runs uncompiled (model.compile=false)")
     if config.adaptation.save_weights and config.adaptation.method != "lora":
         raise ConfigError(f"{source}: 'adaptation.save_weights' keeps LoRA weights; with adaptation.method="
                           f"{config.adaptation.method!r} it would write every transformer weight per clip")

@@ -194,6 +194,19 @@ def test_deepspeed_trains_in_the_models_own_precision():
     assert deepspeed_config(bf16, 1e-4, 1, 2, False, 1)["bf16"]["enabled"]
 
 
+def test_plain_adamw_trains_bf16_weights_through_fp32_masters():
+    """Full fine-tuning of a bf16 model without DeepSpeed: updates far below bf16's resolution add up
+    in fp32 master weights (as DeepSpeed's bf16 mode keeps them) instead of rounding away, and the
+    live bf16 weights are the masters rounded."""
+    weight = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    optimizer = TorchAdamW([weight], lr=1e-4, warmup=0)
+    train(optimizer, lambda step: weight.float().sum(), steps=100)  # each step moves the weight by 1e-4
+    assert weight.dtype == torch.bfloat16
+    assert optimizer.masters[0].dtype == torch.float32
+    assert torch.allclose(optimizer.masters[0], torch.full((4,), 0.99), atol=1e-6)
+    assert torch.equal(weight, optimizer.masters[0].to(torch.bfloat16)) and (weight < 1).all()
+
+
 def test_how_closely_the_continuation_follows_its_prefix_is_measured(prepared):
     config = load_config(prepared)  # one sample: its first frame is `out.first[K]`
     continuer = Continuer(config, "baseline")

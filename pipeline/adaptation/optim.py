@@ -37,12 +37,16 @@ class Optimizer:
 
 
 class TorchAdamW(Optimizer):
-    """AdamW with linear warmup, gradients averaged over `accum` micro-batches."""
+    """AdamW with linear warmup, gradients averaged over `accum` micro-batches. Weights stored below
+    fp32 (a bf16 model fully fine-tuned) train through fp32 master copies, as DeepSpeed's bf16 mode
+    does: most of an lr 1e-5 update is below bf16's resolution and would round away."""
 
     def __init__(self, params: list[torch.nn.Parameter], lr: float, warmup: int, accum: int = 1, decay_steps: int = 0):
         self.params = params
+        self.masters = [p.detach().float() if p.dtype in (torch.bfloat16, torch.float16) else p for p in params]
+        self.low = [(p, m) for p, m in zip(params, self.masters) if m is not p]
         fused = all(p.is_cuda for p in params)  # one kernel for all parameters on a GPU
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused or None)
+        self.optimizer = torch.optim.AdamW(self.masters, lr=lr, weight_decay=0.0, fused=fused or None)
         self.schedule = linear_warmup(self.optimizer, warmup, decay_steps)
         self.accum = accum
 
@@ -51,9 +55,18 @@ class TorchAdamW(Optimizer):
 
     def step(self) -> None:
         ranks.average_gradients(self.params)
+        for p, master in self.low:
+            master.grad, p.grad = (None if p.grad is None else p.grad.float()), None
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.low:
+            with torch.no_grad():
+                torch._foreach_copy_([p for p, _ in self.low], [m for _, m in self.low])
+
+    def close(self) -> None:
+        self.masters = self.low = []
+        self.optimizer = None
 
 
 class DeepSpeedAdamW(Optimizer):

@@ -114,6 +114,18 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def write_operator_table(fn: Callable[[], object], device: torch.device, path: Path) -> None:
+    """torch.profiler's table of the operators `fn` ran, by their own device time (CPU time without a GPU)."""
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        fn()
+        _sync(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(profiler.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                                  row_limit=40))
+
+
 def inputs(case: Case, device: torch.device, dtype: torch.dtype, channels: int = 128, text_dim: int = 4096):
     f, h, w = case.latent_grid
     sigmas = torch.full((1, case.tokens), 0.5, device=device)
@@ -301,15 +313,8 @@ def adaptation_seconds(frames: int, size: int, device: torch.device, clips: int,
     step = seconds / steps
     profiled = {}
     if profile_dir is not None:
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        with torch.profiler.profile(activities=activities) as profiler:
-            adapt(2)
-            _sync(device)
-        table = profiler.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                                              row_limit=40)
         path = Path(profile_dir) / f"adaptation_{frames}x{size}_clips{clips}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(table)
+        write_operator_table(lambda: adapt(2), device, path)
         profiled["profile"] = str(path)
     return {**profiled, "frames": frames, "size": size, "tokens": tokens, "clips": clips,
             "steps": steps, "adapt_s": seconds, "adapt_s_per_clip": seconds / clips, "step_ms": step * 1e3,

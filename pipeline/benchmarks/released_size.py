@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from ..adaptation import make_adapter
 from ..config import load_config
 from ..models import load_backend
+from .ltx_video import count_flops, matmul_peak_tflops, write_operator_table
 
 
 def _timed(fn):
@@ -57,15 +59,21 @@ def text_encoders(backend_name: str) -> dict[str, float]:
     return result
 
 
-def measure(config_path: str, overrides: dict[str, str], steps: int = 4) -> dict[str, object]:
-    """Build, encode, adapt `steps` steps (median of all but the first), reset, sample, decode."""
+def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile_dir: Path | None = None
+            ) -> dict[str, object]:
+    """Build, encode, adapt `steps` steps (median of all but the first), reset, sample, decode. The
+    FLOPs of a step and of a sample are counted eagerly on extra runs (a sample's as one sampler step
+    times the steps: every step runs the same batch of guidance passes), the MFU against the bf16
+    matrix-product rate measured in the same run. With `profile_dir`, the operator table of two more
+    steps (`profile`)."""
     config = load_config(config_path, overrides)
     # random weights at the released size
     for key, value in dict(pretrained="", vae="", text_encoder="", clip_encoder="", prompt="", size="full").items():
         config = config.with_setting(f"model.{key}", value)
     d, a = config.data, config.adaptation
     result: dict[str, object] = {"config": config_path, "frames": d.frames, "size": f"{d.height}x{d.width}",
-                                 "method": a.method, "gradient_checkpointing": config.model.gradient_checkpointing}
+                                 "method": a.method, "gradient_checkpointing": config.model.gradient_checkpointing,
+                                 "compile": config.model.compile, "deepspeed": a.deepspeed}
     result.update(text_encoders(config.model.backend))
     backend, result["build_s"] = _timed(lambda: load_backend(config))
     result["transformer_params_b"] = round(sum(p.numel() for p in backend.transformer.parameters()) / 1e9, 2)
@@ -78,23 +86,40 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 4) -> dict
     optimizer, result["optimizer_setup_s"] = _timed(adapter.optimizer)
     generator = torch.Generator("cuda").manual_seed(0)
     clean = max(1, window.shape[2] // 2)  # the v2v_head mask; a mid-sized prefix for the other objectives
+
+    def step():
+        optimizer.micro_step(backend.training_loss(window.expand(a.batch_size, -1, -1, -1, -1), clean, generator))
+        optimizer.step()
+
     backend.transformer.train()
-    seconds = []
-    for _ in range(steps):
-        def step():
-            optimizer.micro_step(backend.training_loss(window.expand(a.batch_size, -1, -1, -1, -1), clean, generator))
-            optimizer.step()
-        seconds.append(_timed(step)[1])
+    seconds = [_timed(step)[1] for _ in range(steps)]
+    with torch.compiler.set_stance("force_eager"):
+        step_flops = count_flops(step)
+    if profile_dir is not None:
+        result["profile"] = str(Path(profile_dir) / f"step_{config.model.backend}_compile{int(config.model.compile)}"
+                                                    f"_deepspeed{int(a.deepspeed)}.txt")
+        write_operator_table(lambda: (step(), step()), torch.device("cuda"), Path(result["profile"]))
     backend.transformer.eval()
+    peak = matmul_peak_tflops(torch.device("cuda"))
     result["step_s"] = round(statistics.median(seconds[1:]), 3)
     result["first_step_s"] = round(seconds[0], 3)
+    result["step_tflop"] = round(step_flops / 1e12, 1)
+    result["step_mfu"] = round(step_flops / result["step_s"] / 1e12 / peak, 3)
     result["train_peak_gib"] = _gib(torch.cuda.max_memory_allocated())
     _, result["reset_s"] = _timed(adapter.reset)  # frees the optimizer, then restores the base weights
     torch.cuda.reset_peak_memory_stats()
-    latents, result["sample_s"] = _timed(lambda: backend.sample(context, layout.latent_frames, seed=0))
-    result["sampling_steps"] = config.sampling.steps
+    sample = functools.partial(backend.sample, context, layout.latent_frames, seed=0)
+    backend.sample(context, layout.latent_frames, seed=1)  # compiles the sampling shapes, if any
+    latents, result["sample_s"] = _timed(sample)
+    result["sampling_steps"], backend.sampling_steps = backend.sampling_steps, 1
+    with torch.compiler.set_stance("force_eager"), torch.no_grad():
+        sample_flops = count_flops(sample) * result["sampling_steps"]
+    backend.sampling_steps = result["sampling_steps"]
+    result["sample_tflop"] = round(sample_flops / 1e12, 1)
+    result["sample_mfu"] = round(sample_flops / result["sample_s"] / 1e12 / peak, 3)
     result["guidance_passes"] = backend.guidance_passes()
     _, result["decode_s"] = _timed(lambda: backend.decode(latents, generator))
     result["sample_peak_gib"] = _gib(torch.cuda.max_memory_allocated())
+    result["matmul_peak_tflops"] = round(peak)
     result["gpu"] = torch.cuda.get_device_name()
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}

@@ -178,7 +178,7 @@ class LTXVideoBackend(VideoBackend):
                     cond_noise_scale=s.cond_noise_scale, vae_posterior=o.vae_posterior,
                     decode_timestep=o.decode_timestep, decode_noise_scale=o.decode_noise_scale,
                     timesteps=config.adaptation.timesteps, prompt_dropout=config.adaptation.prompt_dropout,
-                    device=default_device(), dtype=getattr(torch, config.model.dtype), compile=o.compile)
+                    device=default_device(), dtype=getattr(torch, config.model.dtype), compile=config.model.compile)
 
     @classmethod
     def reference_deviations(cls, config: Config) -> list[str]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ..config import Config
@@ -74,13 +75,14 @@ def pixel_frames_of(latent_frames: int) -> int:
     return (CHUNK - 1) * chunks + (4 * (rest - 1) + 1 if rest else 1)
 
 
-def image_weight(scale: float, step: int, steps: int, frames: int) -> float | torch.Tensor:
+def image_weight(scale: float, step: int, steps: int, frames: int,
+                 device: torch.device | str = "cpu") -> float | torch.Tensor:
     """RFLOW's `scale_image_weight`: per latent frame from 1 (first) up to a value that falls from
     `scale` to 1 over the steps; a scale of at most 1 stays as it is."""
     if scale <= 1.0:
         return scale
     upper = torch.linspace(scale, 1.0, steps)[step]
-    return torch.linspace(1.0, float(upper), frames)[None, None, :, None, None]
+    return torch.linspace(1.0, float(upper), frames, device=device)[None, None, :, None, None]
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
@@ -97,6 +99,17 @@ def frame_layout(frames: int, context: int, height: int, width: int) -> FrameLay
     return FrameLayout(frames, context, generated_latent_frames(frames), latent_context, covered)
 
 
+class _NumpyWithIntProd:
+    """numpy as upstream's blocks module sees it once compiled, but `np.prod` of a kernel size is a
+    Python int: torch.compile traces a numpy scalar as a tensor, and STDiT3's windowed attention sizes
+    a view with it, which broke each spatial block's graph and left the rest of the block eager."""
+
+    prod = staticmethod(math.prod)
+
+    def __getattr__(self, name: str):
+        return getattr(np, name)
+
+
 def _frame_mask(batch: int, frames: int, clean: int, device: torch.device) -> torch.Tensor:
     """STDiT3's `x_mask`: True for frames that carry the sampler's timestep, False for clean ones."""
     mask = torch.ones(batch, frames, dtype=torch.bool, device=device)
@@ -110,10 +123,16 @@ class OpenSoraV13Backend(OpenSoraBackend):
     def __init__(self, transformer, vae, caption: torch.Tensor, caption_mask: torch.Tensor | None, fps: float,
                  sampling_steps: int = 30, guidance: float = 7.5, image_guidance: float = 5.0,
                  conditioning: str = "reference", timesteps: str = "model", device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.bfloat16):
+                 dtype: torch.dtype = torch.bfloat16, compile: bool = False):
         self.device, self.dtype = torch.device(device), dtype
         self.transformer = transformer.to(self.device, dtype).eval().requires_grad_(False)
         self.transformer.y_embedder.uncond_prob = 0.0  # conditions are dropped by the loss, never inside the model
+        if compile:  # regional: each block alone, so 56 blocks cost two compilations (spatial, temporal)
+            from opensora.models.layers import blocks
+
+            blocks.np = _NumpyWithIntProd()
+            for block in (*self.transformer.spatial_blocks, *self.transformer.temporal_blocks):
+                block.compile(dynamic=False)
         self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
         self.caption = caption.to(self.device, dtype)  # (1, 1, L, caption_channels), encoded once
         # T5's token mask (1, L); upstream applies it to every guidance branch, the null caption's too
@@ -127,7 +146,8 @@ class OpenSoraV13Backend(OpenSoraBackend):
     @classmethod
     def from_config(cls, config: Config) -> OpenSoraV13Backend:
         m = config.model
-        return cls.build(m.pretrained, m.opensora.vae, m.opensora.text_encoder, **cls.settings(config))
+        return cls.build(m.pretrained, m.opensora.vae, m.opensora.text_encoder, compile=m.compile,
+                         **cls.settings(config))
 
     @classmethod
     def build(cls, pretrained: str, vae: str, text_encoder: str, prompt: str, size: str, portable_kernels: bool,
@@ -263,7 +283,7 @@ class OpenSoraV13Backend(OpenSoraBackend):
                 x = torch.where(torch.arange(latent_frames, device=self.device)[None, None, :, None, None] < clean,
                                 noised, x)
                 text_scale, image_scale = oscillation_scale(text_scale, step), oscillation_scale(image_scale, step)
-                image_scale = image_weight(image_scale, step, len(times) - 1, latent_frames)
+                image_scale = image_weight(image_scale, step, len(times) - 1, latent_frames, self.device)
             velocity = self._velocity(x.repeat(len(branches), 1, 1, 1, 1), timestep.repeat(len(branches)), clean,
                                       captions, conds)
             x = x + self.mix_guidance(velocity, text_scale, image_scale) * (t - t_next) / 1000
