@@ -109,3 +109,18 @@ def test_adaptation_timing_counts_the_work_of_every_clip_adapted_together(tmp_pa
     tables = [Path(timing["profile"]).read_text() for timing in (one, two)]
     assert Path(two["profile"]).name == "adaptation_17x64_clips2.txt"
     assert "aten::einsum" not in tables[0] and "aten::einsum" in tables[1]
+
+
+def test_a_clip_of_a_released_size_preset_adds_its_steps_and_both_arms():
+    """bench-backend's clip figures from its measured pieces (the seed-000 preset's own figures on an
+    H100): both arms sampled, so a clip costs more than its steps and one sample, and its MFU lies
+    between the step's and the sample's."""
+    from pipeline.benchmarks.released_size import clip_figures
+
+    measured = {"encode_context_s": 0.577, "optimizer_setup_s": 0.037, "step_s": 0.219, "reset_s": 0.005,
+                "sample_s": 3.748, "decode_s": 0.563, "step_tflop": 31.7, "sample_tflop": 1004.7,
+                "step_mfu": 0.188, "sample_mfu": 0.348, "matmul_peak_tflops": 771}
+    clip = clip_figures(measured, steps=30)
+    assert clip["clip_s"] > 30 * 0.219 + 2 * 3.748
+    assert clip["clips_per_gpu_hour"] == pytest.approx(3600 / clip["clip_s"])
+    assert measured["step_mfu"] < clip["clip_mfu"] < measured["sample_mfu"]

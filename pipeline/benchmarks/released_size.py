@@ -61,7 +61,8 @@ def text_encoders(backend_name: str) -> dict[str, float]:
 
 def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile_dir: Path | None = None
             ) -> dict[str, object]:
-    """Build, encode, adapt `steps` steps (median of all but the first), reset, sample, decode. The
+    """Build, encode, adapt `steps` steps (median of all but the first), reset, sample, decode, and
+    the preset's whole clip from those pieces (`clip_figures`). The
     FLOPs of a step and of a sample are counted eagerly on extra runs (a sample's as one sampler step
     times the steps: every step runs the same batch of guidance passes), the MFU against the bf16
     matrix-product rate measured in the same run. With `profile_dir`, the operator table of two more
@@ -122,4 +123,18 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile
     result["sample_peak_gib"] = _gib(torch.cuda.max_memory_allocated())
     result["matmul_peak_tflops"] = round(peak)
     result["gpu"] = torch.cuda.get_device_name()
+    result.update(clip_figures(result, a.steps))
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def clip_figures(result: dict[str, object], steps: int) -> dict[str, float]:
+    """One clip as the stages run the preset, from the pieces `measure` timed: the context encoded
+    once, the optimizer set up, `steps` adaptation steps, the reset, and both arms (baseline and
+    adapted) sampled and decoded. Model time only: scoring and recording add about 1% at LTX-Video's
+    shapes (docs/benchmarks.md)."""
+    r = result
+    seconds = (r["encode_context_s"] + r["optimizer_setup_s"] + steps * r["step_s"] + r["reset_s"]
+               + 2 * (r["sample_s"] + r["decode_s"]))
+    tflop = steps * r["step_tflop"] + 2 * r["sample_tflop"]
+    return {"clip_s": seconds, "clips_per_gpu_hour": 3600 / seconds,
+            "clip_mfu": tflop / seconds / r["matmul_peak_tflops"]}
