@@ -140,7 +140,7 @@ class AdaptationConfig:
     warmup: int = 4
     batch_size: int = 4  # noise draws of the same clip per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    deepspeed: bool = False  # method full on a GPU: DeepSpeed ZeRO (partitioned optimizer state, offload); else torch AdamW; both keep fp32 masters of bf16 weights
+    deepspeed: bool = True  # method full on a GPU: DeepSpeed ZeRO (partitioned optimizer state, offload); false: torch AdamW, faster on one GPU; both keep fp32 masters of bf16 weights
     zero_stage: int = 2  # 0-2
     offload: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
     candidates: int = 8  # select: noises tried per sample (the first is the sample's own)
@@ -359,6 +359,9 @@ def _check(config: Config, source: str) -> None:
     if config.model.compile and config.model.backend not in ("ltx-video", "opensora-v1.3"):
         raise ConfigError(f"{source}: 'model.compile' compiles the transformer blocks of LTX-Video and Open-Sora v1.3; "
                           f"model.backend={config.model.backend} runs uncompiled (model.compile=false)")
+    if config.adaptation.offload and not config.adaptation.deepspeed:
+        raise ConfigError(f"{source}: 'adaptation.offload' moves DeepSpeed's optimizer state to the CPU; "
+                          "it needs adaptation.deepspeed=true")
     if config.adaptation.save_weights and config.adaptation.method != "lora":
         raise ConfigError(f"{source}: 'adaptation.save_weights' keeps LoRA weights; with adaptation.method="
                           f"{config.adaptation.method!r} it would write every transformer weight per clip")

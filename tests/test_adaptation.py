@@ -207,6 +207,31 @@ def test_plain_adamw_trains_bf16_weights_through_fp32_masters():
     assert torch.equal(weight, optimizer.masters[0].to(torch.bfloat16)) and (weight < 1).all()
 
 
+def test_plain_adamw_resumes_bf16_weights_with_their_masters():
+    """A checkpoint of bf16 weights keeps their fp32 masters (pretraining's resume): training resumed
+    from it ends bitwise where uninterrupted training ends. Without the saved masters a resumed
+    optimizer would start from masters rounded to bf16; with none at all, from its construction's."""
+    def run(steps: int, state: dict | None = None) -> tuple[torch.Tensor, dict]:
+        weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, 8, dtype=torch.bfloat16))
+        optimizer = TorchAdamW([weight], lr=1e-4, warmup=0)
+        if state is not None:
+            weight.data.copy_(state["weight"])
+            optimizer.optimizer.load_state_dict(state["optimizer"])
+            optimizer.schedule.load_state_dict(state["schedule"])
+            optimizer.load_masters(state["masters"])
+        train(optimizer, lambda step: (weight.float() ** 2).sum(), steps=steps)
+        return weight.detach().clone(), {"weight": weight.detach().clone(), "optimizer": optimizer.optimizer.state_dict(),
+                                         "schedule": optimizer.schedule.state_dict(),
+                                         "masters": [m.clone() for m in optimizer.masters_state()]}
+
+    whole, _ = run(60)
+    _, state = run(30)
+    resumed, _ = run(30, state)
+    assert torch.equal(resumed, whole)
+    rounded, _ = run(30, {**state, "masters": None})  # masters taken from the rounded live weights
+    assert not torch.equal(rounded, whole)
+
+
 def test_how_closely_the_continuation_follows_its_prefix_is_measured(prepared):
     config = load_config(prepared)  # one sample: its first frame is `out.first[K]`
     continuer = Continuer(config, "baseline")

@@ -36,8 +36,10 @@ class Routing:
         self.set([], 1)
 
     def set(self, slots: list[int], items_per_clip: int) -> None:
+        if len(slots) > len(self._index):
+            raise ValueError(f"{len(slots)} clips routed through adapters for {len(self._index)}")
+        self._index[:len(slots)].copy_(torch.tensor(slots, dtype=torch.long))
         self.slots, self.items_per_clip = list(slots), items_per_clip
-        self._index[:len(self.slots)].copy_(torch.tensor(self.slots, dtype=torch.long))
 
     @property
     def index(self) -> torch.Tensor:

@@ -64,9 +64,20 @@ class TorchAdamW(Optimizer):
             with torch.no_grad():
                 torch._foreach_copy_([p for p, _ in self.low], [m for _, m in self.low])
 
+    def masters_state(self) -> list[torch.Tensor]:
+        """The fp32 masters of the weights stored below fp32 (none for an fp32 model), for a checkpoint."""
+        return [m for _, m in self.low]
+
+    @torch.no_grad()
+    def load_masters(self, saved: list[torch.Tensor] | None = None) -> None:
+        """The masters from a checkpoint's `masters_state`, or, where it has none, from the live weights
+        (just loaded: the masters made at construction would overwrite them at the next step)."""
+        for i, (p, master) in enumerate(self.low):
+            master.copy_(saved[i] if saved else p)
+
     def close(self) -> None:
         self.masters = self.low = []
-        self.optimizer = None
+        self.optimizer = self.schedule = None  # the schedule holds the optimizer, and so its state
 
 
 class DeepSpeedAdamW(Optimizer):

@@ -113,9 +113,11 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile
     backend.sample(context, layout.latent_frames, seed=1)  # compiles the sampling shapes, if any
     latents, result["sample_s"] = _timed(sample)
     result["sampling_steps"], backend.sampling_steps = backend.sampling_steps, 1
-    with torch.compiler.set_stance("force_eager"), torch.no_grad():
-        sample_flops = count_flops(sample) * result["sampling_steps"]
-    backend.sampling_steps = result["sampling_steps"]
+    try:
+        with torch.compiler.set_stance("force_eager"), torch.no_grad():
+            sample_flops = count_flops(sample) * result["sampling_steps"]
+    finally:
+        backend.sampling_steps = result["sampling_steps"]
     result["sample_tflop"] = round(sample_flops / 1e12, 1)
     result["sample_mfu"] = round(sample_flops / result["sample_s"] / 1e12 / peak, 3)
     result["guidance_passes"] = backend.guidance_passes()
