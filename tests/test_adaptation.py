@@ -216,13 +216,11 @@ def test_plain_adamw_resumes_bf16_weights_with_their_masters():
         optimizer = TorchAdamW([weight], lr=1e-4, warmup=0)
         if state is not None:
             weight.data.copy_(state["weight"])
-            optimizer.optimizer.load_state_dict(state["optimizer"])
-            optimizer.schedule.load_state_dict(state["schedule"])
-            optimizer.load_masters(state["masters"])
+            optimizer.load_state_dict(state)
         train(optimizer, lambda step: (weight.float() ** 2).sum(), steps=steps)
-        return weight.detach().clone(), {"weight": weight.detach().clone(), "optimizer": optimizer.optimizer.state_dict(),
-                                         "schedule": optimizer.schedule.state_dict(),
-                                         "masters": [m.clone() for m in optimizer.masters_state()]}
+        saved = optimizer.state_dict()
+        return weight.detach().clone(), {**saved, "weight": weight.detach().clone(),
+                                         "masters": [m.clone() for m in saved["masters"]]}
 
     whole, _ = run(60)
     _, state = run(30)

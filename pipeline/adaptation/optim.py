@@ -64,14 +64,19 @@ class TorchAdamW(Optimizer):
             with torch.no_grad():
                 torch._foreach_copy_([p for p, _ in self.low], [m for _, m in self.low])
 
-    def masters_state(self) -> list[torch.Tensor]:
-        """The fp32 masters of the weights stored below fp32 (none for an fp32 model), for a checkpoint."""
-        return [m for _, m in self.low]
+    def state_dict(self) -> dict[str, object]:
+        """What a resumed run needs: AdamW's state, the schedule's, and the fp32 masters of the weights
+        stored below fp32 (none for an fp32 model)."""
+        return {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "masters": [m for _, m in self.low]}
 
     @torch.no_grad()
-    def load_masters(self, saved: list[torch.Tensor] | None = None) -> None:
-        """The masters from a checkpoint's `masters_state`, or, where it has none, from the live weights
-        (just loaded: the masters made at construction would overwrite them at the next step)."""
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """After the weights were loaded: without saved masters they come from those weights (the
+        masters made at construction would overwrite them at the next step)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        saved = state.get("masters")
         for i, (p, master) in enumerate(self.low):
             master.copy_(saved[i] if saved else p)
 

@@ -175,10 +175,8 @@ def _render_train_clip(args) -> np.ndarray:
 
 def _checkpoint(path: Path, digest: str, step: int, model: torch.nn.Module, optimizer: TorchAdamW,
                 rng: random.Random, generator: torch.Generator, average: dict[str, torch.Tensor] | None) -> None:
-    state = {"digest": digest, "step": step, "model": model.state_dict(), "optimizer": optimizer.optimizer.state_dict(),
-             "schedule": optimizer.schedule.state_dict(), "masters": optimizer.masters_state(),
-             "rng": rng.getstate(), "generator": generator.get_state(),
-             "average": average}
+    state = {"digest": digest, "step": step, "model": model.state_dict(), **optimizer.state_dict(),
+             "rng": rng.getstate(), "generator": generator.get_state(), "average": average}
     partial = path.with_name(path.name + ".partial")
     torch.save(state, partial)
     partial.replace(path)
@@ -194,9 +192,7 @@ def _restore(path: Path, digest: str, model: torch.nn.Module, optimizer: TorchAd
         print(f"[pretrain] {path} is of other settings; starting from step 0", flush=True)
         return 0
     model.load_state_dict(state["model"])
-    optimizer.optimizer.load_state_dict(state["optimizer"])
-    optimizer.schedule.load_state_dict(state["schedule"])
-    optimizer.load_masters(state.get("masters"))
+    optimizer.load_state_dict(state)
     rng.setstate(state["rng"])
     generator.set_state(state["generator"].cpu())
     if average is not None:
