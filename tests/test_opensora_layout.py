@@ -103,3 +103,11 @@ def test_missing_upstream_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "opensora", None)  # as if not installed
     with pytest.raises(OpenSoraMissing, match="git clone -b opensora/v1.3"):
         require_opensora("v1.3")
+
+
+def test_v13_image_weights_are_made_on_the_samplers_device():
+    """The guided v1.3 sampler multiplies its GPU velocities by these weights: made on the CPU they
+    stopped every guided sample on a GPU ("Expected all tensors to be on the same device")."""
+    weights = v13.image_weight(5.0, 3, 30, 15, device="meta")
+    assert weights.device.type == "meta" and weights.shape == (1, 1, 15, 1, 1)
+    assert v13.image_weight(5.0, 3, 30, 15)[0, 0, 0, 0, 0] == 1.0 and v13.image_weight(1.0, 3, 30, 15) == 1.0
