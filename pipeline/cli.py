@@ -360,8 +360,8 @@ def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, 
                                                             "conf/opensora13-naive.yaml")
 @click.option("--steps", default=4, show_default=True, help="adaptation steps timed (the first is reported apart)")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="config overrides")
-@click.option("--profile", default="", help="also profile two adaptation steps and write the operator table to "
-                                            "this folder")
+@click.option("--profile", default="", help="also profile two adaptation steps and one sampler step and "
+                                            "write their operator tables to this folder")
 def bench_backend(config_path: str, steps: int, sets: tuple[str, ...], profile: str) -> None:
     """Real-size Open-Sora or SkyReels-V2 with random weights on a GPU: text encoders, adaptation steps,
     sampling, their FLOPs and MFU, peak memory, at the preset's clip shape."""

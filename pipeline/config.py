@@ -94,7 +94,7 @@ class ModelConfig:
     negative_prompt: str = ""  # ltx-video, skyreels-v2: the unconditional branch of classifier-free guidance
     dtype: str = "float32"  # float32 | bfloat16
     cache_latents: bool = True  # VAE latents of each clip's context kept on disk, shared by every arm
-    compile: bool = False  # ltx-video, opensora-v1.3 on GPUs: each transformer block through torch.compile (docs/benchmarks.md)
+    compile: bool = False  # ltx-video, opensora-* on GPUs: each transformer block through torch.compile (docs/benchmarks.md)
     ltx_video: LTXVideoOptions = _options(LTXVideoOptions)
     opensora: OpenSoraOptions = _options(OpenSoraOptions)
     opensora_v20: OpenSoraV20Options = _options(OpenSoraV20Options)
@@ -356,9 +356,13 @@ def _check(config: Config, source: str) -> None:
     if config.sampling.clips_per_batch > 1 and a.method != "lora":
         raise ConfigError(f"{source}: 'sampling.clips_per_batch' also adapts several clips at once, with a LoRA "
                           "adapter each; it takes adaptation.method=lora")
-    if config.model.compile and config.model.backend not in ("ltx-video", "opensora-v1.3"):
-        raise ConfigError(f"{source}: 'model.compile' compiles the transformer blocks of LTX-Video and Open-Sora v1.3; "
+    if config.model.compile and config.model.backend == "skyreels-v2":
+        raise ConfigError(f"{source}: 'model.compile' compiles the transformer blocks of LTX-Video and Open-Sora; "
                           f"model.backend={config.model.backend} runs uncompiled (model.compile=false)")
+    if config.model.compile and config.model.gradient_checkpointing and config.model.backend.startswith("opensora"):
+        raise ConfigError(f"{source}: 'model.compile' records Open-Sora's blocks as CUDA graphs, which upstream's "
+                          "gradient checkpointing around each block would break; set one of model.compile and "
+                          "model.gradient_checkpointing to false")
     if config.adaptation.offload and not config.adaptation.deepspeed:
         raise ConfigError(f"{source}: 'adaptation.offload' moves DeepSpeed's optimizer state to the CPU; "
                           "it needs adaptation.deepspeed=true")

@@ -62,11 +62,10 @@ def text_encoders(backend_name: str) -> dict[str, float]:
 def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile_dir: Path | None = None
             ) -> dict[str, object]:
     """Build, encode, adapt `steps` steps (median of all but the first), reset, sample, decode, and
-    the preset's whole clip from those pieces (`clip_figures`). The
-    FLOPs of a step and of a sample are counted eagerly on extra runs (a sample's as one sampler step
-    times the steps: every step runs the same batch of guidance passes), the MFU against the bf16
-    matrix-product rate measured in the same run. With `profile_dir`, the operator table of two more
-    steps (`profile`)."""
+    the preset's whole clip from those pieces (`clip_figures`). The FLOPs of a step and of a whole
+    sample are counted eagerly on extra runs, the MFU against the bf16 matrix-product rate measured in
+    the same run. With `profile_dir`, the operator tables of two more steps (`profile`) and of one
+    sampler step with all its guidance passes (`sample_profile`)."""
     config = load_config(config_path, overrides)
     # random weights at the released size
     for key, value in dict(pretrained="", vae="", text_encoder="", clip_encoder="", prompt="", size="full").items():
@@ -96,9 +95,9 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile
     seconds = [_timed(step)[1] for _ in range(steps)]
     with torch.compiler.set_stance("force_eager"):
         step_flops = count_flops(step)
+    run_name = f"{config.model.backend}_compile{int(config.model.compile)}_deepspeed{int(a.deepspeed)}.txt"
     if profile_dir is not None:
-        result["profile"] = str(Path(profile_dir) / f"step_{config.model.backend}_compile{int(config.model.compile)}"
-                                                    f"_deepspeed{int(a.deepspeed)}.txt")
+        result["profile"] = str(Path(profile_dir) / f"step_{run_name}")
         write_operator_table(lambda: (step(), step()), torch.device("cuda"), Path(result["profile"]))
     backend.transformer.eval()
     peak = matmul_peak_tflops(torch.device("cuda"))
@@ -112,12 +111,16 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile
     sample = functools.partial(backend.sample, context, layout.latent_frames, seed=0)
     backend.sample(context, layout.latent_frames, seed=1)  # compiles the sampling shapes, if any
     latents, result["sample_s"] = _timed(sample)
-    result["sampling_steps"], backend.sampling_steps = backend.sampling_steps, 1
-    try:
-        with torch.compiler.set_stance("force_eager"), torch.no_grad():
-            sample_flops = count_flops(sample) * result["sampling_steps"]
-    finally:
-        backend.sampling_steps = result["sampling_steps"]
+    result["sampling_steps"] = backend.sampling_steps
+    with torch.compiler.set_stance("force_eager"), torch.no_grad():
+        sample_flops = count_flops(sample)  # the whole sample: steps may run different numbers of guidance passes
+    if profile_dir is not None:
+        result["sample_profile"] = str(Path(profile_dir) / f"sample_{run_name}")
+        backend.sampling_steps = 1
+        try:
+            write_operator_table(sample, torch.device("cuda"), Path(result["sample_profile"]))
+        finally:
+            backend.sampling_steps = result["sampling_steps"]
     result["sample_tflop"] = round(sample_flops / 1e12, 1)
     result["sample_mfu"] = round(sample_flops / result["sample_s"] / 1e12 / peak, 3)
     result["guidance_passes"] = backend.guidance_passes()

@@ -127,12 +127,11 @@ class OpenSoraV13Backend(OpenSoraBackend):
         self.device, self.dtype = torch.device(device), dtype
         self.transformer = transformer.to(self.device, dtype).eval().requires_grad_(False)
         self.transformer.y_embedder.uncond_prob = 0.0  # conditions are dropped by the loss, never inside the model
-        if compile:  # regional: each block alone, so 56 blocks cost two compilations (spatial, temporal)
+        if compile:
             from opensora.models.layers import blocks
 
             blocks.np = _NumpyWithIntProd()
-            for block in (*self.transformer.spatial_blocks, *self.transformer.temporal_blocks):
-                block.compile(dynamic=False)
+            self.compile_blocks((*self.transformer.spatial_blocks, *self.transformer.temporal_blocks))
         self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
         self.caption = caption.to(self.device, dtype)  # (1, 1, L, caption_channels), encoded once
         # T5's token mask (1, L); upstream applies it to every guidance branch, the null caption's too
@@ -200,6 +199,7 @@ class OpenSoraV13Backend(OpenSoraBackend):
                 kwargs["x_mask"] = _frame_mask(batch, frames, clean, self.device)
         size = torch.tensor([float(h * SPATIAL)], device=self.device).expand(batch), \
             torch.tensor([float(w * SPATIAL)], device=self.device).expand(batch)
+        self.begin_forward()
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
             out = self.transformer(x, timestep, caption.expand(batch, -1, -1, -1), mask=self.caption_mask,
                                    height=size[0], width=size[1],
@@ -271,7 +271,6 @@ class OpenSoraV13Backend(OpenSoraBackend):
             x[:, :, :clean] = context_latents
         # (caption, v2v condition) per guidance pass
         branches = [(self.caption, ref), (self.null_caption, ref), (self.null_caption, torch.zeros_like(ref))]
-        branches = branches[: self.guidance_passes()]
         captions = torch.cat([c.expand(batch, -1, -1, -1) for c, _ in branches])
         conds = torch.cat([r for _, r in branches])
         times = self.timesteps(latent_frames, h, w)
@@ -284,8 +283,9 @@ class OpenSoraV13Backend(OpenSoraBackend):
                                 noised, x)
                 text_scale, image_scale = oscillation_scale(text_scale, step), oscillation_scale(image_scale, step)
                 image_scale = image_weight(image_scale, step, len(times) - 1, latent_frames, self.device)
-            velocity = self._velocity(x.repeat(len(branches), 1, 1, 1, 1), timestep.repeat(len(branches)), clean,
-                                      captions, conds)
+            n = self.guidance_passes(text_scale, image_scale)  # the passes this step's mix reads
+            velocity = self._velocity(x.repeat(n, 1, 1, 1, 1), timestep.repeat(n), clean, captions[: batch * n],
+                                      conds[: batch * n])
             x = x + self.mix_guidance(velocity, text_scale, image_scale) * (t - t_next) / 1000
             if not reference:
                 x[:, :, :clean] = context_latents

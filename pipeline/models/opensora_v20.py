@@ -113,9 +113,11 @@ class OpenSoraV20Backend(OpenSoraBackend):
     def __init__(self, transformer, vae, text: torch.Tensor, null_text: torch.Tensor, vec: torch.Tensor,
                  null_vec: torch.Tensor, sampling_steps: int = 25, guidance: float = 7.5, image_guidance: float = 3.0,
                  conditioning: str = "reference", timesteps: str = "model", device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.bfloat16):
+                 dtype: torch.dtype = torch.bfloat16, compile: bool = False):
         self.device, self.dtype = torch.device(device), dtype
         self.transformer = transformer.to(self.device, dtype).eval().requires_grad_(False)
+        if compile:
+            self.compile_blocks((*self.transformer.double_blocks, *self.transformer.single_blocks))
         self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
         # prompt and empty-prompt embeddings, computed once; the text encoders are not kept
         self.text, self.null_text = text.to(self.device, dtype), null_text.to(self.device, dtype)
@@ -128,7 +130,7 @@ class OpenSoraV20Backend(OpenSoraBackend):
     def from_config(cls, config: Config) -> OpenSoraV20Backend:
         m = config.model
         return cls.build(m.pretrained, m.opensora.vae, m.opensora.text_encoder, m.opensora_v20.clip_encoder,
-                         **cls.settings(config))
+                         compile=m.compile, **cls.settings(config))
 
     @classmethod
     def build(cls, pretrained: str, vae: str, text_encoder: str, clip_encoder: str, prompt: str, size: str,
@@ -171,6 +173,7 @@ class OpenSoraV20Backend(OpenSoraBackend):
         """Predicted velocity (noise minus data) of packed tokens at times t in [0, 1]."""
         batch = tokens.shape[0]
         text_ids = torch.zeros(batch, text.shape[1], 3, device=self.device)
+        self.begin_forward()
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
             out = self.transformer(img=tokens.to(self.dtype), img_ids=ids, txt=text, txt_ids=text_ids,
                                    timesteps=t.to(self.dtype), y_vec=vec, cond=cond.to(self.dtype))
@@ -227,21 +230,20 @@ class OpenSoraV20Backend(OpenSoraBackend):
         cond = condition(context_latents, latent_frames)
         ids = image_ids(batch, latent_frames, h, w, self.device)
         branches = [(self.text, self.vec, cond), (self.null_text, self.null_vec, cond),
-                    (self.null_text, self.null_vec, torch.zeros_like(cond))][: self.guidance_passes()]
-        n = len(branches)
+                    (self.null_text, self.null_vec, torch.zeros_like(cond))]
         text = torch.cat([b[0].expand(batch, -1, -1) for b in branches])
         vec = torch.cat([b[1].expand(batch, -1) for b in branches])
         conds = torch.cat([b[2] for b in branches])
         times = shifted_timesteps(self.sampling_steps, (h // PATCH) * (w // PATCH), latent_frames)
         for step, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
-            tt = torch.full((batch * n,), t, device=self.device)
-            v = self._velocity(x.repeat(n, 1, 1), tt, ids.repeat(n, 1, 1), conds, text, vec)
+            text_scale, image_scale = self.guidance, self.image_guidance
             if reference:
-                v = self.mix_guidance(v, oscillation_scale(self.guidance, step),
-                                      oscillation_scale(self.image_guidance, step))
-            else:
-                v = self.mix_guidance(v)
-            x = x + (t_next - t) * v
+                text_scale, image_scale = oscillation_scale(text_scale, step), oscillation_scale(image_scale, step)
+            n = self.guidance_passes(text_scale, image_scale)  # the passes this step's mix reads
+            tt = torch.full((batch * n,), t, device=self.device)
+            v = self._velocity(x.repeat(n, 1, 1), tt, ids.repeat(n, 1, 1), conds[: batch * n], text[: batch * n],
+                               vec[: batch * n])
+            x = x + (t_next - t) * self.mix_guidance(v, text_scale, image_scale)
         out = unpack(x, latent_frames, h, w)
         if not reference:
             out[:, :, :clean] = context_latents

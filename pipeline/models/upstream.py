@@ -15,6 +15,7 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,10 @@ INSTALL = {
 # a module that exists on one branch only tells the two apart
 MARKER = {"v1.3": "opensora.models.stdit.stdit3", "v2.0": "opensora.models.mmdit.model"}
 
+
+# CUDA graphs for the compiled blocks: at the seed shapes (4,500 and 4,864 tokens) a block's kernels are
+# short enough that launching them one by one leaves the GPU waiting
+BLOCK_COMPILE_MODE = "reduce-overhead"
 
 OSCILLATION_STEPS = 10  # upstream's force_num: full guidance for this many steps, then on every other step
 
@@ -53,6 +58,7 @@ class OpenSoraBackend(VideoBackend):
 
     guidance: float
     image_guidance: float
+    compiled = False
 
     @classmethod
     def reference_deviations(cls, config: Config) -> list[str]:
@@ -75,20 +81,42 @@ class OpenSoraBackend(VideoBackend):
     def decode(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.vae.decode(latents.to(self.dtype)).clamp(-1, 1).float()
 
-    def guidance_passes(self) -> int:
-        """3 (text+image, image only, neither) when either guidance is on, else 1."""
-        return 3 if self.guidance != 1 or self.image_guidance != 1 else 1
+    def guidance_passes(self, text_scale: float | None = None, image_scale: float | torch.Tensor | None = None) -> int:
+        """The passes a step's guidance mix reads, in the order text+image, image only, neither (the
+        configured scales unless this step's are given). With both scales 1 (no guidance, or the odd
+        steps of upstream's oscillation guidance) the mix is the text+image pass alone; with the image
+        scale 1 the neither pass cancels."""
+        text_scale = self.guidance if text_scale is None else text_scale
+        image_scale = self.image_guidance if image_scale is None else image_scale
+        if isinstance(image_scale, torch.Tensor) or image_scale != 1:
+            return 3
+        return 1 if text_scale == 1 else 2
 
     def mix_guidance(self, velocity: torch.Tensor, text_scale: float | None = None,
                      image_scale: float | torch.Tensor | None = None) -> torch.Tensor:
         """Upstream's v2v classifier-free guidance over the passes stacked along the batch (the
-        configured scales unless this step's are given)."""
-        if self.guidance_passes() == 1:
-            return velocity
+        configured scales unless this step's are given; as many passes as `guidance_passes` reads)."""
         text_scale = self.guidance if text_scale is None else text_scale
         image_scale = self.image_guidance if image_scale is None else image_scale
-        text, image_only, neither = velocity.chunk(3)
+        passes = self.guidance_passes(text_scale, image_scale)
+        if passes == 1:
+            return velocity
+        text, image_only, *rest = velocity.chunk(passes)
+        neither = rest[0] if rest else image_only
         return neither + image_scale * (image_only - neither) + text_scale * (text - image_only)
+
+    def compile_blocks(self, blocks: Iterable[torch.nn.Module]) -> None:
+        """Regional compilation (`model.compile`): each transformer block alone, so blocks of one kind
+        share one compiled graph and the model costs two compilations, whatever its depth."""
+        self.compiled = True
+        for block in blocks:
+            block.compile(mode=BLOCK_COMPILE_MODE, dynamic=False)
+
+    def begin_forward(self) -> None:
+        """Called before each transformer forward: with compiled blocks each forward is a new
+        CUDA-graph step, so that the previous one's outputs may be overwritten."""
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def enable_gradient_checkpointing(self) -> None:
         from opensora.acceleration.checkpoint import set_grad_checkpoint
