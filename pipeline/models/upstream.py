@@ -109,6 +109,9 @@ class OpenSoraBackend(VideoBackend):
         """Regional compilation (`model.compile`): each transformer block alone, so blocks of one kind
         share one compiled graph and the model costs two compilations, whatever its depth."""
         self.compiled = True
+        # each block kind x batch x grad mode x adapter is one compiled entry of a shared code object
+        # (v1.3's spatial and temporal blocks share one); past dynamo's default of 8 the rest run eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in blocks:
             block.compile(mode=BLOCK_COMPILE_MODE, dynamic=False)
 
