@@ -260,6 +260,25 @@ def test_compiled_blocks_match_eager(config_path):
     torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)
 
 
+def test_compiled_blocks_take_up_lora_injected_after_a_compiled_sample(config_path):
+    """The stages sample the baseline before an adapter exists; the compiled blocks must then run the
+    LoRA layers PEFT puts into them, as the eager model does."""
+    overrides = {"adaptation.method": "lora", "adaptation.lr": "1e-2"}
+    backends, baselines, adapted = [], [], []
+    for compile in ("false", "true"):
+        torch.manual_seed(0)
+        backends.append(load_backend(load_config(config_path, {**overrides, "model.compile": compile})))
+    config = load_config(config_path, overrides)
+    layout = backends[0].frame_layout(config.data.frames, config.data.context, 32, 32)
+    context = backends[0].encode(_clip(backends[0], layout)[:, :, : layout.conditioned_pixel_frames])
+    for backend in backends:
+        baselines.append(backend.sample(context, layout.latent_frames, seed=3))
+        adapt_to_clip(backend, LoraAdapter(backend, config.adaptation), context, config.adaptation, seed=0)
+        adapted.append(backend.sample(context, layout.latent_frames, seed=3))
+    assert (adapted[0] - baselines[0]).abs().max() > 1e-2  # the adapter changes the sample
+    torch.testing.assert_close(adapted[1], adapted[0], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.skipif(VERSION != "v1.3", reason="Open-Sora v1.3 only")
 @pytest.mark.parametrize("condition", ["keep", "cond", "text", "null"])
 def test_v13_adaptation_loss_equals_upstream_training_losses(config_path, condition):
