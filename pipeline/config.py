@@ -359,6 +359,10 @@ def _check(config: Config, source: str) -> None:
     if config.model.compile and config.model.backend == "skyreels-v2":
         raise ConfigError(f"{source}: 'model.compile' compiles the transformer blocks of LTX-Video and Open-Sora; "
                           f"model.backend={config.model.backend} runs uncompiled (model.compile=false)")
+    if config.model.compile and config.adaptation.grad_accum > 1:
+        raise ConfigError(f"{source}: 'model.compile' records the blocks as CUDA graphs, whose gradient outputs the "
+                          "next micro-batch overwrites; with adaptation.grad_accum > 1 set model.compile=false "
+                          "(or raise adaptation.batch_size instead)")
     if config.model.compile and config.model.gradient_checkpointing and config.model.backend.startswith("opensora"):
         raise ConfigError(f"{source}: 'model.compile' records Open-Sora's blocks as CUDA graphs, which upstream's "
                           "gradient checkpointing around each block would break; set one of model.compile and "

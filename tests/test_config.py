@@ -26,6 +26,7 @@ def test_presets_load_and_flatten(tmp_path):
     ("model: {backend: skyreels-v2, compile: true}", "model.backend=skyreels-v2 runs uncompiled"),
     ("model: {backend: opensora-v2.0, compile: true, gradient_checkpointing: true}",
      "set one of model.compile and model.gradient_checkpointing to false"),
+    ("model: {compile: true}\nadaptation: {grad_accum: 2}", "with adaptation.grad_accum > 1 set model.compile=false"),
     ("adaptation: {method: full, deepspeed: false, offload: true}", "it needs adaptation.deepspeed=true"),
     ("adaptation: {steps: 20, eval_at: '5,20'}", "each step must lie in [0, adaptation.steps) = [0, 20)"),
     ("adaptation: {eval_at: '5,ten'}", "'adaptation.eval_at' is '5,ten'; expected steps separated by commas"),

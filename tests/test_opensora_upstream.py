@@ -180,19 +180,26 @@ def twelve_step_setup(config_path, conditioning: str = "reference"):
     return config, backend, layout, backend.encode(_clip(backend, layout)[:, :, : layout.conditioned_pixel_frames])
 
 
-def test_sampler_runs_only_the_guidance_passes_its_mix_reads(config_path):
+@pytest.mark.parametrize("image_guidance, passes", [("preset", [3] * 11 + [1]), ("1.0", [2] * 11 + [1])])
+def test_sampler_runs_only_the_guidance_passes_its_mix_reads(config_path, monkeypatch, image_guidance, passes):
     """Upstream's oscillation guidance sets both scales to 1 on odd steps from the 10th, where the
-    mix is the text+image pass alone: those steps run one pass, the others three (the samples still
-    equal upstream's: test_v13_baseline_equals_upstream_rflow_sample, test_v20_baseline_equals_upstream_i2v_denoiser)."""
-    _, backend, layout, context = twelve_step_setup(config_path)
+    mix is the text+image pass alone; an image scale of 1 cancels the neither pass. Those steps run
+    fewer passes, with the same samples as running all three (and as upstream's:
+    test_v13_baseline_equals_upstream_rflow_sample, test_v20_baseline_equals_upstream_i2v_denoiser)."""
+    config, backend, layout, context = twelve_step_setup(config_path)
+    if image_guidance != "preset":
+        backend.image_guidance = float(image_guidance)
+    contexts, seeds = context.expand(2, -1, -1, -1, -1), [3, 4]
     batches = []
     hook = backend.transformer.register_forward_pre_hook(lambda module, args, kwargs: batches.append(
         (args[0] if args else kwargs["img"]).shape[0]), with_kwargs=True)
     try:
-        backend.sample_batch(context.expand(2, -1, -1, -1, -1), layout.latent_frames, [3, 4])
+        fewer = backend.sample_batch(contexts, layout.latent_frames, seeds)
     finally:
         hook.remove()
-    assert batches == [6] * 11 + [2]
+    assert batches == [2 * n for n in passes]  # two clips per pass
+    monkeypatch.setattr(type(backend), "guidance_passes", lambda self, *scales: 3)
+    torch.testing.assert_close(fewer, backend.sample_batch(contexts, layout.latent_frames, seeds), atol=1e-5, rtol=1e-5)
 
 
 def _shape_args(backend, latent_frames: int, h: int, w: int) -> dict:
