@@ -27,7 +27,7 @@ import torch
 from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..models.ltx_video import compile_blocks
+from ..models.ltx_video import compile_transformer
 
 LTX_VIDEO_2B = dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
                     attention_head_dim=64, cross_attention_dim=2048, num_layers=28, caption_channels=4096)
@@ -191,7 +191,7 @@ def measure(case: Case, fast: bool, peak: float, device: torch.device, config: d
     model, params, step, sample_step = build(config, case, device, fast)
     flops = count_flops(step)  # eager: a dispatch mode around compiled code would make it fall back
     if fast:
-        compile_blocks(model)
+        compile_transformer(model)
     first_step = median_seconds(step, device, warmup=0, iters=1)  # includes compilation
     seconds = median_seconds(step, device)
     sample_seconds = median_seconds(sample_step, device)

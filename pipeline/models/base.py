@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -82,6 +82,23 @@ class FrameLayout:
     conditioned_pixel_frames: int  # pixel frames [0, this) the clean latent prefix covers exactly
 
 
+# CUDA graphs for the compiled blocks: at the presets' shapes (hundreds to a few thousand tokens) a
+# block's kernels are short enough that launching them one by one leaves the GPU waiting
+BLOCK_COMPILE_MODE = "reduce-overhead"
+
+
+def compile_blocks(blocks: Iterable[torch.nn.Module]) -> None:
+    """Regional compilation (`model.compile`): each transformer block through torch.compile with CUDA
+    graphs. Blocks of one kind share one compiled graph (same code, weights as graph inputs), so the
+    model costs one compilation per kind of block whatever its depth; compilation happens at a block's
+    first call, and adapters put into it later are compiled in at theirs."""
+    # each block kind x batch x grad mode x adapter is one compiled entry of a shared code object;
+    # past dynamo's default of 8 the rest would run eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in blocks:
+        block.compile(mode=BLOCK_COMPILE_MODE, dynamic=False)
+
+
 class VideoBackend(ABC):
     """A video diffusion model that continues a clip from a clean prefix of latent frames.
 
@@ -98,6 +115,7 @@ class VideoBackend(ABC):
     can_pretrain: ClassVar[bool] = False  # the pretrain stage can train it here, from `untrained`
     takes_noise: ClassVar[bool] = False  # sample_batch takes its starting noise (the noise and select methods need it)
     batches_clips: ClassVar[bool] = False  # training_losses takes several clips (sampling.clips_per_batch's adapt stage needs it)
+    compiled = False  # its transformer blocks went through `compile_blocks` (model.compile)
 
     @classmethod
     @abstractmethod
@@ -169,6 +187,12 @@ class VideoBackend(ABC):
     def draw_noise(self, contexts: torch.Tensor, latent_frames: int, seeds: Sequence[int]) -> torch.Tensor:
         """The starting noise `sample_batch` draws from each seed (backends that `takes_noise`)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its sampling noise")
+
+    def begin_forward(self) -> None:
+        """Called before each transformer forward: with compiled blocks each forward is a new
+        CUDA-graph step, so that the previous one's outputs may be overwritten."""
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
 
     @abstractmethod
     def enable_gradient_checkpointing(self) -> None:

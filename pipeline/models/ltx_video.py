@@ -30,7 +30,8 @@ from diffusers.pipelines.ltx.pipeline_ltx_condition import (LTXConditionPipeline
                                                             retrieve_timesteps)
 
 from ..config import Config
-from .base import FrameLayout, VideoBackend, check_context, default_device, draw_per_generator, flow_noised
+from .base import (BLOCK_COMPILE_MODE, FrameLayout, VideoBackend, check_context, compile_blocks, default_device,
+                   draw_per_generator, flow_noised)
 
 # the pipeline hands the scheduler timesteps without sigmas, which makes it warn on every call; we make
 # the same call
@@ -68,18 +69,13 @@ def _checkpointed_block(block: torch.nn.Module, *args: torch.Tensor) -> torch.Te
 # Gradient checkpointing inside the compiled region: the recomputation becomes part of the compiled
 # backward, so CUDA graphs can record it (checkpointing around a compiled block cannot: its
 # recomputation replays the block's forward graph in the middle of the backward).
-compiled_checkpointed_block = torch.compile(_checkpointed_block, mode="reduce-overhead", dynamic=False)
+compiled_checkpointed_block = torch.compile(_checkpointed_block, mode=BLOCK_COMPILE_MODE, dynamic=False)
 
 
-def compile_blocks(transformer: LTXVideoTransformer3DModel) -> None:
-    """Regional compilation: each transformer block through torch.compile with CUDA graphs
-    ("reduce-overhead"); with gradient checkpointing on, training steps go through
-    `compiled_checkpointed_block` instead. The blocks share one compiled graph (same code, weights as
-    graph inputs), so compiling costs one block instead of the whole model; compilation happens at the
-    first call, so adapters added before it are part of the graph. The few layers around the blocks
-    stay eager."""
-    for block in transformer.transformer_blocks:
-        block.compile(mode="reduce-overhead", dynamic=False)
+def compile_transformer(transformer: LTXVideoTransformer3DModel) -> None:
+    """`compile_blocks` on the transformer blocks; with gradient checkpointing on, training steps go
+    through `compiled_checkpointed_block` instead. The few layers around the blocks stay eager."""
+    compile_blocks(transformer.transformer_blocks)
     if transformer.gradient_checkpointing:
         transformer.enable_gradient_checkpointing(compiled_checkpointed_block)
 
@@ -119,7 +115,7 @@ class LTXVideoBackend(VideoBackend):
         self.transformer = transformer.to(self.device).eval().requires_grad_(False)
         self.compiled = compile
         if compile:
-            compile_blocks(self.transformer)
+            compile_transformer(self.transformer)
         self.vae = vae.to(self.device).eval().requires_grad_(False) if vae is not None else None
         self.scheduler = scheduler
         # (embeddings (1, L, caption_channels), attention mask (1, L)), encoded once
@@ -289,8 +285,7 @@ class LTXVideoBackend(VideoBackend):
         """The transformer on packed tokens with per-token `timesteps` (sigma x 1000)."""
         batch = tokens.shape[0]
         embeds, mask = (p.expand(batch, *p.shape[1:]) for p in prompt)
-        if self.compiled:
-            torch.compiler.cudagraph_mark_step_begin()  # each call starts a new CUDA-graph step
+        self.begin_forward()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = self.transformer(
                 hidden_states=tokens.to(self.dtype),
@@ -412,5 +407,5 @@ class LTXVideoBackend(VideoBackend):
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
         if self.compiled:
-            compile_blocks(self.transformer)  # again, now with the checkpoint inside the compiled region
+            compile_transformer(self.transformer)  # again, now with the checkpoint inside the compiled region
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from .base import FrameLayout, check_context, draw_per_generator, flow_noised
+from .base import FrameLayout, check_context, compile_blocks, draw_per_generator, flow_noised
 from .upstream import OpenSoraBackend, oscillation_scale, require_opensora
 
 CHUNK, CHUNK_LATENTS = 17, 5  # pixel frames per VAE chunk (overlapping by one) and their latent frames
@@ -127,11 +127,12 @@ class OpenSoraV13Backend(OpenSoraBackend):
         self.device, self.dtype = torch.device(device), dtype
         self.transformer = transformer.to(self.device, dtype).eval().requires_grad_(False)
         self.transformer.y_embedder.uncond_prob = 0.0  # conditions are dropped by the loss, never inside the model
+        self.compiled = compile
         if compile:
             from opensora.models.layers import blocks
 
             blocks.np = _NumpyWithIntProd()
-            self.compile_blocks((*self.transformer.spatial_blocks, *self.transformer.temporal_blocks))
+            compile_blocks((*self.transformer.spatial_blocks, *self.transformer.temporal_blocks))
         self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
         self.caption = caption.to(self.device, dtype)  # (1, 1, L, caption_channels), encoded once
         # T5's token mask (1, L); upstream applies it to every guidance branch, the null caption's too

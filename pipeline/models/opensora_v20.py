@@ -30,7 +30,7 @@ import torch
 from einops import rearrange
 
 from ..config import Config
-from .base import FrameLayout, check_context, draw_per_generator, flow_noised
+from .base import FrameLayout, check_context, compile_blocks, draw_per_generator, flow_noised
 from .upstream import OpenSoraBackend, oscillation_scale, require_opensora
 
 TEMPORAL, SPATIAL, PATCH = 4, 8, 2
@@ -116,8 +116,9 @@ class OpenSoraV20Backend(OpenSoraBackend):
                  dtype: torch.dtype = torch.bfloat16, compile: bool = False):
         self.device, self.dtype = torch.device(device), dtype
         self.transformer = transformer.to(self.device, dtype).eval().requires_grad_(False)
+        self.compiled = compile
         if compile:
-            self.compile_blocks((*self.transformer.double_blocks, *self.transformer.single_blocks))
+            compile_blocks((*self.transformer.double_blocks, *self.transformer.single_blocks))
         self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
         # prompt and empty-prompt embeddings, computed once; the text encoders are not kept
         self.text, self.null_text = text.to(self.device, dtype), null_text.to(self.device, dtype)

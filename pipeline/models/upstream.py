@@ -15,7 +15,6 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +33,6 @@ INSTALL = {
 # a module that exists on one branch only tells the two apart
 MARKER = {"v1.3": "opensora.models.stdit.stdit3", "v2.0": "opensora.models.mmdit.model"}
 
-
-# CUDA graphs for the compiled blocks: at the seed shapes (4,500 and 4,864 tokens) a block's kernels are
-# short enough that launching them one by one leaves the GPU waiting
-BLOCK_COMPILE_MODE = "reduce-overhead"
 
 OSCILLATION_STEPS = 10  # upstream's force_num: full guidance for this many steps, then on every other step
 
@@ -58,7 +53,6 @@ class OpenSoraBackend(VideoBackend):
 
     guidance: float
     image_guidance: float
-    compiled = False
 
     @classmethod
     def reference_deviations(cls, config: Config) -> list[str]:
@@ -104,22 +98,6 @@ class OpenSoraBackend(VideoBackend):
         text, image_only, *rest = velocity.chunk(passes)
         neither = rest[0] if rest else image_only
         return neither + image_scale * (image_only - neither) + text_scale * (text - image_only)
-
-    def compile_blocks(self, blocks: Iterable[torch.nn.Module]) -> None:
-        """Regional compilation (`model.compile`): each transformer block alone, so blocks of one kind
-        share one compiled graph and the model costs two compilations, whatever its depth."""
-        self.compiled = True
-        # each block kind x batch x grad mode x adapter is one compiled entry of a shared code object
-        # (v1.3's spatial and temporal blocks share one); past dynamo's default of 8 the rest run eager
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for block in blocks:
-            block.compile(mode=BLOCK_COMPILE_MODE, dynamic=False)
-
-    def begin_forward(self) -> None:
-        """Called before each transformer forward: with compiled blocks each forward is a new
-        CUDA-graph step, so that the previous one's outputs may be overwritten."""
-        if self.compiled:
-            torch.compiler.cudagraph_mark_step_begin()
 
     def enable_gradient_checkpointing(self) -> None:
         from opensora.acceleration.checkpoint import set_grad_checkpoint
