@@ -356,7 +356,7 @@ def _check(config: Config, source: str) -> None:
     if config.sampling.clips_per_batch > 1 and a.method != "lora":
         raise ConfigError(f"{source}: 'sampling.clips_per_batch' also adapts several clips at once, with a LoRA "
                           "adapter each; it takes adaptation.method=lora")
-    if config.model.compile and config.model.backend == "skyreels-v2":
+    if config.model.compile and config.model.backend not in ("ltx-video", "opensora-v1.3", "opensora-v2.0"):
         raise ConfigError(f"{source}: 'model.compile' compiles the transformer blocks of LTX-Video and Open-Sora; "
                           f"model.backend={config.model.backend} runs uncompiled (model.compile=false)")
     if config.model.compile and config.adaptation.grad_accum > 1:
