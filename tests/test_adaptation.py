@@ -207,6 +207,16 @@ def test_plain_adamw_trains_bf16_weights_through_fp32_masters():
     assert torch.equal(weight, optimizer.masters[0].to(torch.bfloat16)) and (weight < 1).all()
 
 
+def test_plain_adamw_skips_a_bf16_weight_without_a_gradient_this_step():
+    """The fp32 gradients of the masters are buffers kept across steps: a weight that gets no
+    gradient in a step must not be moved again by its previous step's gradient."""
+    a, b = (torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16)) for _ in range(2))
+    optimizer = TorchAdamW([a, b], lr=1e-2, warmup=0)
+    train(optimizer, lambda step: (a.float().sum() if step == 0 else 0) + b.float().sum(), steps=2)
+    assert torch.allclose(optimizer.masters[0], torch.full((4,), 0.99), atol=1e-6)  # one step: Adam moves by lr
+    assert torch.allclose(optimizer.masters[1], torch.full((4,), 0.98), atol=1e-6)  # two steps
+
+
 def test_plain_adamw_resumes_bf16_weights_with_their_masters():
     """A checkpoint of bf16 weights keeps their fp32 masters (pretraining's resume): training resumed
     from it ends bitwise where uninterrupted training ends. Without the saved masters a resumed

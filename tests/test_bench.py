@@ -124,3 +124,9 @@ def test_a_clip_of_a_released_size_preset_adds_its_steps_and_both_arms():
     assert clip["clip_s"] > 30 * 0.219 + 2 * 3.748
     assert clip["clips_per_gpu_hour"] == pytest.approx(3600 / clip["clip_s"])
     assert measured["step_mfu"] < clip["clip_mfu"] < measured["sample_mfu"]
+    # two clips adapted and sampled together (the step and sample timed for both): each clip encodes
+    # and decodes its own, and shares the rest
+    own = measured["encode_context_s"] + 2 * measured["decode_s"]
+    together = clip_figures(measured, steps=30, clips=2)
+    assert together["clip_s"] == pytest.approx(own + (clip["clip_s"] - own) / 2)
+    assert together["clip_mfu"] < clip["clip_mfu"]  # the same FLOPs per group, now shared by two clips

@@ -2,6 +2,7 @@
 values): the stages' own backend, adapter and optimizer at a preset's clip shape, timed piece by piece."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..adaptation import make_adapter
+from ..adaptation.batched_lora import BatchedLora
 from ..config import load_config
 from ..models import load_backend
 from .ltx_video import count_flops, matmul_peak_tflops, write_operator_table
@@ -64,16 +66,18 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile
     """Build, encode, adapt `steps` steps (median of all but the first), reset, sample, decode, and
     the preset's whole clip from those pieces (`clip_figures`). The FLOPs of a step and of a whole
     sample are counted eagerly on extra runs, the MFU against the bf16 matrix-product rate measured in
-    the same run. With `profile_dir`, the operator tables of two more steps (`profile`) and of one
-    sampler step with all its guidance passes (`sample_profile`)."""
+    the same run. With `sampling.clips_per_batch` = B > 1 (LoRA), the step and the sample are those
+    of B clips together, as the adapt stage runs them (`BatchedLora`: each clip its own adapter). With
+    `profile_dir`, the operator tables of two more steps (`profile`) and of one sampler step with all
+    its guidance passes (`sample_profile`)."""
     config = load_config(config_path, overrides)
     # random weights at the released size
     for key, value in dict(pretrained="", vae="", text_encoder="", clip_encoder="", prompt="", size="full").items():
         config = config.with_setting(f"model.{key}", value)
-    d, a = config.data, config.adaptation
+    d, a, clips = config.data, config.adaptation, config.sampling.clips_per_batch
     result: dict[str, object] = {"config": config_path, "frames": d.frames, "size": f"{d.height}x{d.width}",
                                  "method": a.method, "gradient_checkpointing": config.model.gradient_checkpointing,
-                                 "compile": config.model.compile, "deepspeed": a.deepspeed}
+                                 "compile": config.model.compile, "deepspeed": a.deepspeed, "clips_per_batch": clips}
     result.update(text_encoders(config.model.backend))
     backend, result["build_s"] = _timed(lambda: load_backend(config))
     result["transformer_params_b"] = round(sum(p.numel() for p in backend.transformer.parameters()) / 1e9, 2)
@@ -81,24 +85,35 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile
     video = torch.rand(1, 3, d.frames, d.height, d.width, device="cuda") * 2 - 1
     context, result["encode_context_s"] = _timed(lambda: backend.encode(video[:, :, : layout.conditioned_pixel_frames]))
     window = context if a.data == "context" else backend.encode(video)
-    adapter = make_adapter(backend, a)
+    adapter = BatchedLora(backend, a, clips) if clips > 1 else make_adapter(backend, a)
     torch.cuda.reset_peak_memory_stats()
     optimizer, result["optimizer_setup_s"] = _timed(adapter.optimizer)
     generator = torch.Generator("cuda").manual_seed(0)
     clean = max(1, window.shape[2] // 2)  # the v2v_head mask; a mid-sized prefix for the other objectives
+    batch = window.expand(a.batch_size, -1, -1, -1, -1)
+
+    def routed(items_per_clip: int):
+        """Forwards inside go through each clip's own adapter, routed once as the adapt stage does."""
+        return adapter.route(list(range(clips)), items_per_clip) if clips > 1 else contextlib.nullcontext()
 
     def step():
-        optimizer.micro_step(backend.training_loss(window.expand(a.batch_size, -1, -1, -1, -1), clean, generator))
+        if clips > 1:
+            loss = backend.training_losses([batch] * clips, [clean] * clips, [generator] * clips).sum()
+        else:
+            loss = backend.training_loss(batch, clean, generator)
+        optimizer.micro_step(loss)
         optimizer.step()
 
     backend.transformer.train()
-    seconds = [_timed(step)[1] for _ in range(steps)]
-    with torch.compiler.set_stance("force_eager"):
-        step_flops = count_flops(step)
-    run_name = f"{config.model.backend}_compile{int(config.model.compile)}_deepspeed{int(a.deepspeed)}.txt"
-    if profile_dir is not None:
-        result["profile"] = str(Path(profile_dir) / f"step_{run_name}")
-        write_operator_table(lambda: (step(), step()), torch.device("cuda"), Path(result["profile"]))
+    run_name = (f"{config.model.backend}_compile{int(config.model.compile)}_deepspeed{int(a.deepspeed)}"
+                f"_clips{clips}.txt")
+    with routed(a.batch_size):
+        seconds = [_timed(step)[1] for _ in range(steps)]
+        with torch.compiler.set_stance("force_eager"):
+            step_flops = count_flops(step)
+        if profile_dir is not None:
+            result["profile"] = str(Path(profile_dir) / f"step_{run_name}")
+            write_operator_table(lambda: (step(), step()), torch.device("cuda"), Path(result["profile"]))
     backend.transformer.eval()
     peak = matmul_peak_tflops(torch.device("cuda"))
     result["step_s"] = round(statistics.median(seconds[1:]), 3)
@@ -108,38 +123,41 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile
     result["train_peak_gib"] = _gib(torch.cuda.max_memory_allocated())
     _, result["reset_s"] = _timed(adapter.reset)  # frees the optimizer, then restores the base weights
     torch.cuda.reset_peak_memory_stats()
-    sample = functools.partial(backend.sample, context, layout.latent_frames, seed=0)
-    backend.sample(context, layout.latent_frames, seed=1)  # compiles the sampling shapes, if any
-    latents, result["sample_s"] = _timed(sample)
+    contexts = context.expand(clips, *context.shape[1:])
+    sample = functools.partial(backend.sample_batch, contexts, layout.latent_frames, list(range(clips)))
     result["sampling_steps"] = backend.sampling_steps
-    with torch.compiler.set_stance("force_eager"), torch.no_grad():
-        sample_flops = count_flops(sample)  # the whole sample: steps may run different numbers of guidance passes
-    if profile_dir is not None:
-        result["sample_profile"] = str(Path(profile_dir) / f"sample_{run_name}")
-        backend.sampling_steps = 1
-        try:
-            write_operator_table(sample, torch.device("cuda"), Path(result["sample_profile"]))
-        finally:
-            backend.sampling_steps = result["sampling_steps"]
+    with routed(1):
+        backend.sample_batch(contexts, layout.latent_frames, list(range(clips, 2 * clips)))  # compiles, if any
+        latents, result["sample_s"] = _timed(sample)
+        with torch.compiler.set_stance("force_eager"), torch.no_grad():
+            sample_flops = count_flops(sample)  # the whole sample: steps may run different numbers of guidance passes
+        if profile_dir is not None:
+            result["sample_profile"] = str(Path(profile_dir) / f"sample_{run_name}")
+            backend.sampling_steps = 1
+            try:
+                write_operator_table(sample, torch.device("cuda"), Path(result["sample_profile"]))
+            finally:
+                backend.sampling_steps = result["sampling_steps"]
     result["sample_tflop"] = round(sample_flops / 1e12, 1)
     result["sample_mfu"] = round(sample_flops / result["sample_s"] / 1e12 / peak, 3)
     result["guidance_passes"] = backend.guidance_passes()
-    _, result["decode_s"] = _timed(lambda: backend.decode(latents, generator))
+    _, result["decode_s"] = _timed(lambda: backend.decode(latents[:1], generator))  # one clip's
     result["sample_peak_gib"] = _gib(torch.cuda.max_memory_allocated())
     result["matmul_peak_tflops"] = round(peak)
     result["gpu"] = torch.cuda.get_device_name()
-    result.update(clip_figures(result, a.steps))
+    result.update(clip_figures(result, a.steps, clips))
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
 
 
-def clip_figures(result: dict[str, object], steps: int) -> dict[str, float]:
+def clip_figures(result: dict[str, object], steps: int, clips: int = 1) -> dict[str, float]:
     """One clip as the stages run the preset, from the pieces `measure` timed: the context encoded
     once, the optimizer set up, `steps` adaptation steps, the reset, and both arms (baseline and
-    adapted) sampled and decoded. Model time only: scoring and recording add about 1% at LTX-Video's
-    shapes (docs/benchmarks.md)."""
+    adapted) sampled and decoded; the set-up, steps, reset and samples shared by the `clips` clips of
+    a batch (sampling.clips_per_batch). Model time only: scoring and recording add about 1% at
+    LTX-Video's shapes (docs/benchmarks.md)."""
     r = result
-    seconds = (r["encode_context_s"] + r["optimizer_setup_s"] + steps * r["step_s"] + r["reset_s"]
-               + 2 * (r["sample_s"] + r["decode_s"]))
-    tflop = steps * r["step_tflop"] + 2 * r["sample_tflop"]
+    group = r["optimizer_setup_s"] + steps * r["step_s"] + r["reset_s"] + 2 * r["sample_s"]
+    seconds = r["encode_context_s"] + 2 * r["decode_s"] + group / clips
+    tflop = (steps * r["step_tflop"] + 2 * r["sample_tflop"]) / clips
     return {"clip_s": seconds, "clips_per_gpu_hour": 3600 / seconds,
             "clip_mfu": tflop / seconds / r["matmul_peak_tflops"]}
