@@ -108,9 +108,11 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile
     run_name = (f"{config.model.backend}_compile{int(config.model.compile)}_deepspeed{int(a.deepspeed)}"
                 f"_clips{clips}.txt")
     with routed(a.batch_size):
-        seconds = [_timed(step)[1] for _ in range(steps)]
-        with torch.compiler.set_stance("force_eager"):
+        with torch.compiler.set_stance("force_eager"):  # first: beside the CUDA graphs' memory it may not fit
             step_flops = count_flops(step)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        seconds = [_timed(step)[1] for _ in range(steps)]
         if profile_dir is not None:
             result["profile"] = str(Path(profile_dir) / f"step_{run_name}")
             write_operator_table(lambda: (step(), step()), torch.device("cuda"), Path(result["profile"]))
@@ -127,10 +129,10 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile
     sample = functools.partial(backend.sample_batch, contexts, layout.latent_frames, list(range(clips)))
     result["sampling_steps"] = backend.sampling_steps
     with routed(1):
-        backend.sample_batch(contexts, layout.latent_frames, list(range(clips, 2 * clips)))  # compiles, if any
-        latents, result["sample_s"] = _timed(sample)
         with torch.compiler.set_stance("force_eager"), torch.no_grad():
             sample_flops = count_flops(sample)  # the whole sample: steps may run different numbers of guidance passes
+        backend.sample_batch(contexts, layout.latent_frames, list(range(clips, 2 * clips)))  # compiles, if any
+        latents, result["sample_s"] = _timed(sample)
         if profile_dir is not None:
             result["sample_profile"] = str(Path(profile_dir) / f"sample_{run_name}")
             backend.sampling_steps = 1
