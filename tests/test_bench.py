@@ -130,3 +130,23 @@ def test_a_clip_of_a_released_size_preset_adds_its_steps_and_both_arms():
     together = clip_figures(measured, steps=30, clips=2)
     assert together["clip_s"] == pytest.approx(own + (clip["clip_s"] - own) / 2)
     assert together["clip_mfu"] < clip["clip_mfu"]  # the same FLOPs per group, now shared by two clips
+
+
+def test_backend_bench_times_clips_adapted_together_through_their_own_adapters(tmp_path):
+    """bench-backend's measurement at the tiny size on the CPU: with sampling.clips_per_batch=2 the
+    step and the sample timed are those of both clips through the batched LoRA (its einsum in both
+    operator tables, absent for one clip), and the clip figures share them between the two."""
+    from pipeline.benchmarks.released_size import clip_figures, measure
+
+    shape = {"data.frames": "9", "data.context": "5", "data.height": "32", "data.width": "32",
+             "model.dtype": "float32", "sampling.steps": "2", "adaptation.steps": "2"}
+    one, two = (measure("conf/skyreels-v2.yaml", {**shape, "sampling.clips_per_batch": str(clips)}, steps=2,
+                        profile_dir=tmp_path / str(clips), size="tiny") for clips in (1, 2))
+    assert (one["clips_per_batch"], two["clips_per_batch"]) == (1, 2)
+    for result, batched in ((one, False), (two, True)):
+        for table in ("profile", "sample_profile"):
+            assert ("aten::einsum" in Path(result[table]).read_text()) == batched
+    shared = {k: two[k] for k in ("encode_context_s", "optimizer_setup_s", "step_s", "reset_s", "sample_s",
+                                  "decode_s", "step_tflop", "sample_tflop", "matmul_peak_tflops")}
+    assert two["clip_s"] == pytest.approx(clip_figures(shared, steps=2, clips=2)["clip_s"], abs=1e-3)
+    assert two["clip_s"] < clip_figures(shared, steps=2, clips=1)["clip_s"]

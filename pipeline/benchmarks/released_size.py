@@ -1,5 +1,6 @@
 """Open-Sora and SkyReels-V2 at real size with random weights (speed and memory do not depend on weight
-values): the stages' own backend, adapter and optimizer at a preset's clip shape, timed piece by piece."""
+values): the stages' own backend, adapter and optimizer at a preset's clip shape, timed piece by piece.
+At the backends' tiny size the same measurement runs on the CPU (the tests)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,21 +13,27 @@ import torch
 
 from ..adaptation import make_adapter
 from ..adaptation.batched_lora import BatchedLora
+from ..adaptation.trainer import synchronize
 from ..config import load_config
-from ..models import load_backend
+from ..models import default_device, load_backend
 from .ltx_video import count_flops, matmul_peak_tflops, write_operator_table
 
 
-def _timed(fn):
-    torch.cuda.synchronize()
+def _timed(fn, device: torch.device):
+    synchronize(device)
     start = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    synchronize(device)
     return out, time.perf_counter() - start
 
 
-def _gib(value: int) -> float:
-    return round(value / 2**30, 1)
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else 0.0
 
 
 def text_encoders(backend_name: str) -> dict[str, float]:
@@ -43,7 +50,7 @@ def text_encoders(backend_name: str) -> dict[str, float]:
         ids = torch.randint(0, vocabulary, (1, tokens))
     with torch.no_grad():
         t5(input_ids=ids)  # warm-up
-        _, seconds = _timed(functools.partial(t5, input_ids=ids))
+        _, seconds = _timed(functools.partial(t5, input_ids=ids), torch.device("cuda"))
     result = {"t5_params_b": round(sum(p.numel() for p in t5.parameters()) / 1e9, 2), "t5_encode_s": round(seconds, 3)}
     del t5
     if backend_name == "opensora-v2.0":
@@ -53,42 +60,46 @@ def text_encoders(backend_name: str) -> dict[str, float]:
             ids = torch.randint(0, 49408, (1, 77))
         with torch.no_grad():
             clip(input_ids=ids)
-            _, seconds = _timed(functools.partial(clip, input_ids=ids))
+            _, seconds = _timed(functools.partial(clip, input_ids=ids), torch.device("cuda"))
         result["clip_encode_s"] = round(seconds, 4)
         del clip
-    result["text_peak_gib"] = _gib(torch.cuda.max_memory_allocated())
+    result["text_peak_gib"] = _peak_gib(torch.device("cuda"))
     torch.cuda.empty_cache()
     return result
 
 
-def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile_dir: Path | None = None
-            ) -> dict[str, object]:
+def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile_dir: Path | None = None,
+            size: str = "full") -> dict[str, object]:
     """Build, encode, adapt `steps` steps (median of all but the first), reset, sample, decode, and
     the preset's whole clip from those pieces (`clip_figures`). The FLOPs of a step and of a whole
     sample are counted eagerly on extra runs, the MFU against the bf16 matrix-product rate measured in
     the same run. With `sampling.clips_per_batch` = B > 1 (LoRA), the step and the sample are those
     of B clips together, as the adapt stage runs them (`BatchedLora`: each clip its own adapter). With
     `profile_dir`, the operator tables of two more steps (`profile`) and of one sampler step with all
-    its guidance passes (`sample_profile`)."""
+    its guidance passes (`sample_profile`). `size` is model.size: "full" (with the text encoders
+    timed) or "tiny"."""
     config = load_config(config_path, overrides)
-    # random weights at the released size
-    for key, value in dict(pretrained="", vae="", text_encoder="", clip_encoder="", prompt="", size="full").items():
+    # random weights, at the released size or tiny
+    for key, value in dict(pretrained="", vae="", text_encoder="", clip_encoder="", prompt="", size=size).items():
         config = config.with_setting(f"model.{key}", value)
     d, a, clips = config.data, config.adaptation, config.sampling.clips_per_batch
     result: dict[str, object] = {"config": config_path, "frames": d.frames, "size": f"{d.height}x{d.width}",
                                  "method": a.method, "gradient_checkpointing": config.model.gradient_checkpointing,
                                  "compile": config.model.compile, "deepspeed": a.deepspeed, "clips_per_batch": clips}
-    result.update(text_encoders(config.model.backend))
-    backend, result["build_s"] = _timed(lambda: load_backend(config))
+    if size == "full":
+        result.update(text_encoders(config.model.backend))
+    device = default_device()
+    backend, result["build_s"] = _timed(lambda: load_backend(config), device)
     result["transformer_params_b"] = round(sum(p.numel() for p in backend.transformer.parameters()) / 1e9, 2)
     layout = backend.frame_layout(d.frames, d.context, d.height, d.width)
-    video = torch.rand(1, 3, d.frames, d.height, d.width, device="cuda") * 2 - 1
-    context, result["encode_context_s"] = _timed(lambda: backend.encode(video[:, :, : layout.conditioned_pixel_frames]))
+    video = torch.rand(1, 3, d.frames, d.height, d.width, device=device) * 2 - 1
+    context, result["encode_context_s"] = _timed(
+        lambda: backend.encode(video[:, :, : layout.conditioned_pixel_frames]), device)
     window = context if a.data == "context" else backend.encode(video)
     adapter = BatchedLora(backend, a, clips) if clips > 1 else make_adapter(backend, a)
-    torch.cuda.reset_peak_memory_stats()
-    optimizer, result["optimizer_setup_s"] = _timed(adapter.optimizer)
-    generator = torch.Generator("cuda").manual_seed(0)
+    _reset_peak(device)
+    optimizer, result["optimizer_setup_s"] = _timed(adapter.optimizer, device)
+    generator = torch.Generator(device).manual_seed(0)
     clean = max(1, window.shape[2] // 2)  # the v2v_head mask; a mid-sized prefix for the other objectives
     batch = window.expand(a.batch_size, -1, -1, -1, -1)
 
@@ -110,21 +121,22 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile
     with routed(a.batch_size):
         with torch.compiler.set_stance("force_eager"):  # first: beside the CUDA graphs' memory it may not fit
             step_flops = count_flops(step)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        seconds = [_timed(step)[1] for _ in range(steps)]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        _reset_peak(device)
+        seconds = [_timed(step, device)[1] for _ in range(steps)]
         if profile_dir is not None:
             result["profile"] = str(Path(profile_dir) / f"step_{run_name}")
-            write_operator_table(lambda: (step(), step()), torch.device("cuda"), Path(result["profile"]))
+            write_operator_table(lambda: (step(), step()), device, Path(result["profile"]))
     backend.transformer.eval()
-    peak = matmul_peak_tflops(torch.device("cuda"))
+    peak = matmul_peak_tflops(device) if device.type == "cuda" else float("nan")
     result["step_s"] = round(statistics.median(seconds[1:]), 3)
     result["first_step_s"] = round(seconds[0], 3)
     result["step_tflop"] = round(step_flops / 1e12, 1)
     result["step_mfu"] = round(step_flops / result["step_s"] / 1e12 / peak, 3)
-    result["train_peak_gib"] = _gib(torch.cuda.max_memory_allocated())
-    _, result["reset_s"] = _timed(adapter.reset)  # frees the optimizer, then restores the base weights
-    torch.cuda.reset_peak_memory_stats()
+    result["train_peak_gib"] = _peak_gib(device)
+    _, result["reset_s"] = _timed(adapter.reset, device)  # frees the optimizer, then restores the base weights
+    _reset_peak(device)
     contexts = context.expand(clips, *context.shape[1:])
     sample = functools.partial(backend.sample_batch, contexts, layout.latent_frames, list(range(clips)))
     result["sampling_steps"] = backend.sampling_steps
@@ -132,21 +144,21 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile
         with torch.compiler.set_stance("force_eager"), torch.no_grad():
             sample_flops = count_flops(sample)  # the whole sample: steps may run different numbers of guidance passes
         backend.sample_batch(contexts, layout.latent_frames, list(range(clips, 2 * clips)))  # compiles, if any
-        latents, result["sample_s"] = _timed(sample)
+        latents, result["sample_s"] = _timed(sample, device)
         if profile_dir is not None:
             result["sample_profile"] = str(Path(profile_dir) / f"sample_{run_name}")
             backend.sampling_steps = 1
             try:
-                write_operator_table(sample, torch.device("cuda"), Path(result["sample_profile"]))
+                write_operator_table(sample, device, Path(result["sample_profile"]))
             finally:
                 backend.sampling_steps = result["sampling_steps"]
     result["sample_tflop"] = round(sample_flops / 1e12, 1)
     result["sample_mfu"] = round(sample_flops / result["sample_s"] / 1e12 / peak, 3)
     result["guidance_passes"] = backend.guidance_passes()
-    _, result["decode_s"] = _timed(lambda: backend.decode(latents[:1], generator))  # one clip's
-    result["sample_peak_gib"] = _gib(torch.cuda.max_memory_allocated())
-    result["matmul_peak_tflops"] = round(peak)
-    result["gpu"] = torch.cuda.get_device_name()
+    _, result["decode_s"] = _timed(lambda: backend.decode(latents[:1], generator), device)  # one clip's
+    result["sample_peak_gib"] = _peak_gib(device)
+    result["matmul_peak_tflops"] = round(peak, 1)
+    result["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result.update(clip_figures(result, a.steps, clips))
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
 
