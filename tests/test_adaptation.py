@@ -208,7 +208,7 @@ def test_plain_adamw_trains_bf16_weights_through_fp32_masters():
 
 
 def test_plain_adamw_skips_a_bf16_weight_without_a_gradient_this_step():
-    """The fp32 gradients of the masters are buffers kept across steps: a weight that gets no
+    """The bf16 gradients reach the fp32 masters in one multi-tensor copy: a weight that gets no
     gradient in a step must not be moved again by its previous step's gradient."""
     a, b = (torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16)) for _ in range(2))
     optimizer = TorchAdamW([a, b], lr=1e-2, warmup=0)

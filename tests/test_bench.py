@@ -148,5 +148,6 @@ def test_backend_bench_times_clips_adapted_together_through_their_own_adapters(t
             assert ("aten::einsum" in Path(result[table]).read_text()) == batched
     shared = {k: two[k] for k in ("encode_context_s", "optimizer_setup_s", "step_s", "reset_s", "sample_s",
                                   "decode_s", "step_tflop", "sample_tflop", "matmul_peak_tflops")}
-    assert two["clip_s"] == pytest.approx(clip_figures(shared, steps=2, clips=2)["clip_s"], abs=1e-3)
+    # the pieces are rounded to the millisecond, the clip figure made from them before
+    assert two["clip_s"] == pytest.approx(clip_figures(shared, steps=2, clips=2)["clip_s"], abs=5e-3)
     assert two["clip_s"] < clip_figures(shared, steps=2, clips=1)["clip_s"]

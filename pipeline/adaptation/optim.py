@@ -45,7 +45,6 @@ class TorchAdamW(Optimizer):
         self.params = params
         self.masters = [p.detach().float() if p.dtype in (torch.bfloat16, torch.float16) else p for p in params]
         self.low = [(p, m) for p, m in zip(params, self.masters) if m is not p]
-        self.low_grads: list[torch.Tensor] = []  # the masters' fp32 gradients, allocated at the first step
         fused = all(p.is_cuda for p in params)  # one kernel for all parameters on a GPU
         self.optimizer = torch.optim.AdamW(self.masters, lr=lr, weight_decay=0.0, fused=fused or None)
         self.schedule = linear_warmup(self.optimizer, warmup, decay_steps)
@@ -66,20 +65,17 @@ class TorchAdamW(Optimizer):
 
     @torch.no_grad()
     def _gradients_to_masters(self) -> None:
-        """The low-precision gradients into fp32 buffers kept across steps, in one multi-tensor copy
-        (a conversion per parameter was ~1,000 kernels a step for Open-Sora v1.3); a weight without
-        a gradient this step leaves its master's gradient None, so AdamW skips it."""
-        if not self.low_grads:
-            self.low_grads = [torch.empty_like(m) for _, m in self.low]
-        sources, targets = [], []
-        for (p, master), buffer in zip(self.low, self.low_grads):
-            master.grad = None if p.grad is None else buffer
-            if p.grad is not None:
-                sources.append(p.grad)
-                targets.append(buffer)
+        """The low-precision gradients as the masters' fp32 gradients, in one multi-tensor copy (a
+        conversion per parameter was ~1,000 kernels a step for Open-Sora v1.3); freed again by
+        `zero_grad`, so they take no memory during the forward and backward. A weight without a
+        gradient this step leaves its master's None, so AdamW skips it."""
+        with_grad = [(p, master) for p, master in self.low if p.grad is not None]
+        for p, master in with_grad:
+            master.grad = torch.empty_like(master)
+        if with_grad:
+            torch._foreach_copy_([master.grad for _, master in with_grad], [p.grad for p, _ in with_grad])
+        for p, _ in self.low:
             p.grad = None
-        if targets:
-            torch._foreach_copy_(targets, sources)
 
     def state_dict(self) -> dict[str, object]:
         """What a resumed run needs: AdamW's state, the schedule's, and the fp32 masters of the weights
@@ -98,7 +94,7 @@ class TorchAdamW(Optimizer):
             master.copy_(saved[i] if saved else p)
 
     def close(self) -> None:
-        self.masters = self.low = self.low_grads = []
+        self.masters = self.low = []
         self.optimizer = self.schedule = None  # the schedule holds the optimizer, and so its state
 
 

@@ -90,6 +90,8 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile
         result.update(text_encoders(config.model.backend))
     device = default_device()
     backend, result["build_s"] = _timed(lambda: load_backend(config), device)
+    if clips > 1 and not backend.batches_clips:
+        raise ValueError(f"sampling.clips_per_batch={clips}: {type(backend).__name__} adapts one clip at a time")
     result["transformer_params_b"] = round(sum(p.numel() for p in backend.transformer.parameters()) / 1e9, 2)
     layout = backend.frame_layout(d.frames, d.context, d.height, d.width)
     video = torch.rand(1, 3, d.frames, d.height, d.width, device=device) * 2 - 1
@@ -167,8 +169,9 @@ def clip_figures(result: dict[str, object], steps: int, clips: int = 1) -> dict[
     """One clip as the stages run the preset, from the pieces `measure` timed: the context encoded
     once, the optimizer set up, `steps` adaptation steps, the reset, and both arms (baseline and
     adapted) sampled and decoded; the set-up, steps, reset and samples shared by the `clips` clips of
-    a batch (sampling.clips_per_batch). Model time only: scoring and recording add about 1% at
-    LTX-Video's shapes (docs/benchmarks.md)."""
+    a batch (sampling.clips_per_batch). Both arms cost the adapted arm's sample: the baseline's, without
+    the adapter's LoRA layers, is a little cheaper. Model time only: scoring and recording add about
+    1% at LTX-Video's shapes (docs/benchmarks.md)."""
     r = result
     group = r["optimizer_setup_s"] + steps * r["step_s"] + r["reset_s"] + 2 * r["sample_s"]
     seconds = r["encode_context_s"] + 2 * r["decode_s"] + group / clips
