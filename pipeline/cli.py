@@ -362,15 +362,24 @@ def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, 
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="config overrides")
 @click.option("--profile", default="", help="also profile two adaptation steps and one sampler step and "
                                             "write their operator tables to this folder")
-def bench_backend(config_path: str, steps: int, sets: tuple[str, ...], profile: str) -> None:
+@click.option("--stage-clips", default=0, help="instead: run the baseline and adapt stages on this many synthetic "
+                                               "clips of the preset's shape and print their time split")
+def bench_backend(config_path: str, steps: int, sets: tuple[str, ...], profile: str, stage_clips: int) -> None:
     """Real-size Open-Sora or SkyReels-V2 with random weights on a GPU: text encoders, adaptation steps,
     sampling, their FLOPs and MFU, peak memory, at the preset's clip shape."""
     import json
+    import tempfile
     from pathlib import Path
 
-    from .benchmarks.released_size import measure
+    from .benchmarks import released_size
 
-    click.echo(json.dumps(measure(config_path, parse_sets(sets), steps, Path(profile) if profile else None)))
+    if stage_clips:
+        with tempfile.TemporaryDirectory() as workdir:
+            split = released_size.stage_clips(config_path, parse_sets(sets), Path(workdir), stage_clips)
+        click.echo(json.dumps(split, indent=1))
+        return
+    click.echo(json.dumps(released_size.measure(config_path, parse_sets(sets), steps,
+                                                Path(profile) if profile else None)))
 
 
 @main.command("fetch-weights")

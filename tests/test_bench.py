@@ -151,3 +151,19 @@ def test_backend_bench_times_clips_adapted_together_through_their_own_adapters(t
     # the pieces are rounded to the millisecond, the clip figure made from them before
     assert two["clip_s"] == pytest.approx(clip_figures(shared, steps=2, clips=2)["clip_s"], abs=5e-3)
     assert two["clip_s"] < clip_figures(shared, steps=2, clips=1)["clip_s"]
+
+
+def test_backend_stage_clips_run_a_presets_stages_on_synthetic_clips(tmp_path):
+    """bench-backend --stage-clips: the preset's own stages (MLflow store, videos, scoring) on
+    synthetic clips of its shape, its model random and tiny here; the first clip (compilation) is
+    left out of each arm's split."""
+    from pipeline.benchmarks.released_size import stage_clips
+
+    shape = {"data.frames": "9", "data.context": "5", "data.height": "32", "data.width": "32",
+             "model.dtype": "float32", "sampling.steps": "2", "adaptation.steps": "2", "evaluation.lpips": "false"}
+    arms = stage_clips("conf/skyreels-v2.yaml", shape, tmp_path, clips=2, size="tiny")
+    for split in arms.values():
+        assert split["clips"] == 1 and split["clips_per_hour"] > 0 and split["bytes_per_clip"] > 0
+        assert split["sample_seconds"] > 0 and split["clip_seconds"] > split["sample_seconds"]
+    assert "adapt_seconds" in arms["adapt"] and "adapt_seconds" not in arms["baseline"]
+    assert len(list((tmp_path / "clips").rglob("*.mkv"))) == 2  # the synthetic clips at the preset's shape

@@ -355,8 +355,6 @@ def stage_clips(workdir: Path, clips: int = 4, frames: int = 65, size: int = 256
     frames x size x size, the first half as context, LoRA r16 for `steps` steps, then sampling,
     `clips_per_batch` clips at a time (sampling.clips_per_batch). Returns each arm's mean time split
     per clip and its clips per hour, leaving out the first group of clips (compilation)."""
-    import mlflow
-
     from ..config import load_config
     from ..data.preprocess import preprocess
     from ..models import default_device
@@ -374,6 +372,15 @@ def stage_clips(workdir: Path, clips: int = 4, frames: int = 65, size: int = 256
     preprocess(config.data)
     backend = random_backend(device, transformer_config, vae_config, fps=config.data.fps,
                              sampling_steps=sampling_steps, guidance=config.sampling.guidance)
+    return time_stages(config, backend, workdir)
+
+
+def time_stages(config, backend, workdir: Path) -> dict[str, dict]:
+    """The baseline and adapt stages run on `config`'s preprocessed clips with an MLflow store in
+    `workdir`: each arm's mean time split per clip and its clips per hour, leaving out the first
+    group of clips (compilation)."""
+    import mlflow
+
     previous_store = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     try:

@@ -14,9 +14,10 @@ import torch
 from ..adaptation import make_adapter
 from ..adaptation.batched_lora import BatchedLora
 from ..adaptation.trainer import synchronize
-from ..config import load_config
+from ..config import Config, load_config
+from ..data.preprocess import preprocess
 from ..models import default_device, load_backend
-from .ltx_video import count_flops, matmul_peak_tflops, write_operator_table
+from .ltx_video import count_flops, matmul_peak_tflops, time_stages, write_operator_table
 
 
 def _timed(fn, device: torch.device):
@@ -68,6 +69,26 @@ def text_encoders(backend_name: str) -> dict[str, float]:
     return result
 
 
+def random_weights(config: Config, size: str) -> Config:
+    """The preset's model with random weights at `size` ("full": the released size, or "tiny") and
+    no checkpoints, text encoders or prompt to load."""
+    for key, value in dict(pretrained="", vae="", text_encoder="", clip_encoder="", prompt="", size=size).items():
+        config = config.with_setting(f"model.{key}", value)
+    return config
+
+
+def stage_clips(config_path: str, overrides: dict[str, str], workdir: Path, clips: int, size: str = "full"
+                ) -> dict[str, dict]:
+    """The baseline and adapt stages themselves (MLflow store, videos, scoring) on `clips` synthetic
+    clips of the preset's shape, its model with random weights: each arm's mean time split per clip
+    and clips per hour, the first group of clips (compilation) left out."""
+    settings = {"experiment": "stage-clips", "data.source": "synthetic", "data.output_dir": str(workdir / "clips"),
+                "data.train_clips": "0", "data.test_clips": str(clips), "data.num_clips": str(clips)}
+    config = random_weights(load_config(config_path, {**overrides, **settings}), size)
+    preprocess(config.data)
+    return time_stages(config, load_backend(config), workdir)
+
+
 def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile_dir: Path | None = None,
             size: str = "full") -> dict[str, object]:
     """Build, encode, adapt `steps` steps (median of all but the first), reset, sample, decode, and
@@ -78,10 +99,7 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile
     `profile_dir`, the operator tables of two more steps (`profile`) and of one sampler step with all
     its guidance passes (`sample_profile`). `size` is model.size: "full" (with the text encoders
     timed) or "tiny"."""
-    config = load_config(config_path, overrides)
-    # random weights, at the released size or tiny
-    for key, value in dict(pretrained="", vae="", text_encoder="", clip_encoder="", prompt="", size=size).items():
-        config = config.with_setting(f"model.{key}", value)
+    config = random_weights(load_config(config_path, overrides), size)
     d, a, clips = config.data, config.adaptation, config.sampling.clips_per_batch
     result: dict[str, object] = {"config": config_path, "frames": d.frames, "size": f"{d.height}x{d.width}",
                                  "method": a.method, "gradient_checkpointing": config.model.gradient_checkpointing,
