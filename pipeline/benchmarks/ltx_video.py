@@ -27,6 +27,8 @@ import torch
 from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..config import Config
+from ..models.base import VideoBackend
 from ..models.ltx_video import compile_transformer
 
 LTX_VIDEO_2B = dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
@@ -375,7 +377,7 @@ def stage_clips(workdir: Path, clips: int = 4, frames: int = 65, size: int = 256
     return time_stages(config, backend, workdir)
 
 
-def time_stages(config, backend, workdir: Path) -> dict[str, dict]:
+def time_stages(config: Config, backend: VideoBackend, workdir: Path) -> dict[str, dict]:
     """The baseline and adapt stages run on `config`'s preprocessed clips with an MLflow store in
     `workdir`: each arm's mean time split per clip and its clips per hour, leaving out the first
     group of clips (compilation)."""
