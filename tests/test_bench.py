@@ -132,16 +132,19 @@ def test_a_clip_of_a_released_size_preset_adds_its_steps_and_both_arms():
     assert together["clip_mfu"] < clip["clip_mfu"]  # the same FLOPs per group, now shared by two clips
 
 
+# the SkyReels-V2 preset's clip and steps cut down for its tiny model on the CPU
+TINY_SKYREELS_CLIP = {"data.frames": "9", "data.context": "5", "data.height": "32", "data.width": "32",
+                      "model.dtype": "float32", "sampling.steps": "2", "adaptation.steps": "2"}
+
+
 def test_backend_bench_times_clips_adapted_together_through_their_own_adapters(tmp_path):
     """bench-backend's measurement at the tiny size on the CPU: with sampling.clips_per_batch=2 the
     step and the sample timed are those of both clips through the batched LoRA (its einsum in both
     operator tables, absent for one clip), and the clip figures share them between the two."""
     from pipeline.benchmarks.released_size import clip_figures, measure
 
-    shape = {"data.frames": "9", "data.context": "5", "data.height": "32", "data.width": "32",
-             "model.dtype": "float32", "sampling.steps": "2", "adaptation.steps": "2"}
-    one, two = (measure("conf/skyreels-v2.yaml", {**shape, "sampling.clips_per_batch": str(clips)}, steps=2,
-                        profile_dir=tmp_path / str(clips), size="tiny") for clips in (1, 2))
+    one, two = (measure("conf/skyreels-v2.yaml", {**TINY_SKYREELS_CLIP, "sampling.clips_per_batch": str(clips)},
+                        steps=2, profile_dir=tmp_path / str(clips), size="tiny") for clips in (1, 2))
     assert (one["clips_per_batch"], two["clips_per_batch"]) == (1, 2)
     for result, batched in ((one, False), (two, True)):
         for table in ("profile", "sample_profile"):
@@ -159,9 +162,8 @@ def test_backend_stage_clips_run_a_presets_stages_on_synthetic_clips(tmp_path):
     left out of each arm's split."""
     from pipeline.benchmarks.released_size import stage_clips
 
-    shape = {"data.frames": "9", "data.context": "5", "data.height": "32", "data.width": "32",
-             "model.dtype": "float32", "sampling.steps": "2", "adaptation.steps": "2", "evaluation.lpips": "false"}
-    arms = stage_clips("conf/skyreels-v2.yaml", shape, tmp_path, clips=2, size="tiny")
+    arms = stage_clips("conf/skyreels-v2.yaml", {**TINY_SKYREELS_CLIP, "evaluation.lpips": "false"}, tmp_path,
+                       clips=2, size="tiny")
     for split in arms.values():
         assert split["clips"] == 1 and split["clips_per_hour"] > 0 and split["bytes_per_clip"] > 0
         assert split["sample_seconds"] > 0 and split["clip_seconds"] > split["sample_seconds"]

@@ -186,7 +186,7 @@ def test_sampler_runs_only_the_guidance_passes_its_mix_reads(config_path, monkey
     mix is the text+image pass alone; an image scale of 1 cancels the neither pass. Those steps run
     fewer passes, with the same samples as running all three (and as upstream's:
     test_v13_baseline_equals_upstream_rflow_sample, test_v20_baseline_equals_upstream_i2v_denoiser)."""
-    config, backend, layout, context = twelve_step_setup(config_path)
+    _, backend, layout, context = twelve_step_setup(config_path)
     if image_guidance != "preset":
         backend.image_guidance = float(image_guidance)
     contexts, seeds = context.expand(2, -1, -1, -1, -1), [3, 4]

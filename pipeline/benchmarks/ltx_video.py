@@ -27,7 +27,7 @@ import torch
 from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..config import Config
+from ..config import Config, load_config
 from ..models.base import VideoBackend
 from ..models.ltx_video import compile_transformer
 
@@ -273,7 +273,6 @@ def adaptation_seconds(frames: int, size: int, device: torch.device, clips: int,
     from ..adaptation import make_adapter
     from ..adaptation.batched_lora import BatchedLora
     from ..adaptation.trainer import adapt_clips_together, adapt_to_clip
-    from ..config import load_config
 
     cuda = device.type == "cuda"
     if cuda:
@@ -357,7 +356,6 @@ def stage_clips(workdir: Path, clips: int = 4, frames: int = 65, size: int = 256
     frames x size x size, the first half as context, LoRA r16 for `steps` steps, then sampling,
     `clips_per_batch` clips at a time (sampling.clips_per_batch). Returns each arm's mean time split
     per clip and its clips per hour, leaving out the first group of clips (compilation)."""
-    from ..config import load_config
     from ..data.preprocess import preprocess
     from ..models import default_device
 
