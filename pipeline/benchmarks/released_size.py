@@ -15,7 +15,6 @@ from ..adaptation import make_adapter
 from ..adaptation.batched_lora import BatchedLora
 from ..adaptation.trainer import synchronize
 from ..config import Config, load_config
-from ..data.preprocess import preprocess
 from ..models import default_device, load_backend
 from .ltx_video import count_flops, matmul_peak_tflops, time_stages, write_operator_table
 
@@ -85,13 +84,15 @@ def stage_clips(config_path: str, overrides: dict[str, str], workdir: Path, clip
     settings = {"experiment": "stage-clips", "data.source": "synthetic", "data.output_dir": str(workdir / "clips"),
                 "data.train_clips": "0", "data.test_clips": str(clips), "data.num_clips": str(clips)}
     config = random_weights(load_config(config_path, {**overrides, **settings}), size)
+    from ..data.preprocess import preprocess  # here, not at the top: bench-backend alone runs without PyAV
     preprocess(config.data)
     return time_stages(config, load_backend(config), workdir)
 
 
-def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile_dir: Path | None = None,
+def measure(config_path: str, overrides: dict[str, str], steps: int = 8, profile_dir: Path | None = None,
             size: str = "full") -> dict[str, object]:
-    """Build, encode, adapt `steps` steps (median of all but the first), reset, sample, decode, and
+    """Build, encode, adapt `steps` steps (median of all but the first two:
+    compilation, then the backward's compilation and the CUDA graphs' recording), reset, sample, decode, and
     the preset's whole clip from those pieces (`clip_figures`). The FLOPs of a step and of a whole
     sample are counted eagerly on extra runs, the MFU against the bf16 matrix-product rate measured in
     the same run. With `sampling.clips_per_batch` = B > 1 (LoRA), the step and the sample are those
@@ -99,6 +100,8 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile
     `profile_dir`, the operator tables of two more steps (`profile`) and of one sampler step with all
     its guidance passes (`sample_profile`). `size` is model.size: "full" (with the text encoders
     timed) or "tiny"."""
+    if steps < 3:
+        raise ValueError(f"--steps {steps}: at least 3 (the first two compile and record, and are not timed)")
     config = random_weights(load_config(config_path, overrides), size)
     d, a, clips = config.data, config.adaptation, config.sampling.clips_per_batch
     result: dict[str, object] = {"config": config_path, "frames": d.frames, "size": f"{d.height}x{d.width}",
@@ -150,8 +153,9 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 4, profile
             write_operator_table(lambda: (step(), step()), device, Path(result["profile"]))
     backend.transformer.eval()
     peak = matmul_peak_tflops(device) if device.type == "cuda" else float("nan")
-    result["step_s"] = round(statistics.median(seconds[1:]), 3)
+    result["step_s"] = round(statistics.median(seconds[2:]), 3)
     result["first_step_s"] = round(seconds[0], 3)
+    result["step_seconds"] = [round(t, 3) for t in seconds]  # every timed step, compilation and CUDA graph recording included
     result["step_tflop"] = round(step_flops / 1e12, 1)
     result["step_mfu"] = round(step_flops / result["step_s"] / 1e12 / peak, 3)
     result["train_peak_gib"] = _peak_gib(device)
