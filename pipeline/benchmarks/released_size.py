@@ -91,15 +91,14 @@ def stage_clips(config_path: str, overrides: dict[str, str], workdir: Path, clip
 
 def measure(config_path: str, overrides: dict[str, str], steps: int = 8, profile_dir: Path | None = None,
             size: str = "full") -> dict[str, object]:
-    """Build, encode, adapt `steps` steps (median of all but the first two:
-    compilation, then the backward's compilation and the CUDA graphs' recording), reset, sample, decode, and
-    the preset's whole clip from those pieces (`clip_figures`). The FLOPs of a step and of a whole
-    sample are counted eagerly on extra runs, the MFU against the bf16 matrix-product rate measured in
-    the same run. With `sampling.clips_per_batch` = B > 1 (LoRA), the step and the sample are those
-    of B clips together, as the adapt stage runs them (`BatchedLora`: each clip its own adapter). With
-    `profile_dir`, the operator tables of two more steps (`profile`) and of one sampler step with all
-    its guidance passes (`sample_profile`). `size` is model.size: "full" (with the text encoders
-    timed) or "tiny"."""
+    """Build, encode, adapt `steps` steps (the median of all but the first two, which compile and record
+    the CUDA graphs), reset, sample, decode, and the preset's whole clip from those pieces
+    (`clip_figures`). The FLOPs of a step and of a whole sample are counted eagerly on extra runs, the
+    MFU against the bf16 matrix-product rate measured in the same run. With `sampling.clips_per_batch` =
+    B > 1 (LoRA), the step and the sample are those of B clips together, as the adapt stage runs them
+    (`BatchedLora`: each clip its own adapter). With `profile_dir`, the operator tables of two more
+    steps (`profile`) and of one sampler step with all its guidance passes (`sample_profile`). `size` is
+    model.size: "full" (with the text encoders timed) or "tiny"."""
     if steps < 3:
         raise ValueError(f"--steps {steps}: at least 3 (the first two compile and record, and are not timed)")
     config = random_weights(load_config(config_path, overrides), size)
