@@ -304,7 +304,8 @@ def download_dataset(name: str, dest: str) -> None:
 @click.option("--out", default="", help="also append one JSON line per result to this file")
 @click.option("--evaluation", is_flag=True, help="time every metric of 100 clips x 37 frames x 256 px instead")
 @click.option("--stage-clips", default=0, help="instead: run the baseline and adapt stages on this many synthetic "
-                                               "clips (the first --frames and --sizes) and print their time split")
+                                               "clips (the first --frames and --sizes) and print their time split, clips "
+                                               "per GPU-hour and a whole clip's MFU")
 @click.option("--vae", is_flag=True, help="instead: time the LTX-Video VAE (encode context, decode clip) per shape")
 @click.option("--sampling", is_flag=True, help="instead: time one baseline sample (50 steps, guidance 1 and 3) per shape")
 @click.option("--adaptation", is_flag=True, help="instead: time 20 LoRA r16 steps of --batch clips adapted together "
@@ -364,7 +365,8 @@ def bench(frames, sizes, ranks, methods, checkpointing, paths, out, evaluation, 
 @click.option("--profile", default="", help="also profile two adaptation steps and one sampler step and "
                                             "write their operator tables to this folder")
 @click.option("--stage-clips", default=0, help="instead: run the baseline and adapt stages on this many synthetic "
-                                               "clips of the preset's shape and print their time split")
+                                               "clips of the preset's shape and print their time split, clips per GPU-hour "
+                                               "and a whole clip's MFU")
 def bench_backend(config_path: str, steps: int, sets: tuple[str, ...], profile: str, stage_clips: int) -> None:
     """Real-size Open-Sora or SkyReels-V2 with random weights on a GPU: text encoders, adaptation steps,
     sampling, their FLOPs and MFU, peak memory, at the preset's clip shape."""

@@ -1,4 +1,5 @@
 """The benchmark's FLOP counting and its table, on a tiny LTX-Video transformer on the CPU."""
+import math
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,7 @@ def test_stage_clips_times_both_stages_with_tracking_and_video(tmp_path, clips_p
     clips = clips_per_batch + 1
     arms = bench.stage_clips(tmp_path, clips=clips, frames=17, size=64, steps=2, sampling_steps=2,
                              transformer_config=transformer, vae_config=NARROW_VAE, clips_per_batch=clips_per_batch)
-    for split in arms.values():
+    for split in (arms["baseline"], arms["adapt"]):
         assert split["clips"] == 1 and split["clips_per_hour"] > 0  # the first group is left out
         model = sum(split[k] for k in ("encode_seconds", "adapt_seconds", "sample_seconds", "decode_seconds")
                     if k in split)
@@ -72,6 +73,24 @@ def test_stage_clips_times_both_stages_with_tracking_and_video(tmp_path, clips_p
     assert "adapt_seconds" in arms["adapt"] and "adapt_seconds" not in arms["baseline"]
     assert (arms["baseline"]["context_cached"], arms["adapt"]["context_cached"]) == (0, 1)  # encoded once
     assert len(list((tmp_path / "clips").rglob("*.mkv"))) == clips
+    assert_whole_clip(arms, tmp_path, clips_per_batch)
+
+
+def assert_whole_clip(arms: dict, workdir: Path, group: int) -> None:
+    """The whole clip of --stage-clips: both arms' seconds, and FLOPs counted on one more group of
+    clips through both stages under its own experiment, the timed experiment left as it was."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.runs import TAG_KIND
+
+    clip = arms["clip"]
+    assert clip["seconds"] == pytest.approx(arms["baseline"]["clip_seconds"] + arms["adapt"]["clip_seconds"])
+    assert clip["clips_per_gpu_hour"] == pytest.approx(3600 / clip["seconds"])
+    assert clip["tflop"] > 0 and math.isnan(clip["mfu"])  # no matrix-product rate on a CPU
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    for experiment, clips in (("stage-clips-flops", 2 * group), ("stage-clips", 2 * (arms["adapt"]["clips"] + group))):
+        runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], f"tags.`{TAG_KIND}` = 'clip'")
+        assert len(runs) == clips
 
 
 def test_grid_lists_every_configuration_once():
@@ -166,8 +185,9 @@ def test_backend_stage_clips_run_a_presets_stages_on_synthetic_clips(tmp_path):
 
     arms = stage_clips("conf/skyreels-v2.yaml", {**TINY_SKYREELS_CLIP, "evaluation.lpips": "false"}, tmp_path,
                        clips=2, size="tiny")
-    for split in arms.values():
+    for split in (arms["baseline"], arms["adapt"]):
         assert split["clips"] == 1 and split["clips_per_hour"] > 0 and split["bytes_per_clip"] > 0
         assert split["sample_seconds"] > 0 and split["clip_seconds"] > split["sample_seconds"]
     assert "adapt_seconds" in arms["adapt"] and "adapt_seconds" not in arms["baseline"]
     assert len(list((tmp_path / "clips").rglob("*.mkv"))) == 2  # the synthetic clips at the preset's shape
+    assert_whole_clip(arms, tmp_path, group=1)

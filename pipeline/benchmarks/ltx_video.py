@@ -354,8 +354,7 @@ def stage_clips(workdir: Path, clips: int = 4, frames: int = 65, size: int = 256
     """The baseline and adapt stages themselves at real size, MLflow store, mp4s and scoring included:
     LTX-Video 2B and its VAE with random weights (bf16 and compiled on a GPU) on synthetic clips of
     frames x size x size, the first half as context, LoRA r16 for `steps` steps, then sampling,
-    `clips_per_batch` clips at a time (sampling.clips_per_batch). Returns each arm's mean time split
-    per clip and its clips per hour, leaving out the first group of clips (compilation)."""
+    `clips_per_batch` clips at a time (sampling.clips_per_batch). Returns `time_stages`'s figures."""
     from ..data.preprocess import preprocess
     from ..models import default_device
 
@@ -370,35 +369,81 @@ def stage_clips(workdir: Path, clips: int = 4, frames: int = 65, size: int = 256
         "sampling.steps": str(sampling_steps), "adaptation.steps": str(steps), "adaptation.lr": "2e-4",
         "sampling.clips_per_batch": str(clips_per_batch)})
     preprocess(config.data)
-    backend = random_backend(device, transformer_config, vae_config, fps=config.data.fps,
-                             sampling_steps=sampling_steps, guidance=config.sampling.guidance)
-    return time_stages(config, backend, workdir)
+    return time_stages(config, lambda: random_backend(device, transformer_config, vae_config, fps=config.data.fps,
+                                                     sampling_steps=sampling_steps, guidance=config.sampling.guidance),
+                       workdir)
 
 
-def time_stages(config: Config, backend: VideoBackend, workdir: Path) -> dict[str, dict]:
+def time_stages(config: Config, make_backend: Callable[[], VideoBackend], workdir: Path) -> dict[str, dict]:
     """The baseline and adapt stages run on `config`'s preprocessed clips with an MLflow store in
     `workdir`: each arm's mean time split per clip and its clips per hour, leaving out the first
-    group of clips (compilation)."""
+    group of clips (compilation), and a whole clip (`whole_clip`: both arms). Each use of the model
+    gets its own `make_backend()`: an adapt stage leaves its adapters in the transformer."""
     import mlflow
 
     previous_store = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     try:
-        return {stage: _time_split(config, stage, backend) for stage in ("baseline", "adapt")}
+        flops = _clip_flops(config, make_backend())
+        backend = make_backend()
+        arms = {stage: _time_split(config, stage, backend) for stage in ("baseline", "adapt")}
+        arms["clip"] = whole_clip(arms, flops, backend.device)
+        return arms
     finally:
         mlflow.set_tracking_uri(previous_store)
+
+
+def whole_clip(arms: dict[str, dict], flops: float, device: torch.device) -> dict[str, float]:
+    """A clip as a study pays for it: both arms' mean seconds (model, scoring and recording), clips
+    per GPU-hour, and the MFU of those seconds against the rate measured now (NaN on a CPU)."""
+    seconds = arms["baseline"]["clip_seconds"] + arms["adapt"]["clip_seconds"]
+    peak = matmul_peak_tflops(device) if device.type == "cuda" else float("nan")
+    return {"seconds": seconds, "clips_per_gpu_hour": 3600 / seconds, "tflop": flops / 1e12,
+            "mfu": flops / seconds / 1e12 / peak, "matmul_peak_tflops": peak}
+
+
+def _clip_flops(config: Config, backend: VideoBackend) -> float:
+    """A clip's FLOPs in both stages, everything they compute counted (VAE encode and decode,
+    adaptation, sampling, scoring): the first group of clips, eager, under an experiment of its own;
+    the latents it caches are removed, so that the timed baseline encodes its contexts too."""
+    import shutil
+
+    from ..stages.continuation import run_stage
+
+    group = config.sampling.clips_per_batch
+    counted = config.with_setting("experiment", f"{config.experiment}-flops").with_setting("data.num_clips", group)
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
+        for stage in ("baseline", "adapt"):
+            run_stage(counted, stage, backend)
+            if len(_finished_clips(counted.experiment, stage)) != group:
+                raise RuntimeError(f"a clip of the {stage} stage failed while its FLOPs were counted (the messages "
+                                   "above say why)")
+    del backend
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    shutil.rmtree(Path(config.data.output_dir) / "latents", ignore_errors=True)
+    return counter.get_total_flops() / group
+
+
+def _finished_clips(experiment: str, stage: str) -> list:
+    """The stage's finished clip runs in the experiment, oldest first."""
+    from mlflow.tracking import MlflowClient
+
+    from ..tracking.runs import TAG_KIND, TAG_STAGE, search_all
+
+    experiment_id = MlflowClient().get_experiment_by_name(experiment).experiment_id
+    return search_all(experiment_id, f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_KIND}` = 'clip' "
+                                     f"and attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"])
 
 
 def _time_split(config, stage: str, backend) -> dict[str, float]:
     from mlflow.tracking import MlflowClient
 
     from ..stages.continuation import run_stage
-    from ..tracking.runs import TAG_KIND, TAG_STAGE, search_all
 
     run_stage(config, stage, backend)
-    experiment = MlflowClient().get_experiment_by_name(config.experiment).experiment_id
-    runs = search_all(experiment, f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_KIND}` = 'clip' "
-                                  f"and attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"])
+    runs = _finished_clips(config.experiment, stage)
     if not runs:
         raise RuntimeError(f"no clip of the {stage} stage finished (the messages above say why)")
     first = config.sampling.clips_per_batch  # the first group compiles

@@ -79,14 +79,13 @@ def random_weights(config: Config, size: str) -> Config:
 def stage_clips(config_path: str, overrides: dict[str, str], workdir: Path, clips: int, size: str = "full"
                 ) -> dict[str, dict]:
     """The baseline and adapt stages themselves (MLflow store, videos, scoring) on `clips` synthetic
-    clips of the preset's shape, its model with random weights: each arm's mean time split per clip
-    and clips per hour, the first group of clips (compilation) left out."""
+    clips of the preset's shape, its model with random weights: `time_stages`'s figures."""
     settings = {"experiment": "stage-clips", "data.source": "synthetic", "data.output_dir": str(workdir / "clips"),
                 "data.train_clips": "0", "data.test_clips": str(clips), "data.num_clips": str(clips)}
     config = random_weights(load_config(config_path, {**overrides, **settings}), size)
     from ..data.preprocess import preprocess  # here, not at the top: bench-backend alone runs without PyAV
     preprocess(config.data)
-    return time_stages(config, load_backend(config), workdir)
+    return time_stages(config, lambda: load_backend(config), workdir)
 
 
 def measure(config_path: str, overrides: dict[str, str], steps: int = 8, profile_dir: Path | None = None,
