@@ -84,7 +84,8 @@ def assert_whole_clip(arms: dict, workdir: Path, group: int) -> None:
     from pipeline.tracking.runs import TAG_KIND
 
     clip = arms["clip"]
-    assert clip["seconds"] == pytest.approx(arms["baseline"]["clip_seconds"] + arms["adapt"]["clip_seconds"])
+    # a group's time shared among its clips: each arm's clips per hour, not its clips' clip_seconds
+    assert clip["seconds"] == pytest.approx(3600 / arms["baseline"]["clips_per_hour"] + 3600 / arms["adapt"]["clips_per_hour"])
     assert clip["clips_per_gpu_hour"] == pytest.approx(3600 / clip["seconds"])
     assert clip["tflop"] > 0 and math.isnan(clip["mfu"])  # no matrix-product rate on a CPU
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
@@ -177,6 +178,13 @@ def test_backend_bench_times_clips_adapted_together_through_their_own_adapters(t
     assert two["clip_s"] < clip_figures(shared, steps=2, clips=1)["clip_s"]
 
 
+def test_backend_bench_refuses_fewer_steps_than_it_leaves_out():
+    from pipeline.benchmarks.released_size import measure
+
+    with pytest.raises(ValueError, match="--steps 2: at least 3"):
+        measure("conf/skyreels-v2.yaml", TINY_SKYREELS_CLIP, steps=2, size="tiny")
+
+
 def test_backend_stage_clips_run_a_presets_stages_on_synthetic_clips(tmp_path):
     """bench-backend --stage-clips: the preset's own stages (MLflow store, videos, scoring) on
     synthetic clips of its shape, its model random and tiny here; the first clip (compilation) is
@@ -190,4 +198,6 @@ def test_backend_stage_clips_run_a_presets_stages_on_synthetic_clips(tmp_path):
         assert split["sample_seconds"] > 0 and split["clip_seconds"] > split["sample_seconds"]
     assert "adapt_seconds" in arms["adapt"] and "adapt_seconds" not in arms["baseline"]
     assert len(list((tmp_path / "clips").rglob("*.mkv"))) == 2  # the synthetic clips at the preset's shape
+    # the latents cached while counting FLOPs are gone: the timed baseline encodes, the adapted arm reads
+    assert (arms["baseline"]["context_cached"], arms["adapt"]["context_cached"]) == (0, 1)
     assert_whole_clip(arms, tmp_path, group=1)

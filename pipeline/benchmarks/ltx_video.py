@@ -377,14 +377,14 @@ def stage_clips(workdir: Path, clips: int = 4, frames: int = 65, size: int = 256
 def time_stages(config: Config, make_backend: Callable[[], VideoBackend], workdir: Path) -> dict[str, dict]:
     """The baseline and adapt stages run on `config`'s preprocessed clips with an MLflow store in
     `workdir`: each arm's mean time split per clip and its clips per hour, leaving out the first
-    group of clips (compilation), and a whole clip (`whole_clip`: both arms). Each use of the model
+    group of clips (compilation), and a whole clip (`clip`, from `whole_clip`). Each use of the model
     gets its own `make_backend()`: an adapt stage leaves its adapters in the transformer."""
     import mlflow
 
     previous_store = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     try:
-        flops = _clip_flops(config, make_backend())
+        flops = _clip_flops(config, make_backend)
         backend = make_backend()
         arms = {stage: _time_split(config, stage, backend) for stage in ("baseline", "adapt")}
         arms["clip"] = whole_clip(arms, flops, backend.device)
@@ -394,28 +394,34 @@ def time_stages(config: Config, make_backend: Callable[[], VideoBackend], workdi
 
 
 def whole_clip(arms: dict[str, dict], flops: float, device: torch.device) -> dict[str, float]:
-    """A clip as a study pays for it: both arms' mean seconds (model, scoring and recording), clips
-    per GPU-hour, and the MFU of those seconds against the rate measured now (NaN on a CPU)."""
-    seconds = arms["baseline"]["clip_seconds"] + arms["adapt"]["clip_seconds"]
+    """A clip as a study pays for it, both arms: seconds (each arm's from its clips per hour, so a
+    group's time is shared among its clips), clips per GPU-hour, and the MFU of those seconds
+    against the rate measured now (NaN on a CPU)."""
+    if any("clips_per_hour" not in arms[stage] for stage in ("baseline", "adapt")):
+        raise ValueError("--stage-clips: a whole clip needs more clips than one group (sampling.clips_per_batch)")
+    seconds = 3600 / arms["baseline"]["clips_per_hour"] + 3600 / arms["adapt"]["clips_per_hour"]
     peak = matmul_peak_tflops(device) if device.type == "cuda" else float("nan")
     return {"seconds": seconds, "clips_per_gpu_hour": 3600 / seconds, "tflop": flops / 1e12,
             "mfu": flops / seconds / 1e12 / peak, "matmul_peak_tflops": peak}
 
 
-def _clip_flops(config: Config, backend: VideoBackend) -> float:
+def _clip_flops(config: Config, make_backend: Callable[[], VideoBackend]) -> float:
     """A clip's FLOPs in both stages, everything they compute counted (VAE encode and decode,
-    adaptation, sampling, scoring): the first group of clips, eager, under an experiment of its own;
-    the latents it caches are removed, so that the timed baseline encodes its contexts too."""
+    adaptation, sampling, scoring): the first group of clips, eager, on a backend of its own under an
+    experiment of its own; the latents it caches are removed, so that the timed baseline encodes its
+    contexts too."""
     import shutil
 
     from ..stages.continuation import run_stage
+    from ..tracking.runs import TAG_CLIP
 
-    group = config.sampling.clips_per_batch
+    group = min(config.sampling.clips_per_batch, config.data.num_clips or config.sampling.clips_per_batch)
     counted = config.with_setting("experiment", f"{config.experiment}-flops").with_setting("data.num_clips", group)
+    backend = make_backend()
     with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         for stage in ("baseline", "adapt"):
             run_stage(counted, stage, backend)
-            if len(_finished_clips(counted.experiment, stage)) != group:
+            if len({r.data.tags[TAG_CLIP] for r in _finished_clips(counted.experiment, stage)}) != group:
                 raise RuntimeError(f"a clip of the {stage} stage failed while its FLOPs were counted (the messages "
                                    "above say why)")
     del backend

@@ -80,10 +80,11 @@ def stage_clips(config_path: str, overrides: dict[str, str], workdir: Path, clip
                 ) -> dict[str, dict]:
     """The baseline and adapt stages themselves (MLflow store, videos, scoring) on `clips` synthetic
     clips of the preset's shape, its model with random weights: `time_stages`'s figures."""
+    from ..data.preprocess import preprocess  # here, not at the top: bench-backend alone runs without PyAV
+
     settings = {"experiment": "stage-clips", "data.source": "synthetic", "data.output_dir": str(workdir / "clips"),
                 "data.train_clips": "0", "data.test_clips": str(clips), "data.num_clips": str(clips)}
     config = random_weights(load_config(config_path, {**overrides, **settings}), size)
-    from ..data.preprocess import preprocess  # here, not at the top: bench-backend alone runs without PyAV
     preprocess(config.data)
     return time_stages(config, lambda: load_backend(config), workdir)
 
