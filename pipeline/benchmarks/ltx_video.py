@@ -91,7 +91,9 @@ def grid(frames: list[int], sizes: list[int], ranks: list[int], methods: list[st
 
 
 def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 50) -> float:
-    """The bf16 matrix-product rate this GPU reaches, measured now (the MFU denominator)."""
+    """The bf16 matrix-product rate this GPU reaches, measured now (the MFU denominator); NaN off a GPU."""
+    if device.type != "cuda":
+        return float("nan")
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     seconds = median_seconds(lambda: a @ b, device, warmup=5, iters=iters)
     return 2 * n**3 / seconds / 1e12
@@ -310,7 +312,7 @@ def adaptation_seconds(frames: int, size: int, device: torch.device, clips: int,
         torch.cuda.reset_peak_memory_stats(device)
     adapt, _ = adaptation(compile=cuda)
     seconds = median_seconds(lambda: adapt(steps), device, warmup=1, iters=3)
-    peak = matmul_peak_tflops(device) if cuda else float("nan")
+    peak = matmul_peak_tflops(device)
     step = seconds / steps
     profiled = {}
     if profile_dir is not None:
@@ -400,7 +402,7 @@ def whole_clip(arms: dict[str, dict], flops: float, device: torch.device) -> dic
     if any("clips_per_hour" not in arms[stage] for stage in ("baseline", "adapt")):
         raise ValueError("--stage-clips: a whole clip needs more clips than one group (sampling.clips_per_batch)")
     seconds = 3600 / arms["baseline"]["clips_per_hour"] + 3600 / arms["adapt"]["clips_per_hour"]
-    peak = matmul_peak_tflops(device) if device.type == "cuda" else float("nan")
+    peak = matmul_peak_tflops(device)
     return {"seconds": seconds, "clips_per_gpu_hour": 3600 / seconds, "tflop": flops / 1e12,
             "mfu": flops / seconds / 1e12 / peak, "matmul_peak_tflops": peak}
 

@@ -151,7 +151,7 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 8, profile
             result["profile"] = str(Path(profile_dir) / f"step_{run_name}")
             write_operator_table(lambda: (step(), step()), device, Path(result["profile"]))
     backend.transformer.eval()
-    peak = matmul_peak_tflops(device) if device.type == "cuda" else float("nan")
+    peak = matmul_peak_tflops(device)
     result["step_s"] = round(statistics.median(seconds[2:]), 3)
     result["first_step_s"] = round(seconds[0], 3)
     result["step_seconds"] = [round(t, 3) for t in seconds]  # every timed step, compilation and CUDA graph recording included
