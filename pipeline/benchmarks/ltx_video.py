@@ -27,6 +27,7 @@ import torch
 from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..adaptation.trainer import synchronize
 from ..config import Config, load_config
 from ..models.base import VideoBackend
 from ..models.ltx_video import compile_transformer
@@ -99,15 +100,20 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 50) -> 
     return 2 * n**3 / seconds / 1e12
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """The most memory torch held on this GPU since its last reset; 0 off a GPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
 def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -124,7 +130,7 @@ def write_operator_table(fn: Callable[[], object], device: torch.device, path: P
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as profiler:
         fn()
-        _sync(device)
+        synchronize(device)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(profiler.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
                                                   row_limit=40))
@@ -201,7 +207,7 @@ def measure(case: Case, fast: bool, peak: float, device: torch.device, config: d
     sample_seconds = median_seconds(sample_step, device)
     snapshot = [p.detach().clone() for p in params]  # the trained weights' initial values, kept on the GPU
     reset = median_seconds(lambda: restore(params, snapshot), device)
-    peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    peak_gb = peak_memory_gib(device)
     achieved = flops / seconds / 1e12
     return Result(case, "fast" if fast else "plain", seconds * 1e3, flops, achieved, achieved / peak, peak_gb,
                   sample_seconds * 1e3, reset * 1e3, first_step)
@@ -240,7 +246,7 @@ def vae_seconds(frames: int, size: int, device: torch.device, config: dict = LTX
     latents = backend.latents_from(backend.encode(video), generator)
     encode = median_seconds(lambda: backend.encode(video[:, :, :context]), device, warmup=1, iters=3)
     decode = median_seconds(lambda: backend.decode(latents, generator), device, warmup=1, iters=3)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    peak = peak_memory_gib(device)
     return {"frames": frames, "size": size, "context": context, "encode_context_s": encode, "decode_clip_s": decode,
             "peak_gb": peak}
 
@@ -322,7 +328,7 @@ def adaptation_seconds(frames: int, size: int, device: torch.device, clips: int,
     return {**profiled, "frames": frames, "size": size, "tokens": tokens, "clips": clips,
             "steps": steps, "adapt_s": seconds, "adapt_s_per_clip": seconds / clips, "step_ms": step * 1e3,
             "flops_per_step": flops, "mfu": flops / step / 1e12 / peak, "matmul_peak_tflops": peak,
-            "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0}
+            "peak_gb": peak_memory_gib(device)}
 
 
 @torch.no_grad()
@@ -347,7 +353,7 @@ def sampling_seconds(frames: int, size: int, device: torch.device, guidance: flo
     return {"frames": frames, "size": size, "tokens": layout.latent_frames * side * side, "steps": steps,
             "guidance": guidance, "passes": 2 if guidance > 1 else 1, "batch": batch, "sample_s": seconds,
             "sample_s_per_clip": seconds / batch,
-            "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0}
+            "peak_gb": peak_memory_gib(device)}
 
 
 def stage_clips(workdir: Path, clips: int = 4, frames: int = 65, size: int = 256, steps: int = 20,
@@ -544,8 +550,3 @@ def run_bench(cases: list[Case], paths: tuple[str, ...] = ("plain", "fast"), out
                     f.write(json.dumps(result.row()) + "\n")
     print(format_table(results, peak), flush=True)
     return results
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

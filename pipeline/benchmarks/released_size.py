@@ -16,7 +16,7 @@ from ..adaptation.batched_lora import BatchedLora
 from ..adaptation.trainer import synchronize
 from ..config import Config, load_config
 from ..models import default_device, load_backend
-from .ltx_video import count_flops, matmul_peak_tflops, time_stages, write_operator_table
+from .ltx_video import count_flops, matmul_peak_tflops, peak_memory_gib, time_stages, write_operator_table
 
 
 def _timed(fn, device: torch.device):
@@ -30,10 +30,6 @@ def _timed(fn, device: torch.device):
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_gib(device: torch.device) -> float:
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else 0.0
 
 
 def text_encoders(backend_name: str) -> dict[str, float]:
@@ -63,7 +59,7 @@ def text_encoders(backend_name: str) -> dict[str, float]:
             _, seconds = _timed(functools.partial(clip, input_ids=ids), torch.device("cuda"))
         result["clip_encode_s"] = round(seconds, 4)
         del clip
-    result["text_peak_gib"] = _peak_gib(torch.device("cuda"))
+    result["text_peak_gib"] = round(peak_memory_gib(torch.device("cuda")), 1)
     torch.cuda.empty_cache()
     return result
 
@@ -157,7 +153,7 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 8, profile
     result["step_seconds"] = [round(t, 3) for t in seconds]  # every timed step, compilation and CUDA graph recording included
     result["step_tflop"] = round(step_flops / 1e12, 1)
     result["step_mfu"] = round(step_flops / result["step_s"] / 1e12 / peak, 3)
-    result["train_peak_gib"] = _peak_gib(device)
+    result["train_peak_gib"] = round(peak_memory_gib(device), 1)
     _, result["reset_s"] = _timed(adapter.reset, device)  # frees the optimizer, then restores the base weights
     _reset_peak(device)
     contexts = context.expand(clips, *context.shape[1:])
@@ -179,7 +175,7 @@ def measure(config_path: str, overrides: dict[str, str], steps: int = 8, profile
     result["sample_mfu"] = round(sample_flops / result["sample_s"] / 1e12 / peak, 3)
     result["guidance_passes"] = backend.guidance_passes()
     _, result["decode_s"] = _timed(lambda: backend.decode(latents[:1], generator), device)  # one clip's
-    result["sample_peak_gib"] = _peak_gib(device)
+    result["sample_peak_gib"] = round(peak_memory_gib(device), 1)
     result["matmul_peak_tflops"] = round(peak, 1)
     result["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result.update(clip_figures(result, a.steps, clips))
