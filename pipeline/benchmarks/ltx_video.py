@@ -426,18 +426,18 @@ def _clip_flops(config: Config, make_backend: Callable[[], VideoBackend]) -> flo
     group = min(config.sampling.clips_per_batch, config.data.num_clips or config.sampling.clips_per_batch)
     counted = config.with_setting("experiment", f"{config.experiment}-flops").with_setting("data.num_clips", group)
     backend = make_backend()
-    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
-        for stage in ("baseline", "adapt"):
-            run_stage(counted, stage, backend)
-            if len({r.data.tags[TAG_CLIP] for r in _finished_clips(counted.experiment, stage)}) != group:
-                raise RuntimeError(f"a clip of the {stage} stage failed while its FLOPs were counted (the messages "
-                                   "above say why)")
+    with torch.compiler.set_stance("force_eager"):
+        flops = count_flops(lambda: [run_stage(counted, stage, backend) for stage in ("baseline", "adapt")])
+    for stage in ("baseline", "adapt"):
+        if len({r.data.tags[TAG_CLIP] for r in _finished_clips(counted.experiment, stage)}) != group:
+            raise RuntimeError(f"a clip of the {stage} stage failed while its FLOPs were counted (the messages "
+                               "above say why)")
     del backend
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     shutil.rmtree(Path(config.data.output_dir) / "latents", ignore_errors=True)
-    return counter.get_total_flops() / group
+    return flops / group
 
 
 def _finished_clips(experiment: str, stage: str) -> list:
